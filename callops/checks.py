@@ -1,0 +1,25 @@
+"""``manage.py check`` tells the operator what is missing before Telnyx finds out."""
+
+from django.conf import settings
+from django.core import checks
+
+
+@checks.register(checks.Tags.security)
+def telnyx_keys(app_configs, **kwargs):
+    messages = []
+    if not settings.TELNYX_PUBLIC_KEYS:
+        messages.append(
+            checks.Warning(
+                "TELNYX_PUBLIC_KEY is not set: every webhook will be rejected with 401.",
+                hint="Copy the public key from the Telnyx portal (Keys & Credentials).",
+                id="callops.W001",
+            )
+        )
+    if not settings.TELNYX_API_KEY:
+        messages.append(
+            checks.Warning(
+                "TELNYX_API_KEY is not set: commands to Telnyx will fail with 401.",
+                id="callops.W002",
+            )
+        )
+    return messages

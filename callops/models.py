@@ -1,0 +1,234 @@
+"""What callops knows about Telnyx calls, and every authentic webhook it was told.
+
+The records are derived from events that may arrive late, twice or out of order, so every field
+that events set is written as a join in a small lattice (see ``callops.events``): times are
+``min``/``max`` of what was reported, statuses only move up their rank, and last-writer-wins
+fields carry the ``occurred_at`` that set them.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db import models
+from django.db.models.functions import Now
+from django.utils import timezone
+
+
+class WebhookEvent(models.Model):
+    """One authentic Telnyx event, stored once however often it was delivered."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        PROCESSED = "processed"
+        IGNORED = "ignored"
+        FAILED = "failed"
+
+    # db_default lets the webhook view insert with one raw statement (see callops.webhooks).
+    event_id = models.CharField("Telnyx event id", max_length=100, unique=True)
+    event_type = models.CharField(max_length=100)
+    occurred_at = models.DateTimeField()
+    call_control_id = models.CharField(max_length=255, blank=True, db_index=True)
+    payload = models.JSONField(help_text="The whole delivered envelope: data and meta.")
+    received_at = models.DateTimeField(default=timezone.now, db_default=Now())
+    delivery_count = models.PositiveIntegerField(default=1, db_default=1)
+    last_attempt = models.PositiveIntegerField(null=True, blank=True, help_text="meta.attempt")
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.PENDING, db_default=Status.PENDING
+    )
+    error = models.TextField(blank=True, default="", db_default="")
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            # The sweeper and the drain task look only at pending events: a partial index keeps
+            # their cost proportional to the backlog, not to the table.
+            models.Index(
+                fields=["received_at"],
+                condition=models.Q(status="pending"),
+                name="webhookevent_pending_idx",
+            ),
+            models.Index(fields=["status", "received_at"], name="webhookevent_status_idx"),
+            models.Index(fields=["event_type", "received_at"], name="webhookevent_type_idx"),
+        ]
+        ordering = ["-received_at"]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.event_id}"
+
+    @property
+    def data(self) -> dict:
+        data = self.payload.get("data") if isinstance(self.payload, dict) else None
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def body(self) -> dict:
+        """``data.payload``: the event-specific part of the envelope."""
+        body = self.data.get("payload")
+        return body if isinstance(body, dict) else {}
+
+
+class Call(models.Model):
+    class Status(models.TextChoices):
+        INITIATED = "initiated"
+        ANSWERED = "answered"
+        ENDED = "ended"
+
+    STATUS_RANK = {Status.INITIATED: 0, Status.ANSWERED: 1, Status.ENDED: 2}
+
+    call_control_id = models.CharField(max_length=255, unique=True)
+    call_leg_id = models.CharField(max_length=255, blank=True, default="")
+    call_session_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    connection_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    direction = models.CharField(max_length=32, blank=True, default="")
+    from_number = models.CharField("from", max_length=255, blank=True, default="", db_index=True)
+    to_number = models.CharField("to", max_length=255, blank=True, default="", db_index=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.INITIATED)
+    started_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    answered_at = models.DateTimeField(null=True, blank=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    hangup_cause = models.CharField(max_length=64, blank=True, default="")
+    hangup_source = models.CharField(max_length=32, blank=True, default="")
+    sip_hangup_cause = models.CharField(max_length=16, blank=True, default="")
+    client_state = models.TextField(blank=True, default="")
+    client_state_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_event_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["status", "created_at"], name="call_status_idx")]
+
+    def __str__(self) -> str:
+        return self.call_control_id
+
+    @property
+    def is_ended(self) -> bool:
+        return self.status == self.Status.ENDED
+
+
+class CallSession(models.Model):
+    """What a media stream, a fork and a transcription share: a lifecycle on one call.
+
+    ``status`` is never set by hand: ``refresh_status`` derives it from the facts (started,
+    stopped, failed), so applying the same facts in any order gives the same status, and a
+    terminal status cannot go back because facts are only ever added.
+    """
+
+    class Status(models.TextChoices):
+        REQUESTED = "requested"
+        ACTIVE = "active"
+        STOPPED = "stopped"
+        FAILED = "failed"
+
+    status = models.CharField(max_length=16, default=Status.REQUESTED)
+    failure_reason = models.TextField(blank=True, default="")
+    requested_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        abstract = True
+
+    def refresh_status(self) -> None:
+        if self.failure_reason:
+            self.status = self.Status.FAILED
+        elif self.stopped_at is not None:
+            self.status = self.Status.STOPPED
+        elif self.started_at is not None:
+            self.status = self.Status.ACTIVE
+        else:
+            self.status = self.Status.REQUESTED
+
+    def record_stop(self, at: datetime) -> None:
+        """The earliest evidence of a stop wins: an explicit stop, a failure or the hang-up."""
+        if self.stopped_at is None or at < self.stopped_at:
+            self.stopped_at = at
+
+    def record_start(self, at: datetime) -> None:
+        if self.started_at is None or at < self.started_at:
+            self.started_at = at
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in (self.Status.REQUESTED, self.Status.ACTIVE)
+
+
+class MediaStream(CallSession):
+    call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="streams")
+    stream_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    stream_url = models.CharField(max_length=2048, blank=True, default="")
+    track = models.CharField(max_length=32, blank=True, default="")
+    codec = models.CharField(max_length=16, blank=True, default="")
+    status = models.CharField(
+        max_length=16, choices=CallSession.Status.choices, default=CallSession.Status.REQUESTED
+    )
+
+    class Meta:
+        ordering = ["requested_at", "id"]
+        indexes = [models.Index(fields=["status", "started_at"], name="mediastream_status_idx")]
+
+    def __str__(self) -> str:
+        return f"stream {self.stream_id or self.pk} ({self.status})"
+
+
+class Fork(CallSession):
+    call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="forks")
+    rx = models.CharField(max_length=255, blank=True, default="")
+    tx = models.CharField(max_length=255, blank=True, default="")
+    target = models.CharField(max_length=255, blank=True, default="")
+    stream_type = models.CharField(max_length=16, blank=True, default="")
+    status = models.CharField(
+        max_length=16, choices=CallSession.Status.choices, default=CallSession.Status.REQUESTED
+    )
+
+    class Meta:
+        ordering = ["requested_at", "id"]
+        indexes = [models.Index(fields=["status", "started_at"], name="fork_status_idx")]
+
+    def __str__(self) -> str:
+        return f"fork {self.pk} ({self.status})"
+
+
+class Transcription(CallSession):
+    class Status(models.TextChoices):
+        REQUESTED = "requested"
+        ACTIVE = "active"
+        STOPPED = "stopped"
+
+    call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="transcriptions")
+    engine = models.CharField(max_length=32, blank=True, default="")
+    tracks = models.CharField(max_length=16, blank=True, default="")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.REQUESTED)
+
+    class Meta:
+        ordering = ["requested_at", "id"]
+        indexes = [models.Index(fields=["status", "started_at"], name="transcription_status_idx")]
+
+    def __str__(self) -> str:
+        return f"transcription {self.pk} ({self.status})"
+
+
+class TranscriptSegment(models.Model):
+    call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="segments")
+    transcription = models.ForeignKey(
+        Transcription, on_delete=models.CASCADE, related_name="segments"
+    )
+    transcript = models.TextField(blank=True, default="")
+    confidence = models.FloatField(null=True, blank=True)
+    is_final = models.BooleanField(default=False)
+    track = models.CharField(max_length=16, blank=True, default="")
+    occurred_at = models.DateTimeField(db_index=True)
+    # One segment per source event: a duplicate delivery can never add a second one. The event
+    # may be purged before the segment (different retention), hence SET_NULL.
+    event = models.OneToOneField(
+        WebhookEvent, null=True, blank=True, on_delete=models.SET_NULL, related_name="segment"
+    )
+
+    class Meta:
+        ordering = ["occurred_at", "id"]
+
+    def __str__(self) -> str:
+        return self.transcript[:60]

@@ -1,0 +1,78 @@
+"""Celery tasks: thin entry points that take ids, call a service and decide what comes next.
+
+Webhook events are not sent to the broker one task each. The webhook view stores the event as
+``pending`` (the database is the queue) and rings a doorbell: ``request_event_drain`` sends one
+``drain_webhook_events`` task unless one is already requested. A Celery publish costs ~1 ms of
+CPU on the request path; the doorbell costs one Redis ``SET NX`` per request and one publish per
+burst (see benchmarks/webhook_throughput.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from celery import shared_task
+from django.conf import settings
+from django.core.cache import cache
+from django.utils import timezone
+
+from callops import events
+from callops.models import WebhookEvent
+
+logger = logging.getLogger("callops.tasks")
+
+DRAIN_REQUESTED = "events:drain-requested"
+DRAIN_REQUESTED_TTL = 30
+
+
+def request_event_drain() -> bool:
+    """Make sure a drain task will look at the pending events. Never raises.
+
+    Correctness: the flag is only cleared by a drain task *before* its last look for pending
+    events, so an event stored while the flag was set is either drained by that task or seen by
+    its last look. If Redis or the broker is down the event stays pending and the periodic
+    sweeper drains it once they are back.
+    """
+    try:
+        if not cache.add(DRAIN_REQUESTED, 1, timeout=DRAIN_REQUESTED_TTL):
+            return False
+    except Exception:
+        logger.warning("doorbell: cache unavailable; the sweeper will drain pending events")
+        return False
+    try:
+        drain_webhook_events.apply_async(retry=False)
+    except Exception:
+        logger.warning("doorbell: broker unavailable; the sweeper will drain pending events")
+        try:
+            cache.delete(DRAIN_REQUESTED)
+        except Exception:
+            logger.debug("doorbell: could not clear the flag; it expires on its own")
+        return False
+    return True
+
+
+@shared_task(ignore_result=True)
+def drain_webhook_events() -> int:
+    """Apply pending events in a batch; hand the rest to a fresh task so others can interleave."""
+    applied = events.events_drain()
+    if applied >= settings.CALLOPS_DRAIN_BATCH:
+        drain_webhook_events.apply_async()
+        return applied
+    cache.delete(DRAIN_REQUESTED)
+    if WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING).exists():
+        request_event_drain()
+    return applied
+
+
+@shared_task(ignore_result=True)
+def sweep_pending_webhook_events() -> int:
+    """Drain events left pending past the grace period (the broker or a worker was down)."""
+    cutoff = timezone.now() - timedelta(seconds=settings.CALLOPS_PENDING_EVENT_GRACE)
+    stale = WebhookEvent.objects.filter(
+        status=WebhookEvent.Status.PENDING, received_at__lt=cutoff
+    ).count()
+    if not stale:
+        return 0
+    logger.warning("sweeper: %d webhook events pending for over %s s; draining", stale, cutoff)
+    return events.events_drain()

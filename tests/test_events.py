@@ -1,0 +1,230 @@
+"""Applying events: the records end up the same whatever order and however often they arrive."""
+
+from __future__ import annotations
+
+import base64
+import threading
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from callops import events, webhooks
+from callops.models import Call, MediaStream, WebhookEvent
+from tests.telnyx_events import T0, call_life, dumps, envelope
+
+
+def deliver(event: dict) -> None:
+    """What the webhook view does, then what a drain task does."""
+    parsed = webhooks.parse_event(dumps(event))
+    webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
+    events.events_drain()
+
+
+def snapshot(call_control_id: str) -> dict:
+    """Everything events decide about a call, with ids that differ between calls normalised."""
+
+    def norm(value):
+        return value.replace(call_control_id, "CALL") if isinstance(value, str) else value
+
+    call = Call.objects.get(call_control_id=call_control_id)
+    skip = {"id", "created_at", "updated_at"}
+    state = {f.name: norm(getattr(call, f.name)) for f in Call._meta.fields if f.name not in skip}
+    for name, related in (
+        ("streams", call.streams),
+        ("forks", call.forks),
+        ("transcriptions", call.transcriptions),
+    ):
+        fields = [f.name for f in related.model._meta.fields if f.name not in skip | {"call"}]
+        state[name] = sorted(tuple(str(getattr(o, f)) for f in fields) for o in related.all())
+    state["segments"] = sorted(
+        (s.transcript, s.confidence, s.is_final, s.track, s.occurred_at, s.transcription.started_at)
+        for s in call.segments.select_related("transcription")
+    )
+    return state
+
+
+@pytest.mark.django_db
+def test_it_applies_a_call_in_order():
+    for event in call_life("v3:in-order"):
+        deliver(event)
+    call = Call.objects.get(call_control_id="v3:in-order")
+    assert call.status == "ended"
+    assert call.direction == "incoming"
+    assert (call.started_at, call.answered_at, call.ended_at) == (
+        T0, T0 + timedelta(seconds=2), T0 + timedelta(seconds=20)
+    )
+    assert (call.hangup_cause, call.hangup_source) == ("normal_clearing", "caller")
+    assert base64.b64decode(call.client_state) == b"hungup"
+    first, second = call.streams.order_by("started_at")
+    assert (first.status, first.started_at, first.stopped_at) == (
+        "stopped", T0 + timedelta(seconds=3), T0 + timedelta(seconds=9)
+    )
+    assert (second.status, second.stream_id, second.failure_reason) == (
+        "failed", "st-2", "connection refused"
+    )
+    fork = call.forks.get()
+    assert (fork.status, fork.stream_type, fork.stopped_at) == (
+        "stopped", "raw", T0 + timedelta(seconds=20)
+    )
+    transcription = call.transcriptions.get()
+    assert (transcription.status, transcription.stopped_at) == ("stopped", call.ended_at)
+    assert list(call.segments.values_list("transcript", "is_final")) == [
+        ("hello", False), ("hello there", True), ("bye", True)
+    ]
+    statuses = dict(WebhookEvent.objects.values_list("event_type", "status").distinct())
+    assert statuses["call.dtmf.received"] == "ignored"
+    assert statuses["call.hangup"] == "processed"
+
+
+@st.composite
+def deliveries(draw, count: int):
+    """A permutation of every event, with some delivered again, and some applied twice."""
+    duplicates = draw(st.lists(st.integers(0, count - 1), max_size=count))
+    order = draw(st.permutations(list(range(count)) + duplicates))
+    replays = draw(st.sets(st.integers(0, len(order) - 1), max_size=4))
+    return order, replays
+
+
+@pytest.mark.django_db
+@hsettings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(deliveries(len(call_life())))
+def test_it_reaches_the_in_order_state_from_any_order(plan):
+    order, replays = plan
+    reference_id, shuffled_id = f"v3:ref-{uuid.uuid4()}", f"v3:perm-{uuid.uuid4()}"
+    for event in call_life(reference_id):
+        deliver(event)
+
+    life = call_life(shuffled_id)
+    for position, index in enumerate(order):
+        deliver(life[index])
+        if position in replays:
+            # An operator replay applies an already-processed event a second time.
+            stored = WebhookEvent.objects.get(event_id=life[index]["data"]["id"])
+            events.events_replay(event_ids=[stored.pk])
+            events.events_drain()
+
+    assert snapshot(shuffled_id) == snapshot(reference_id)
+
+
+@pytest.mark.django_db
+def test_it_creates_the_call_from_any_first_event():
+    deliver(envelope("streaming.started", "v3:late", stream_url="wss://x.example.com/"))
+    call = Call.objects.get(call_control_id="v3:late")
+    assert call.status == "initiated"
+    assert call.connection_id == "conn-1"
+    assert call.streams.get().status == "active"
+
+
+@pytest.mark.django_db
+def test_it_never_reopens_a_terminal_call():
+    deliver(envelope("call.hangup", "v3:t", occurred_at=T0 + timedelta(seconds=5)))
+    deliver(envelope("call.answered", "v3:t", occurred_at=T0 + timedelta(seconds=1)))
+    call = Call.objects.get(call_control_id="v3:t")
+    assert (call.status, call.answered_at) == ("ended", T0 + timedelta(seconds=1))
+
+
+@pytest.mark.django_db
+def test_a_later_client_state_wins_whatever_the_order():
+    late = envelope("call.answered", "v3:cs", occurred_at=T0 + timedelta(seconds=9),
+                    client_state="bGF0ZQ==")
+    early = envelope("call.initiated", "v3:cs", occurred_at=T0, client_state="ZWFybHk=")
+    deliver(late)
+    deliver(early)
+    assert Call.objects.get(call_control_id="v3:cs").client_state == "bGF0ZQ=="
+
+
+@pytest.mark.django_db
+def test_it_marks_a_malformed_event_failed_and_a_replay_applies_it_once_fixed():
+    event = envelope("call.transcription", "v3:bad", transcription_data="oops")
+    deliver(event)
+    stored = WebhookEvent.objects.get()
+    assert stored.status == "failed"
+    assert "transcription_data" in stored.error
+    # The handler's writes were rolled back to its savepoint; the event row kept the verdict.
+    assert not Call.objects.filter(call_control_id="v3:bad").exists()
+
+    stored.payload["data"]["payload"]["transcription_data"] = {"transcript": "ok"}
+    stored.save(update_fields=["payload"])
+    events.events_replay(event_ids=[stored.pk])
+    events.events_drain()
+    stored.refresh_from_db()
+    assert (stored.status, stored.error) == ("processed", "")
+    assert Call.objects.get(call_control_id="v3:bad").segments.get().transcript == "ok"
+
+
+@pytest.mark.django_db
+def test_an_event_without_a_call_control_id_fails_with_a_reason():
+    event = envelope("call.answered")
+    del event["data"]["payload"]["call_control_id"]
+    deliver(event)
+    stored = WebhookEvent.objects.get()
+    assert stored.status == "failed"
+    assert "call_control_id" in stored.error
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_workers_lose_no_update_on_postgresql():
+    assert connection.vendor == "postgresql"
+    for round_ in range(5):
+        reference, racing = f"v3:ref-{round_}", f"v3:race-{round_}"
+        for event in call_life(reference):
+            deliver(event)
+        stored_ids = []
+        for event in call_life(racing):
+            parsed = webhooks.parse_event(dumps(event))
+            webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
+            stored_ids.append(WebhookEvent.objects.get(event_id=parsed.event_id).pk)
+
+        barrier = threading.Barrier(len(stored_ids))
+        errors = []
+
+        def apply(event_id: int) -> None:
+            try:
+                barrier.wait()
+                events.event_process_by_id(event_id=event_id)
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=apply, args=(pk,)) for pk in stored_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert not WebhookEvent.objects.filter(pk__in=stored_ids, status="failed").exists()
+        assert Call.objects.filter(call_control_id=racing).count() == 1
+        assert snapshot(racing) == snapshot(reference)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_drains_apply_each_event_once():
+    for index in range(3):
+        for event in call_life(f"v3:drain-{index}"):
+            parsed = webhooks.parse_event(dumps(event))
+            webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
+    counts = []
+
+    def drain() -> None:
+        try:
+            counts.append(events.events_drain(limit=1000))
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=drain) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    handled = WebhookEvent.objects.exclude(event_type="call.dtmf.received").count()
+    assert sum(counts) == handled
+    assert not WebhookEvent.objects.filter(status="pending").exists()
+    assert MediaStream.objects.count() == 6

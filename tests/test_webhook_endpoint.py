@@ -1,0 +1,181 @@
+"""POST /webhooks/telnyx/: only authentic events are stored, each exactly once."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import pytest
+from django.core.cache import cache
+
+from callops.models import WebhookEvent
+from callops.tasks import DRAIN_REQUESTED
+from tests.telnyx_events import Signer, dumps, envelope
+
+pytestmark = pytest.mark.django_db
+
+URL = "/webhooks/telnyx/"
+
+
+def post_raw(client, body: bytes, headers: dict):
+    return client.post(URL, data=body, content_type="application/json", **headers)
+
+
+def test_it_stores_an_authentic_event_as_pending(post_event):
+    event = envelope("call.answered", "v3:abc", attempt=2)
+    response = post_event(event)
+    assert response.status_code == 200
+    assert response.json() == {"status": "pending", "duplicate": False}
+    stored = WebhookEvent.objects.get()
+    assert stored.event_id == event["data"]["id"]
+    assert stored.event_type == "call.answered"
+    assert stored.call_control_id == "v3:abc"
+    assert stored.payload == event
+    assert stored.status == "pending"
+    assert (stored.delivery_count, stored.last_attempt) == (1, 2)
+    assert stored.occurred_at.isoformat().startswith(event["data"]["occurred_at"][:19])
+
+
+def test_it_rings_the_doorbell_once_per_burst(post_event):
+    post_event(envelope("call.initiated"))
+    assert cache.get(DRAIN_REQUESTED) == 1
+
+
+def test_it_counts_a_duplicate_delivery_and_changes_nothing_else(post_event):
+    event = envelope("call.answered")
+    post_event(event)
+    WebhookEvent.objects.update(status="processed")
+    event["meta"]["attempt"] = 3
+    response = post_event(event)
+    assert response.status_code == 200
+    assert response.json() == {"status": "processed", "duplicate": True}
+    stored = WebhookEvent.objects.get()
+    assert (stored.delivery_count, stored.last_attempt, stored.status) == (2, 3, "processed")
+
+
+def test_it_stores_unknown_event_types_as_ignored(post_event):
+    response = post_event(envelope("call.something.new"))
+    assert response.status_code == 200
+    stored = WebhookEvent.objects.get()
+    assert stored.status == "ignored"
+    assert stored.processed_at is not None
+
+
+def test_it_rejects_a_tampered_body(client, signer):
+    body = dumps(envelope("call.answered"))
+    headers = signer.headers(body)
+    response = post_raw(client, body.replace(b"answered", b"hangup"), headers)
+    assert response.status_code == 401
+    assert "signature" in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
+def test_it_rejects_a_signature_by_another_key(client, signer):
+    body = dumps(envelope("call.answered"))
+    response = post_raw(client, body, Signer().headers(body))
+    assert response.status_code == 401
+    assert not WebhookEvent.objects.exists()
+
+
+def test_it_accepts_any_key_of_a_rotation(client, settings):
+    old, new = Signer(), Signer()
+    settings.TELNYX_PUBLIC_KEYS = [old.public_key, new.public_key]
+    for signer in (old, new):
+        body = dumps(envelope("call.answered"))
+        assert post_raw(client, body, signer.headers(body)).status_code == 200
+    stranger = Signer()
+    body = dumps(envelope("call.answered"))
+    assert post_raw(client, body, stranger.headers(body)).status_code == 401
+    assert WebhookEvent.objects.count() == 2
+
+
+@pytest.mark.parametrize("offset", [-301, 301, -3600, 86400])
+def test_it_rejects_stale_and_future_timestamps(client, signer, offset):
+    body = dumps(envelope("call.answered"))
+    response = post_raw(client, body, signer.headers(body, int(time.time()) + offset))
+    assert response.status_code == 401
+    assert "away from now" in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
+@pytest.mark.parametrize("offset", [-299, 299])
+def test_it_accepts_timestamps_inside_the_window(client, signer, offset):
+    body = dumps(envelope("call.answered"))
+    assert post_raw(client, body, signer.headers(body, int(time.time()) + offset)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "drop", ["HTTP_TELNYX_SIGNATURE_ED25519", "HTTP_TELNYX_TIMESTAMP"]
+)
+def test_it_rejects_missing_headers(client, signer, drop):
+    body = dumps(envelope("call.answered"))
+    headers = signer.headers(body)
+    del headers[drop]
+    response = post_raw(client, body, headers)
+    assert response.status_code == 401
+    assert "missing" in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("signature", "timestamp"),
+    [("not base64!", None), (base64.b64encode(b"short").decode(), None), (None, "yesterday")],
+)
+def test_it_rejects_malformed_headers(client, signer, signature, timestamp):
+    body = dumps(envelope("call.answered"))
+    headers = signer.headers(body)
+    if signature:
+        headers["HTTP_TELNYX_SIGNATURE_ED25519"] = signature
+    if timestamp:
+        headers["HTTP_TELNYX_TIMESTAMP"] = timestamp
+    assert post_raw(client, body, headers).status_code == 401
+
+
+def test_it_rejects_everything_when_no_key_is_configured(client, settings):
+    settings.TELNYX_PUBLIC_KEYS = []
+    body = dumps(envelope("call.answered"))
+    assert post_raw(client, body, Signer().headers(body)).status_code == 401
+
+
+def test_it_logs_a_line_for_each_rejection(client, signer, caplog):
+    body = dumps(envelope("call.answered"))
+    post_raw(client, body, Signer().headers(body))
+    assert any("webhook rejected status=401" in r.getMessage() for r in caplog.records)
+
+
+def test_it_refuses_a_body_over_one_mebibyte_before_reading_it(client, signer):
+    event = envelope("call.answered", padding="x" * (1024 * 1024))
+    body = dumps(event)
+    response = post_raw(client, body, signer.headers(body))
+    assert response.status_code == 413
+    assert not WebhookEvent.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"not json", "not JSON"),
+        (b"[1, 2]", "no data object"),
+        (json.dumps({"data": {"event_type": "call.answered"}}).encode(), "data.id"),
+        (json.dumps({"data": {"id": "e1"}}).encode(), "data.event_type"),
+        (json.dumps({"data": {"id": 5, "event_type": "x"}}).encode(), "data.id"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
+def test_it_answers_400_to_authentic_but_malformed_bodies(client, signer, body, reason):
+    response = post_raw(client, body, signer.headers(body))
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
+def test_it_stores_a_body_with_a_nul_character(post_event):
+    event = envelope("call.transcription", transcription_data={"transcript": "a\u0000b"})
+    assert post_event(event).status_code == 200
+    stored = WebhookEvent.objects.get()
+    assert stored.body["transcription_data"]["transcript"] == "ab"
+
+
+def test_it_only_accepts_post(client):
+    assert client.get(URL).status_code == 405
