@@ -138,13 +138,16 @@ def _lock_call(event: WebhookEvent) -> Call:
         if not getattr(call, field) and isinstance(value, str):
             setattr(call, field, value[: Call._meta.get_field(field).max_length])
     client_state = body.get("client_state")
-    if isinstance(client_state, str) and client_state:
-        # Last writer wins; on equal times the larger value, so the outcome never depends on order.
-        if call.client_state_at is None or (at, client_state) > (
-            call.client_state_at,
-            call.client_state,
-        ):
-            call.client_state, call.client_state_at = client_state, at
+    # Last writer wins; on equal times the larger value, so the outcome never depends on order.
+    if (
+        isinstance(client_state, str)
+        and client_state
+        and (
+            call.client_state_at is None
+            or (at, client_state) > (call.client_state_at, call.client_state)
+        )
+    ):
+        call.client_state, call.client_state_at = client_state, at
     start_time = parse_time(body.get("start_time"))
     if start_time is not None:
         call.started_at = _earliest(call.started_at, start_time)
@@ -276,8 +279,8 @@ def on_streaming_failed(call: Call, event: WebhookEvent) -> None:
     params = body.get("stream_params") if isinstance(body.get("stream_params"), dict) else {}
     stream.stream_id = stream.stream_id or stream_id
     stream.track = stream.track or _text(params.get("track"), 32)
-    stream.failure_reason = stream.failure_reason or _text(body.get("failure_reason"), 2000) or (
-        "streaming failed"
+    stream.failure_reason = (
+        stream.failure_reason or _text(body.get("failure_reason"), 2000) or ("streaming failed")
     )
     stream.record_stop(at)
     _save_session(call, stream, at)

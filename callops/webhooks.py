@@ -149,6 +149,22 @@ def parse_time(value: object) -> datetime | None:
     return parsed if parsed.tzinfo else timezone.make_aware(parsed, timezone.utc)
 
 
+@lru_cache(maxsize=4)
+def _insert_sql(vendor: str) -> str:
+    # Only the table name and a cast are formatted in; every value is a bound parameter.
+    table = WebhookEvent._meta.db_table
+    payload = "%s::jsonb" if vendor == "postgresql" else "%s"
+    return (
+        f"INSERT INTO {table} (event_id, event_type, occurred_at, call_control_id, payload,"  # noqa: S608
+        " received_at, delivery_count, last_attempt, status, error, processed_at)"
+        f" VALUES (%s, %s, %s, %s, {payload}, %s, 1, %s, %s, '', %s)"
+        " ON CONFLICT (event_id) DO UPDATE SET"
+        f" delivery_count = {table}.delivery_count + 1,"
+        f" last_attempt = COALESCE(EXCLUDED.last_attempt, {table}.last_attempt)"
+        " RETURNING status, delivery_count"
+    )
+
+
 def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool]:
     """Insert the event, or count one more delivery of it. Returns ``(status, created)``.
 
@@ -156,19 +172,8 @@ def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool]:
     to hand to a worker) when it returns, and two concurrent deliveries of one event cannot both
     insert. The ORM's create() would cost three round trips and a savepoint for the duplicate.
     """
-    table = WebhookEvent._meta.db_table
-    payload_sql = "%s::jsonb" if connection.vendor == "postgresql" else "%s"
     status = WebhookEvent.Status.PENDING if handled else WebhookEvent.Status.IGNORED
     processed_at = None if handled else timezone.now()
-    sql = (
-        f"INSERT INTO {table} (event_id, event_type, occurred_at, call_control_id, payload,"
-        " received_at, delivery_count, last_attempt, status, error, processed_at)"
-        f" VALUES (%s, %s, %s, %s, {payload_sql}, %s, 1, %s, %s, '', %s)"
-        " ON CONFLICT (event_id) DO UPDATE SET"
-        f" delivery_count = {table}.delivery_count + 1,"
-        f" last_attempt = COALESCE(EXCLUDED.last_attempt, {table}.last_attempt)"
-        " RETURNING status, delivery_count"
-    )
     adapt = connection.ops.adapt_datetimefield_value
     params = [
         event.event_id,
@@ -182,6 +187,6 @@ def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool]:
         adapt(processed_at),
     ]
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(_insert_sql(connection.vendor), params)
         stored_status, deliveries = cursor.fetchone()
     return stored_status, deliveries == 1

@@ -5,7 +5,7 @@ there, the suite fails at start (see tests/conftest.py).
 """
 
 from .base import *  # noqa: F403
-from .base import env
+from .base import BROKER_FAIL_FAST, env
 
 SECRET_KEY = "django-insecure-callops-test-only"  # noqa: S105
 ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
@@ -18,7 +18,7 @@ DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default="t
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/14")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 1.0}
+CELERY_BROKER_TRANSPORT_OPTIONS = dict(BROKER_FAIL_FAST)
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",

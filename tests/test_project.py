@@ -1,0 +1,127 @@
+"""The project's own files: settings per environment, compose file, migrations."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from django.core.management import get_commands
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PRODUCTION_ENV = {
+    "DJANGO_SETTINGS_MODULE": "config.settings.production",
+    "DJANGO_SECRET_KEY": "x" * 60 + "-production-like-secret-for-checks",
+    "DJANGO_ALLOWED_HOSTS": "callops.example.com",
+    "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/callops",
+    "REDIS_URL": "redis://127.0.0.1:6379/14",
+    "TELNYX_API_KEY": "KEY-test",
+    "TELNYX_PUBLIC_KEY": "LrwLeGRbXNWBoyE4HppQeCUkOqT+A7CF9+lD/2EEG5s=",
+}
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "TELNYX_"))}
+    clean.pop("DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_settings_pass_check_deploy():
+    result = manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION_ENV)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "DJANGO_SECRET_KEY",
+        "DJANGO_ALLOWED_HOSTS",
+        "DATABASE_URL",
+        "TELNYX_API_KEY",
+        "TELNYX_PUBLIC_KEY",
+        "REDIS_URL",
+    ],
+)
+def test_production_settings_refuse_to_start_without_a_secret(missing):
+    env = {k: v for k, v in PRODUCTION_ENV.items() if k != missing}
+    result = manage("check", env=env)
+    assert result.returncode != 0
+    assert missing in result.stderr or "CELERY_BROKER_URL" in result.stderr
+
+
+def test_production_settings_refuse_a_wildcard_host():
+    result = manage("check", env={**PRODUCTION_ENV, "DJANGO_ALLOWED_HOSTS": "*"})
+    assert result.returncode != 0
+    assert "DJANGO_ALLOWED_HOSTS" in result.stderr
+
+
+def test_check_warns_when_telnyx_keys_are_missing():
+    result = manage("check", env={"DJANGO_SETTINGS_MODULE": "config.settings.dev"})
+    assert "callops.W001" in result.stderr + result.stdout
+
+
+def _command_is_real(argv: list[str]) -> None:
+    if argv[:2] == ["python", "manage.py"]:
+        assert argv[2] in get_commands(), f"no management command {argv[2]!r}"
+    elif argv[0] == "gunicorn":
+        module, _, attr = argv[1].partition(":")
+        assert callable(getattr(importlib.import_module(module), attr))
+    elif argv[0] == "celery":
+        assert argv[1] == "-A"
+        app = importlib.import_module(argv[2]).celery_app
+        assert argv[3] in ("worker", "beat")
+        assert app.main == "callops"
+    else:
+        raise AssertionError(f"unexpected command {argv}")
+
+
+def test_every_compose_command_names_a_real_module_or_command():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"postgres", "redis", "web", "worker", "beat"} <= services.keys()
+    ours = {name: s for name, s in services.items() if s.get("build")}
+    assert {"web", "worker", "beat"} <= ours.keys()
+    assert len({s["image"] for s in ours.values()}) == 1, "one image for web, worker and beat"
+    for service in ours.values():
+        _command_is_real(service["command"])
+
+
+def test_the_dockerfile_command_is_real():
+    cmd = next(
+        line for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("CMD")
+    )
+    _command_is_real(yaml.safe_load(cmd.removeprefix("CMD ")))
+
+
+def test_env_example_documents_every_variable_the_settings_read():
+    documented = (ROOT / ".env.example").read_text() + (ROOT / "README.md").read_text()
+    for name in (
+        "DATABASE_URL",
+        "CELERY_BROKER_URL",
+        "REDIS_URL",
+        "TELNYX_API_KEY",
+        "TELNYX_PUBLIC_KEY",
+        "TELNYX_BASE_URL",
+        "DJANGO_SECRET_KEY",
+        "DJANGO_ALLOWED_HOSTS",
+        "DJANGO_SETTINGS_MODULE",
+    ):
+        assert name in documented
+    settings_text = "".join(p.read_text() for p in (ROOT / "config/settings").glob("*.py"))
+    import re
+
+    for name in set(re.findall(r'env\.\w+\(\s*"([A-Z_]+)"', settings_text)):
+        assert name in documented, f"{name} is read by the settings but not documented"
