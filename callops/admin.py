@@ -33,8 +33,16 @@ class ReadOnlyInline(admin.TabularInline):
 
 class MediaStreamInline(ReadOnlyInline):
     model = MediaStream
-    fields = ("status", "stream_id", "stream_url", "track", "codec", "started_at", "stopped_at",
-              "failure_reason")
+    fields = (
+        "status",
+        "stream_id",
+        "stream_url",
+        "track",
+        "codec",
+        "started_at",
+        "stopped_at",
+        "failure_reason",
+    )
 
 
 class ForkInline(ReadOnlyInline):
@@ -55,11 +63,24 @@ class TranscriptSegmentInline(ReadOnlyInline):
 
 @admin.register(Call)
 class CallAdmin(admin.ModelAdmin):
-    list_display = ("call_control_id", "status", "direction", "from_number", "to_number",
-                    "started_at", "ended_at", "hangup_cause")
+    list_display = (
+        "call_control_id",
+        "status",
+        "direction",
+        "from_number",
+        "to_number",
+        "started_at",
+        "ended_at",
+        "hangup_cause",
+    )
     list_filter = ("status", "direction", "started_at", "ended_at")
-    search_fields = ("call_control_id", "call_session_id", "call_leg_id", "from_number",
-                     "to_number")
+    search_fields = (
+        "call_control_id",
+        "call_session_id",
+        "call_leg_id",
+        "from_number",
+        "to_number",
+    )
     date_hierarchy = "created_at"
     inlines = [MediaStreamInline, ForkInline, TranscriptionInline, TranscriptSegmentInline]
     readonly_fields = [f.name for f in Call._meta.fields]
@@ -70,8 +91,16 @@ class CallAdmin(admin.ModelAdmin):
 
 @admin.register(WebhookEvent)
 class WebhookEventAdmin(admin.ModelAdmin):
-    list_display = ("event_type", "event_id", "call_control_id", "status", "occurred_at",
-                    "received_at", "delivery_count", "last_attempt")
+    list_display = (
+        "event_type",
+        "event_id",
+        "call_control_id",
+        "status",
+        "occurred_at",
+        "received_at",
+        "delivery_count",
+        "last_attempt",
+    )
     list_filter = ("status", "event_type", "received_at")
     search_fields = ("event_id", "call_control_id")
     date_hierarchy = "received_at"

@@ -9,7 +9,9 @@ from datetime import timedelta
 
 import pytest
 from django.db import connection
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from callops import events, webhooks
 from callops.models import Call, MediaStream, WebhookEvent
@@ -54,25 +56,35 @@ def test_it_applies_a_call_in_order():
     assert call.status == "ended"
     assert call.direction == "incoming"
     assert (call.started_at, call.answered_at, call.ended_at) == (
-        T0, T0 + timedelta(seconds=2), T0 + timedelta(seconds=20)
+        T0,
+        T0 + timedelta(seconds=2),
+        T0 + timedelta(seconds=20),
     )
     assert (call.hangup_cause, call.hangup_source) == ("normal_clearing", "caller")
     assert base64.b64decode(call.client_state) == b"hungup"
     first, second = call.streams.order_by("started_at")
     assert (first.status, first.started_at, first.stopped_at) == (
-        "stopped", T0 + timedelta(seconds=3), T0 + timedelta(seconds=9)
+        "stopped",
+        T0 + timedelta(seconds=3),
+        T0 + timedelta(seconds=9),
     )
     assert (second.status, second.stream_id, second.failure_reason) == (
-        "failed", "st-2", "connection refused"
+        "failed",
+        "st-2",
+        "connection refused",
     )
     fork = call.forks.get()
     assert (fork.status, fork.stream_type, fork.stopped_at) == (
-        "stopped", "raw", T0 + timedelta(seconds=20)
+        "stopped",
+        "raw",
+        T0 + timedelta(seconds=20),
     )
     transcription = call.transcriptions.get()
     assert (transcription.status, transcription.stopped_at) == ("stopped", call.ended_at)
     assert list(call.segments.values_list("transcript", "is_final")) == [
-        ("hello", False), ("hello there", True), ("bye", True)
+        ("hello", False),
+        ("hello there", True),
+        ("bye", True),
     ]
     statuses = dict(WebhookEvent.objects.values_list("event_type", "status").distinct())
     assert statuses["call.dtmf.received"] == "ignored"
@@ -132,8 +144,9 @@ def test_it_never_reopens_a_terminal_call():
 
 @pytest.mark.django_db
 def test_a_later_client_state_wins_whatever_the_order():
-    late = envelope("call.answered", "v3:cs", occurred_at=T0 + timedelta(seconds=9),
-                    client_state="bGF0ZQ==")
+    late = envelope(
+        "call.answered", "v3:cs", occurred_at=T0 + timedelta(seconds=9), client_state="bGF0ZQ=="
+    )
     early = envelope("call.initiated", "v3:cs", occurred_at=T0, client_state="ZWFybHk=")
     deliver(late)
     deliver(early)

@@ -102,12 +102,12 @@ def test_it_rejects_stale_and_future_timestamps(client, signer, offset):
 @pytest.mark.parametrize("offset", [-299, 299])
 def test_it_accepts_timestamps_inside_the_window(client, signer, offset):
     body = dumps(envelope("call.answered"))
-    assert post_raw(client, body, signer.headers(body, int(time.time()) + offset)).status_code == 200
+    assert (
+        post_raw(client, body, signer.headers(body, int(time.time()) + offset)).status_code == 200
+    )
 
 
-@pytest.mark.parametrize(
-    "drop", ["HTTP_TELNYX_SIGNATURE_ED25519", "HTTP_TELNYX_TIMESTAMP"]
-)
+@pytest.mark.parametrize("drop", ["HTTP_TELNYX_SIGNATURE_ED25519", "HTTP_TELNYX_TIMESTAMP"])
 def test_it_rejects_missing_headers(client, signer, drop):
     body = dumps(envelope("call.answered"))
     headers = signer.headers(body)
