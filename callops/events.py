@@ -183,6 +183,14 @@ def on_call_hangup(call: Call, event: WebhookEvent) -> None:
         call.hangup_cause = _text(body.get("hangup_cause"), 64)
         call.hangup_source = _text(body.get("hangup_source"), 32)
         call.sip_hangup_cause = _text(body.get("sip_hangup_cause"), 16)
+    call_mark_ended(call=call, at=at)
+
+
+def call_mark_ended(*, call: Call, at: datetime) -> None:
+    """End a locked call at ``at`` (or earlier, if that is already known) and close every
+    stream, fork and transcription on it. Used by the hang-up and by a command that Telnyx
+    refused because the call had ended; the hang-up's own time wins whenever it arrives."""
+    call.ended_at = _earliest(call.ended_at, at)
     _raise_status(call, Call.Status.ENDED)
     for sessions in (call.streams.all(), call.forks.all(), call.transcriptions.all()):
         for session in sessions:

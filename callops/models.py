@@ -8,6 +8,7 @@ fields carry the ``occurred_at`` that set them.
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 
 from django.db import models
@@ -193,15 +194,15 @@ class Fork(CallSession):
 
 
 class Transcription(CallSession):
-    class Status(models.TextChoices):
-        REQUESTED = "requested"
-        ACTIVE = "active"
-        STOPPED = "stopped"
-
     call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="transcriptions")
     engine = models.CharField(max_length=32, blank=True, default="")
     tracks = models.CharField(max_length=16, blank=True, default="")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.REQUESTED)
+    engine_config = models.JSONField(default=dict, blank=True)
+    # "failed" only when Telnyx refused transcription_start: Telnyx sends no transcription
+    # failure event.
+    status = models.CharField(
+        max_length=16, choices=CallSession.Status.choices, default=CallSession.Status.REQUESTED
+    )
 
     class Meta:
         ordering = ["requested_at", "id"]
@@ -232,3 +233,85 @@ class TranscriptSegment(models.Model):
 
     def __str__(self) -> str:
         return self.transcript[:60]
+
+
+class Command(models.Model):
+    """One call-control command to Telnyx: the outbox row a Celery task sends, retries or drops.
+
+    ``command_id`` is fixed at creation and sent on every attempt, so Telnyx ignores a repeat
+    within its 60 s window; beyond it, ``status`` is our guard: a succeeded command is never
+    claimed again.
+    """
+
+    class Action(models.TextChoices):
+        STREAMING_START = "streaming_start"
+        STREAMING_STOP = "streaming_stop"
+        FORK_START = "fork_start"
+        FORK_STOP = "fork_stop"
+        TRANSCRIPTION_START = "transcription_start"
+        TRANSCRIPTION_STOP = "transcription_stop"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        SENDING = "sending"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class RequestedBy(models.TextChoices):
+        PARTNER = "partner"
+        OPERATOR = "operator"
+        POLICY = "policy"
+        SCHEDULE = "schedule"
+
+    call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="commands")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    params = models.JSONField(default=dict, blank=True)
+    command_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
+    client_state = models.TextField(blank=True, default="")
+    requested_by = models.CharField(max_length=16, choices=RequestedBy.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    attempts = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    # While ``sending``, the claim is held until this time; a worker that died mid-send leaves
+    # it to expire and the command is claimed again (with the same command_id).
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Retrying stops once this passes ("gave up"); an operator's retry starts a new window.
+    expires_at = models.DateTimeField()
+    last_http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    error_code = models.CharField(max_length=16, blank=True, default="")
+    error_title = models.CharField(max_length=255, blank=True, default="")
+    error_detail = models.TextField(blank=True, default="")
+    failure_reason = models.CharField(max_length=255, blank=True, default="")
+    stream = models.ForeignKey(
+        MediaStream, null=True, blank=True, on_delete=models.SET_NULL, related_name="commands"
+    )
+    fork = models.ForeignKey(
+        Fork, null=True, blank=True, on_delete=models.SET_NULL, related_name="commands"
+    )
+    transcription = models.ForeignKey(
+        Transcription, null=True, blank=True, on_delete=models.SET_NULL, related_name="commands"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            # The repair task looks only at unfinished commands.
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(status__in=["queued", "sending"]),
+                name="command_unfinished_idx",
+            ),
+            models.Index(fields=["status", "created_at"], name="command_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.action} on {self.call_id} ({self.status})"
+
+    @property
+    def last_error(self) -> str:
+        parts = [self.failure_reason, self.error_code, self.error_title]
+        return " ".join(p for p in parts if p)

@@ -13,11 +13,12 @@ import logging
 from datetime import timedelta
 
 from celery import shared_task
+from celery.signals import worker_process_init
 from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from callops import events
+from callops import commands, events
 from callops.models import WebhookEvent
 
 logger = logging.getLogger("callops.tasks")
@@ -76,3 +77,30 @@ def sweep_pending_webhook_events() -> int:
         return 0
     logger.warning("sweeper: %d webhook events pending for over %s s; draining", stale, cutoff)
     return events.events_drain()
+
+
+@shared_task(ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def send_command(command_pk: int, reserved_at: float | None = None) -> str | None:
+    """Send one outbox command. ``acks_late`` with ``reject_on_worker_lost``: a worker killed
+    mid-send leaves the message to be delivered again, and the claim's lease decides who sends."""
+    step = commands.command_process(command_pk=command_pk, reserved_at=reserved_at)
+    if step.delay is not None:
+        commands.command_enqueue(
+            command_pk=command_pk, countdown=step.delay, reserved_at=step.reserved_at
+        )
+    return step.outcome.kind if step.outcome else None
+
+
+@shared_task(ignore_result=True)
+def repair_stuck_commands() -> int:
+    return commands.commands_repair()
+
+
+@worker_process_init.connect
+def _warm_up_telnyx_client(**_) -> None:
+    """Import the SDK and build this process's client now: its first use costs a second or more,
+    which would otherwise land on the first command (and sit inside a rate-limit turn)."""
+    try:
+        commands.telnyx_client().calls.actions  # noqa: B018 - the access is the warm-up
+    except Exception:
+        logger.warning("could not prepare the Telnyx client", exc_info=True)

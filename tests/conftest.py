@@ -97,3 +97,116 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
             return result
         time.sleep(interval)
     raise AssertionError(f"condition not met within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def telnyx_sim():
+    """The project's Telnyx simulator (command API), shared by the session; reset per test."""
+    from callops.simulator import TelnyxAPISimulator
+
+    with TelnyxAPISimulator(api_key="KEY_TEST") as sim:
+        yield sim
+
+
+@pytest.fixture
+def telnyx(telnyx_sim, settings):
+    """Point the real SDK at the simulator: ``TELNYX_BASE_URL`` and ``TELNYX_API_KEY``."""
+    telnyx_sim.reset()
+    settings.TELNYX_BASE_URL = telnyx_sim.base_url
+    settings.TELNYX_API_KEY = telnyx_sim.api_key
+    settings.TELNYX_TIMEOUT = 2.0
+    yield telnyx_sim
+    telnyx_sim.reset()
+
+
+@pytest.fixture
+def live_call(db):
+    from callops.models import Call
+
+    return Call.objects.create(
+        call_control_id="v3:live-call", connection_id="conn-1", status="answered"
+    )
+
+
+@pytest.fixture
+def worker_processes(transactional_db, settings):
+    """Start real ``celery worker`` processes on the real broker and the test database."""
+    import os
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+
+    from django.db import connection
+
+    started: list[subprocess.Popen] = []
+
+    def start(count: int = 1, concurrency: int = 1, **env: str) -> list[subprocess.Popen]:
+        db = connection.settings_dict
+        environment = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "REDIS_URL": settings.CELERY_BROKER_URL,
+            "TELNYX_BASE_URL": settings.TELNYX_BASE_URL,
+            "TELNYX_API_KEY": settings.TELNYX_API_KEY,
+            "TELNYX_TIMEOUT": str(settings.TELNYX_TIMEOUT),
+            "TELNYX_RATE_LIMIT": str(settings.TELNYX_RATE_LIMIT),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        batch = []
+        for index in range(count):
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "config",
+                    "worker",
+                    "--pool",
+                    "prefork",
+                    "--concurrency",
+                    str(concurrency),
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--without-heartbeat",
+                    "--loglevel",
+                    "INFO",
+                    "-n",
+                    f"test{len(started)}@%h",
+                ],
+                cwd=Path(__file__).resolve().parent.parent,
+                env=environment,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            ready = threading.Event()
+            proc.log = []
+
+            def pump(proc=proc, ready=ready):
+                for line in proc.stdout:
+                    proc.log.append(line)
+                    if " ready." in line:
+                        ready.set()
+
+            threading.Thread(target=pump, daemon=True).start()
+            started.append(proc)
+            batch.append((proc, ready))
+        for proc, ready in batch:
+            if not ready.wait(30):
+                raise AssertionError("worker did not start:\n" + "".join(proc.log[-60:]))
+        return [proc for proc, _ in batch]
+
+    yield start
+    for proc in started:
+        # Shown by pytest only when the test failed.
+        print(f"--- worker {proc.pid} ---\n" + "".join(proc.log[-60:]))
+        proc.terminate()
+    for proc in started:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -93,12 +93,13 @@ BROKER_FAIL_FAST = {"socket_connect_timeout": 0.5, "max_retries": 0}
 if CELERY_BROKER_URL == "filesystem://":
     # Embedded default: kombu's filesystem transport, a directory shared by web and worker.
     _broker_dir = VAR_DIR / "broker"
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_broker_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_broker_dir / "queue"),
         "data_folder_out": str(_broker_dir / "queue"),
         "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
     }
 else:
@@ -136,6 +137,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "callops"
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
+    "repair-stuck-commands": {
+        "task": "callops.tasks.repair_stuck_commands",
+        "schedule": env.float("CALLOPS_REPAIR_INTERVAL", default=30.0),
+    },
     "sweep-pending-webhook-events": {
         "task": "callops.tasks.sweep_pending_webhook_events",
         "schedule": env.float("CALLOPS_SWEEP_INTERVAL", default=30.0),
@@ -149,6 +154,31 @@ TELNYX_PUBLIC_KEYS = env.list("TELNYX_PUBLIC_KEY", default=[])
 TELNYX_BASE_URL = env.str("TELNYX_BASE_URL", default="https://api.telnyx.com/v2")
 TELNYX_WEBHOOK_TOLERANCE = env.int("TELNYX_WEBHOOK_TOLERANCE", default=300)
 TELNYX_WEBHOOK_MAX_BYTES = env.int("TELNYX_WEBHOOK_MAX_BYTES", default=1024 * 1024)
+
+# Seconds before an HTTP call to Telnyx gives up (connect and read); the SDK's own 60 s is too long.
+TELNYX_TIMEOUT = env.float("TELNYX_TIMEOUT", default=5.0)
+# Commands per second all workers together may send (Telnyx publishes no number for Call Control).
+TELNYX_RATE_LIMIT = env.float("TELNYX_RATE_LIMIT", default=10.0)
+# Extra seconds added to the one-second rate window, for clock and timer granularity.
+TELNYX_RATE_LIMIT_GUARD = env.float("TELNYX_RATE_LIMIT_GUARD", default=0.01)
+# Exponential backoff with full jitter for retryable failures: base * 2**attempt, capped.
+TELNYX_BACKOFF_BASE = env.float("TELNYX_BACKOFF_BASE", default=0.5)
+TELNYX_BACKOFF_CAP = env.float("TELNYX_BACKOFF_CAP", default=60.0)
+# A command is given up ("gave up") after this many attempts or this many seconds.
+TELNYX_COMMAND_MAX_ATTEMPTS = env.int("TELNYX_COMMAND_MAX_ATTEMPTS", default=10)
+TELNYX_COMMAND_MAX_AGE = env.int("TELNYX_COMMAND_MAX_AGE", default=600)
+TELNYX_TRANSCRIPTION_ENGINES = env.list(
+    "TELNYX_TRANSCRIPTION_ENGINES", default=["Google", "Telnyx", "Deepgram", "Azure", "A", "B"]
+)
+# Where workers share the rate limit: Redis if there is one, else a locked file in var/.
+CALLOPS_RATE_LIMIT_URL = env.str(
+    "CALLOPS_RATE_LIMIT_URL",
+    default=CACHE_URL if CACHE_URL.startswith("redis") else "",
+)
+# Plain ws:// stream URLs are refused unless this is on (development only).
+CALLOPS_ALLOW_INSECURE_WS = env.bool("CALLOPS_ALLOW_INSECURE_WS", default=False)
+# Commands still queued this long past their next attempt time are re-enqueued (lost message).
+CALLOPS_STUCK_COMMAND_GRACE = env.int("CALLOPS_STUCK_COMMAND_GRACE", default=30)
 
 # --- Event processing -----------------------------------------------------------------------
 # Events still pending this long after arrival are re-enqueued by the sweeper (broker outage).
@@ -175,4 +205,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
+    # httpx logs every request at INFO; callops logs what matters about each command itself.
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }

@@ -27,4 +27,5 @@ CACHES = {
         "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
     }
 }
+CALLOPS_RATE_LIMIT_URL = env.str("CALLOPS_RATE_LIMIT_URL", default=REDIS_URL)
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

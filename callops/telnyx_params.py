@@ -1,0 +1,221 @@
+"""Telnyx's rules for call-control command parameters, checked before anything is stored.
+
+One table per action names each parameter and its rule; a few rules span several parameters
+(fork targets, bidirectional codecs, Azure's region). A violation raises ``ParamsInvalid`` with
+the field and a message, which the admin, the API and the policy code all surface as they are.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from django.conf import settings
+
+from callops.exceptions import CallopsError
+
+
+class ParamsInvalid(CallopsError):
+    """A parameter breaks Telnyx's rules. ``errors`` maps each field to its messages."""
+
+    def __init__(self, errors: Mapping[str, str | list[str]]):
+        self.errors = {k: [v] if isinstance(v, str) else list(v) for k, v in errors.items()}
+        super().__init__("; ".join(f"{k}: {' '.join(v)}" for k, v in self.errors.items()))
+
+
+Rule = Callable[[Any], str | None]  # returns an error message, or None when the value is fine
+
+STREAM_TRACKS = ("inbound_track", "outbound_track", "both_tracks")
+STREAM_CODECS = ("PCMU", "PCMA", "G722", "OPUS", "AMR-WB", "L16", "default")
+BIDIRECTIONAL_CODECS = ("PCMU", "PCMA", "G722", "OPUS", "AMR-WB", "L16")
+BIDIRECTIONAL_MODES = ("mp3", "rtp")
+SAMPLING_RATES = (8000, 16000, 22050, 24000, 48000)
+TARGET_LEGS = ("both", "self", "opposite")
+FORK_STREAM_TYPES = ("raw", "decrypted")
+TRANSCRIPTION_TRACKS = ("inbound", "outbound", "both")
+MAX_CLIENT_STATE = 4096
+MAX_AUTH_TOKEN = 4000
+
+
+def one_of(*choices: object) -> Rule:
+    def rule(value: Any) -> str | None:
+        if value not in choices:
+            return f"must be one of {', '.join(map(str, choices))}"
+        return None
+
+    return rule
+
+
+def text(max_length: int) -> Rule:
+    def rule(value: Any) -> str | None:
+        if not isinstance(value, str) or not value:
+            return "must be a non-empty string"
+        if len(value) > max_length:
+            return f"must be at most {max_length} characters"
+        return None
+
+    return rule
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def mapping(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "must be an object"
+
+
+def websocket_url(value: Any) -> str | None:
+    if error := text(2048)(value):
+        return error
+    schemes = ("wss://", "ws://") if settings.CALLOPS_ALLOW_INSECURE_WS else ("wss://",)
+    if not value.lower().startswith(schemes):
+        return f"must start with {' or '.join(schemes)}"
+    if not re.match(r"^wss?://[^/\s?#]+", value, re.IGNORECASE):
+        return "must name a host"
+    return None
+
+
+def custom_parameters(value: Any) -> str | None:
+    if not isinstance(value, list) or len(value) > 20:
+        return "must be a list of at most 20 {name, value} objects"
+    for item in value:
+        if (
+            not isinstance(item, dict)
+            or set(item) != {"name", "value"}
+            or not all(isinstance(v, str) and 0 < len(v) <= 256 for v in item.values())
+        ):
+            return "each item must be {name, value} with non-empty strings of at most 256"
+    return None
+
+
+def udp_target(value: Any) -> str | None:
+    """``udp:<ip>:<port>``; IPv6 addresses in brackets (``udp:[2001:db8::1]:5000``)."""
+    match = re.fullmatch(r"udp:(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})", value or "")
+    if not isinstance(value, str) or not match:
+        return "must be udp:<ip>:<port>"
+    try:
+        ipaddress.ip_address(match.group(1).strip("[]"))
+    except ValueError:
+        return "must be udp:<ip>:<port> with an IP address"
+    if not 0 < int(match.group(2)) < 65536:
+        return "port must be between 1 and 65535"
+    return None
+
+
+def transcription_engine(value: Any) -> str | None:
+    return one_of(*settings.TELNYX_TRANSCRIPTION_ENGINES)(value)
+
+
+def client_state(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return "must be a non-empty base64 string"
+    if len(value) > MAX_CLIENT_STATE:
+        return f"must be at most {MAX_CLIENT_STATE} characters"
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return "must be valid base64"
+    return None
+
+
+def _fork_targets(params: dict) -> dict[str, str]:
+    has_target = "target" in params
+    has_rx, has_tx = "rx" in params, "tx" in params
+    if has_target and (has_rx or has_tx):
+        return {"target": "give either target, or rx and tx, not both"}
+    if not has_target and not (has_rx and has_tx):
+        return {"target": "give target, or both rx and tx"}
+    if params.get("stream_type") == "decrypted" and has_target:
+        return {"stream_type": "decrypted needs rx and tx, not target"}
+    return {}
+
+
+def _bidirectional(params: dict) -> dict[str, str]:
+    if "stream_bidirectional_codec" in params and params.get("stream_bidirectional_mode") != "rtp":
+        return {"stream_bidirectional_codec": "is used only with stream_bidirectional_mode rtp"}
+    return {}
+
+
+def _azure_region(params: dict) -> dict[str, str]:
+    config = params.get("transcription_engine_config") or {}
+    if params.get("transcription_engine") == "Azure" and not config.get("region"):
+        return {"transcription_engine_config": "Azure needs a region"}
+    return {}
+
+
+ACTIONS: dict[str, dict[str, Any]] = {
+    "streaming_start": {
+        "required": ("stream_url",),
+        "rules": {
+            "stream_url": websocket_url,
+            "stream_track": one_of(*STREAM_TRACKS),
+            "stream_codec": one_of(*STREAM_CODECS),
+            "stream_auth_token": text(MAX_AUTH_TOKEN),
+            "custom_parameters": custom_parameters,
+            "stream_bidirectional_mode": one_of(*BIDIRECTIONAL_MODES),
+            "stream_bidirectional_codec": one_of(*BIDIRECTIONAL_CODECS),
+            "stream_bidirectional_sampling_rate": one_of(*SAMPLING_RATES),
+            "stream_bidirectional_target_legs": one_of(*TARGET_LEGS),
+            "enable_dialogflow": boolean,
+            "dialogflow_config": mapping,
+        },
+        "checks": (_bidirectional,),
+    },
+    "streaming_stop": {"rules": {"stream_id": text(255)}},
+    "fork_start": {
+        "rules": {
+            "target": udp_target,
+            "rx": udp_target,
+            "tx": udp_target,
+            "stream_type": one_of(*FORK_STREAM_TYPES),
+        },
+        "checks": (_fork_targets,),
+    },
+    "fork_stop": {"rules": {"stream_type": one_of(*FORK_STREAM_TYPES)}},
+    "transcription_start": {
+        "rules": {
+            "transcription_engine": transcription_engine,
+            "transcription_engine_config": mapping,
+            "transcription_tracks": one_of(*TRANSCRIPTION_TRACKS),
+        },
+        "checks": (_azure_region,),
+    },
+    "transcription_stop": {"rules": {}},
+}
+
+
+def validate(action: str, params: Mapping[str, Any], state: str | None = None) -> dict[str, Any]:
+    """Return the parameters to send, or raise ``ParamsInvalid`` naming every bad field.
+
+    ``None`` values count as absent. ``client_state`` and ``command_id`` are not parameters:
+    callops sets the command_id, and client_state is validated here but stored on the command.
+    """
+    spec = ACTIONS.get(action)
+    if spec is None:
+        raise ParamsInvalid({"action": f"must be one of {', '.join(ACTIONS)}"})
+    if not isinstance(params, Mapping):
+        raise ParamsInvalid({"params": "must be an object"})
+    cleaned = {k: v for k, v in params.items() if v is not None}
+    errors: dict[str, str] = {}
+    for name in cleaned.keys() - spec["rules"].keys():
+        errors[name] = f"is not a parameter of {action}"
+    for name in spec.get("required", ()):
+        if name not in cleaned:
+            errors[name] = "is required"
+    for name, value in cleaned.items():
+        rule = spec["rules"].get(name)
+        if rule and (message := rule(value)):
+            errors[name] = message
+    if state is not None and (message := client_state(state)):
+        errors["client_state"] = message
+    if not errors:
+        for check in spec.get("checks", ()):
+            errors.update(check(cleaned))
+    if errors:
+        raise ParamsInvalid(errors)
+    return cleaned
