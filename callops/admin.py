@@ -7,9 +7,11 @@ from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest
 
-from callops import events
+from callops import commands, events
+from callops.commands import CallEnded
 from callops.models import (
     Call,
+    Command,
     Fork,
     MediaStream,
     Transcription,
@@ -17,6 +19,7 @@ from callops.models import (
     WebhookEvent,
 )
 from callops.tasks import request_event_drain
+from callops.telnyx_params import ParamsInvalid
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -61,6 +64,21 @@ class TranscriptSegmentInline(ReadOnlyInline):
     ordering = ("occurred_at",)
 
 
+class CommandInline(ReadOnlyInline):
+    model = Command
+    fields = (
+        "action",
+        "status",
+        "requested_by",
+        "attempts",
+        "last_error",
+        "created_at",
+        "finished_at",
+    )
+    readonly_fields = ("last_error",)
+    ordering = ("-created_at",)
+
+
 @admin.register(Call)
 class CallAdmin(admin.ModelAdmin):
     list_display = (
@@ -82,11 +100,51 @@ class CallAdmin(admin.ModelAdmin):
         "to_number",
     )
     date_hierarchy = "created_at"
-    inlines = [MediaStreamInline, ForkInline, TranscriptionInline, TranscriptSegmentInline]
+    inlines = [
+        MediaStreamInline,
+        ForkInline,
+        TranscriptionInline,
+        TranscriptSegmentInline,
+        CommandInline,
+    ]
     readonly_fields = [f.name for f in Call._meta.fields]
+    actions = ["stop_streaming", "stop_forking", "stop_transcription"]
 
     def has_add_permission(self, request) -> bool:
         return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # calls are what Telnyx told us; operators act through commands
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    def _command_each(self, request, queryset, action: str) -> None:
+        sent, refused = 0, []
+        for call in queryset:
+            try:
+                commands.command_create(
+                    call=call, action=action, params={}, requested_by="operator"
+                )
+                sent += 1
+            except (CallEnded, ParamsInvalid) as exc:
+                refused.append(f"{call.call_control_id}: {exc}")
+        if sent:
+            self.message_user(request, f"Queued {action} for {sent} call(s).", messages.SUCCESS)
+        for reason in refused:
+            self.message_user(request, f"Did not send {action}: {reason}", messages.WARNING)
+
+    @admin.action(description="Stop streaming", permissions=["view"])
+    def stop_streaming(self, request, queryset):
+        self._command_each(request, queryset, Command.Action.STREAMING_STOP)
+
+    @admin.action(description="Stop forking", permissions=["view"])
+    def stop_forking(self, request, queryset):
+        self._command_each(request, queryset, Command.Action.FORK_STOP)
+
+    @admin.action(description="Stop transcription", permissions=["view"])
+    def stop_transcription(self, request, queryset):
+        self._command_each(request, queryset, Command.Action.TRANSCRIPTION_STOP)
 
 
 @admin.register(WebhookEvent)
@@ -122,3 +180,57 @@ class WebhookEventAdmin(admin.ModelAdmin):
             count = events.events_replay(event_ids=queryset.values_list("pk", flat=True))
             transaction.on_commit(request_event_drain)
         self.message_user(request, f"{count} event(s) queued for replay.", messages.SUCCESS)
+
+
+@admin.register(Command)
+class CommandAdmin(admin.ModelAdmin):
+    list_display = (
+        "action",
+        "call",
+        "status",
+        "requested_by",
+        "attempts",
+        "last_error",
+        "created_at",
+        "next_attempt_at",
+        "finished_at",
+    )
+    list_filter = ("status", "action", "requested_by", "created_at")
+    search_fields = ("call__call_control_id", "command_id")
+    date_hierarchy = "created_at"
+    list_select_related = ("call",)
+    actions = ["retry_now", "cancel"]
+    readonly_fields = [f.name for f in Command._meta.fields] + ["last_error"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Retry now (failed commands)", permissions=["view"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Command]) -> None:
+        done = sum(commands.command_retry(command=c) for c in queryset)
+        skipped = queryset.count() - done
+        self.message_user(request, f"{done} command(s) queued again.", messages.SUCCESS)
+        if skipped:
+            self.message_user(
+                request,
+                f"{skipped} command(s) skipped: only failed ones are retried.",
+                messages.WARNING,
+            )
+
+    @admin.action(description="Cancel (queued commands)", permissions=["view"])
+    def cancel(self, request: HttpRequest, queryset: QuerySet[Command]) -> None:
+        done = sum(commands.command_cancel(command=c) for c in queryset)
+        skipped = queryset.count() - done
+        self.message_user(request, f"{done} command(s) cancelled.", messages.SUCCESS)
+        if skipped:
+            self.message_user(
+                request,
+                f"{skipped} command(s) skipped: only queued ones can be cancelled.",
+                messages.WARNING,
+            )

@@ -62,3 +62,98 @@ def test_calls_are_searchable_and_show_their_streams_and_transcript(operator):
         assert text in page
     events_page = operator.get("/admin/callops/webhookevent/", {"status__exact": "ignored"})
     assert b"call.dtmf.received" in events_page.content
+
+
+@pytest.fixture
+def answered_call(db):
+    return Call.objects.create(call_control_id="v3:admin", status="answered")
+
+
+def changelist_action(operator, model: str, action: str, pks: list[int]):
+    return operator.post(
+        f"/admin/callops/{model}/",
+        {"action": action, "_selected_action": pks},
+        follow=True,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("action", "telnyx_action"),
+    [
+        ("stop_streaming", "streaming_stop"),
+        ("stop_forking", "fork_stop"),
+        ("stop_transcription", "transcription_stop"),
+    ],
+)
+def test_call_actions_send_stop_commands_through_the_outbox(
+    operator, answered_call, telnyx, celery_worker, action, telnyx_action
+):
+    from callops.models import Command
+
+    response = changelist_action(operator, "call", action, [answered_call.pk])
+    assert f"Queued {telnyx_action} for 1 call(s)." in response.content.decode()
+    command = Command.objects.get()
+    assert (command.action, command.requested_by) == (telnyx_action, "operator")
+    wait_for(lambda: Command.objects.filter(status="succeeded").exists())
+    (record,) = telnyx.commands(action=telnyx_action)
+    assert record.call_control_id == "v3:admin"
+
+
+@pytest.mark.django_db
+def test_a_call_action_on_an_ended_call_explains_why_nothing_was_sent(operator):
+    ended = Call.objects.create(call_control_id="v3:gone", status="ended")
+    response = changelist_action(operator, "call", "stop_streaming", [ended.pk])
+    assert "Did not send streaming_stop: v3:gone: call v3:gone has ended" in (
+        response.content.decode()
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_now_and_cancel_from_the_commands_changelist(
+    operator, answered_call, telnyx, settings, celery_worker
+):
+    from callops.commands import command_create
+    from callops.models import Command
+
+    settings.TELNYX_API_KEY = "KEY_WRONG"  # the first attempt is refused with a 401
+    failed = command_create(
+        call=answered_call, action="fork_stop", params={}, requested_by="operator"
+    )
+    wait_for(lambda: Command.objects.filter(pk=failed.pk, status="failed").exists())
+    settings.TELNYX_API_KEY = telnyx.api_key
+
+    response = changelist_action(operator, "command", "retry_now", [failed.pk])
+    assert "1 command(s) queued again." in response.content.decode()
+    wait_for(lambda: Command.objects.filter(pk=failed.pk, status="succeeded").exists())
+
+    queued = Command.objects.create(
+        call=answered_call,
+        action="fork_stop",
+        requested_by="operator",
+        expires_at=answered_call.created_at,
+    )
+    response = changelist_action(operator, "command", "cancel", [queued.pk, failed.pk])
+    page = response.content.decode()
+    assert "1 command(s) cancelled." in page
+    assert "1 command(s) skipped: only queued ones can be cancelled." in page
+    queued.refresh_from_db()
+    assert queued.status == "cancelled"
+
+
+@pytest.mark.django_db
+def test_the_commands_changelist_shows_status_and_last_error(operator, answered_call):
+    from callops.models import Command
+
+    Command.objects.create(
+        call=answered_call,
+        action="fork_stop",
+        requested_by="policy",
+        status="failed",
+        failure_reason="call ended",
+        error_code="90018",
+        expires_at=answered_call.created_at,
+    )
+    page = operator.get("/admin/callops/command/", {"status__exact": "failed"}).content.decode()
+    assert "call ended 90018" in page
+    assert "v3:admin" in page
