@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 
 from callops import commands, events
+from callops.api.authentication import api_key_create, api_key_revoke
 from callops.commands import CallEnded
 from callops.models import (
+    ApiKey,
     Call,
     Command,
     Fork,
     MediaStream,
+    Partner,
+    PartnerConnection,
+    StreamingProfile,
     Transcription,
     TranscriptSegment,
     WebhookEvent,
@@ -79,9 +84,24 @@ class CommandInline(ReadOnlyInline):
     ordering = ("-created_at",)
 
 
+class PartnerFilter(admin.SimpleListFilter):
+    title = "partner"
+    parameter_name = "partner"
+
+    def lookups(self, request, model_admin):
+        return [(p.pk, p.name) for p in Partner.objects.all()]
+
+    def queryset(self, request, queryset):
+        if self.value():
+            owned = PartnerConnection.objects.filter(partner_id=self.value())
+            return queryset.filter(connection_id__in=owned.values("connection_id"))
+        return queryset
+
+
 @admin.register(Call)
 class CallAdmin(admin.ModelAdmin):
     list_display = (
+        "partner",
         "call_control_id",
         "status",
         "direction",
@@ -91,7 +111,7 @@ class CallAdmin(admin.ModelAdmin):
         "ended_at",
         "hangup_cause",
     )
-    list_filter = ("status", "direction", "started_at", "ended_at")
+    list_filter = ("status", PartnerFilter, "direction", "started_at", "ended_at")
     search_fields = (
         "call_control_id",
         "call_session_id",
@@ -118,6 +138,18 @@ class CallAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+    def get_queryset(self, request):
+        owners = PartnerConnection.objects.filter(connection_id=OuterRef("connection_id"))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(partner_name=Subquery(owners.values("partner__name")[:1]))
+        )
+
+    @admin.display(description="partner", ordering="partner_name")
+    def partner(self, call) -> str:
+        return call.partner_name or "-"
 
     def _command_each(self, request, queryset, action: str) -> None:
         sent, refused = 0, []
@@ -234,3 +266,68 @@ class CommandAdmin(admin.ModelAdmin):
                 f"{skipped} command(s) skipped: only queued ones can be cancelled.",
                 messages.WARNING,
             )
+
+
+class PartnerConnectionInline(admin.TabularInline):
+    model = PartnerConnection
+    extra = 1
+
+
+class ApiKeyInline(admin.TabularInline):
+    model = ApiKey
+    extra = 0
+    can_delete = False
+    fields = ("name", "prefix", "created_at", "last_used_at", "revoked_at")
+    readonly_fields = ("prefix", "created_at", "last_used_at", "revoked_at")
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False  # keys are made by the "Create an API key" action, which shows it once
+
+
+class StreamingProfileInline(admin.StackedInline):
+    model = StreamingProfile
+    extra = 0
+
+
+@admin.register(Partner)
+class PartnerAdmin(admin.ModelAdmin):
+    list_display = ("name", "active", "created_at")
+    list_filter = ("active",)
+    search_fields = ("name", "connections__connection_id")
+    inlines = [PartnerConnectionInline, ApiKeyInline, StreamingProfileInline]
+    actions = ["create_api_key"]
+
+    @admin.action(description="Create an API key (shown once)")
+    def create_api_key(self, request: HttpRequest, queryset: QuerySet[Partner]) -> None:
+        for partner in queryset:
+            _, plain = api_key_create(partner=partner, name=f"admin: {request.user}")
+            self.message_user(
+                request,
+                f"New API key for {partner.name} (copy it now, it is not stored): {plain}",
+                messages.WARNING,
+            )
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    list_display = ("prefix", "partner", "name", "created_at", "last_used_at", "revoked_at")
+    list_filter = ("partner", "revoked_at")
+    search_fields = ("prefix", "partner__name", "name")
+    readonly_fields = ("partner", "prefix", "created_at", "last_used_at", "revoked_at")
+    fields = ("partner", "name", "prefix", "created_at", "last_used_at", "revoked_at")
+    actions = ["revoke"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    @admin.action(description="Revoke selected keys")
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for key in queryset:
+            api_key_revoke(key=key)
+        self.message_user(request, f"{queryset.count()} key(s) revoked.", messages.SUCCESS)
+
+
+@admin.register(StreamingProfile)
+class StreamingProfileAdmin(admin.ModelAdmin):
+    list_display = ("__str__", "partner", "connection_id", "stream_url", "auto_start", "transcribe")
+    list_filter = ("partner", "auto_start", "transcribe")

@@ -172,8 +172,11 @@ def on_call_initiated(call: Call, event: WebhookEvent) -> None:
 
 
 def on_call_answered(call: Call, event: WebhookEvent) -> None:
+    from callops.policies import call_answered_policy
+
     call.answered_at = _earliest(call.answered_at, event.occurred_at)
     _raise_status(call, Call.Status.ANSWERED)
+    call_answered_policy(call=call)
 
 
 def on_call_hangup(call: Call, event: WebhookEvent) -> None:

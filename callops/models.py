@@ -94,6 +94,9 @@ class Call(models.Model):
     client_state = models.TextField(blank=True, default="")
     client_state_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_event_at = models.DateTimeField(null=True, blank=True)
+    # Set when the answered-call policy issued its commands: once per call, however often
+    # call.answered is delivered or replayed.
+    autostarted_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -315,3 +318,162 @@ class Command(models.Model):
     def last_error(self) -> str:
         parts = [self.failure_reason, self.error_code, self.error_title]
         return " ".join(p for p in parts if p)
+
+
+class Partner(models.Model):
+    """A system that drives its own calls over the REST API: it owns Telnyx connection ids."""
+
+    name = models.CharField(max_length=100, unique=True)
+    active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    # DRF's IsAuthenticated asks the authenticated principal this.
+    is_authenticated = True
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def calls(self) -> models.QuerySet[Call]:
+        """The calls this partner owns: those on its connection ids, and no other."""
+        return Call.objects.filter(
+            connection_id__in=PartnerConnection.objects.filter(partner=self).values("connection_id")
+        )
+
+
+class PartnerConnection(models.Model):
+    """A Telnyx Call Control App id; its calls belong to the partner."""
+
+    partner = models.ForeignKey(Partner, on_delete=models.CASCADE, related_name="connections")
+    connection_id = models.CharField(max_length=255, unique=True)
+
+    def __str__(self) -> str:
+        return self.connection_id
+
+
+class ApiKey(models.Model):
+    """A partner's API key. Only a SHA-256 of the key is stored; the key is shown once.
+
+    Keys are 256 random bits, so a fast hash is enough (no password stretching needed); the
+    prefix finds the row without scanning, and the hash is compared in constant time.
+    """
+
+    partner = models.ForeignKey(Partner, on_delete=models.CASCADE, related_name="api_keys")
+    name = models.CharField(max_length=100, blank=True, default="")
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    hashed_key = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.partner})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class StreamingProfile(models.Model):
+    """How a partner wants its calls streamed (and transcribed), and whether to start on answer.
+
+    ``connection_id`` empty: the partner's default; otherwise it applies to that connection only.
+    """
+
+    partner = models.ForeignKey(Partner, on_delete=models.CASCADE, related_name="profiles")
+    connection_id = models.CharField(max_length=255, blank=True, default="")
+    name = models.CharField(max_length=100, blank=True, default="")
+    stream_url = models.CharField(max_length=2048)
+    stream_track = models.CharField(max_length=16, default="inbound_track")
+    stream_codec = models.CharField(max_length=16, blank=True, default="")
+    stream_bidirectional_mode = models.CharField(max_length=8, blank=True, default="")
+    stream_bidirectional_codec = models.CharField(max_length=16, blank=True, default="")
+    stream_bidirectional_sampling_rate = models.PositiveIntegerField(null=True, blank=True)
+    stream_bidirectional_target_legs = models.CharField(max_length=16, blank=True, default="")
+    stream_auth_token = models.CharField(max_length=4000, blank=True, default="")
+    transcribe = models.BooleanField(default=False)
+    transcription_engine = models.CharField(max_length=32, blank=True, default="")
+    transcription_engine_config = models.JSONField(default=dict, blank=True)
+    transcription_tracks = models.CharField(max_length=16, blank=True, default="")
+    max_stream_duration = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Seconds; the stale-stream sweeper stops it after this."
+    )
+    auto_start = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["partner", "connection_id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["partner", "connection_id"], name="one_profile_per_connection"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name or f"{self.partner} {self.connection_id or 'default'}"
+
+    STREAMING_FIELDS = (
+        "stream_url",
+        "stream_track",
+        "stream_codec",
+        "stream_bidirectional_mode",
+        "stream_bidirectional_codec",
+        "stream_bidirectional_sampling_rate",
+        "stream_bidirectional_target_legs",
+        "stream_auth_token",
+    )
+
+    def streaming_params(self) -> dict:
+        """``streaming_start`` parameters, leaving out what the profile does not set."""
+        values = {name: getattr(self, name) for name in self.STREAMING_FIELDS}
+        return {k: v for k, v in values.items() if v not in ("", None)}
+
+    def transcription_params(self) -> dict:
+        values = {
+            "transcription_engine": self.transcription_engine,
+            "transcription_engine_config": self.transcription_engine_config,
+            "transcription_tracks": self.transcription_tracks,
+        }
+        return {k: v for k, v in values.items() if v not in ("", None, {})}
+
+    @classmethod
+    def for_call(cls, call: Call) -> StreamingProfile | None:
+        """The profile for the call's connection, else its partner's default."""
+        if not call.connection_id:
+            return None
+        owner = PartnerConnection.objects.filter(connection_id=call.connection_id).first()
+        if owner is None:
+            return None
+        profiles = {
+            p.connection_id: p
+            for p in cls.objects.filter(
+                partner_id=owner.partner_id, connection_id__in=[call.connection_id, ""]
+            )
+        }
+        return profiles.get(call.connection_id) or profiles.get("")
+
+
+class IdempotencyRecord(models.Model):
+    """The first response to a partner's POST with an ``Idempotency-Key``, kept for 24 h."""
+
+    partner = models.ForeignKey(Partner, on_delete=models.CASCADE, related_name="+")
+    key = models.CharField(max_length=255)
+    request_fingerprint = models.CharField(max_length=64)
+    response_status = models.PositiveSmallIntegerField(null=True)
+    response_body = models.JSONField(null=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["partner", "key"], name="one_response_per_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.partner_id}:{self.key}"

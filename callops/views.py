@@ -7,6 +7,7 @@ import logging
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import HttpRequest, JsonResponse
+from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
@@ -62,3 +63,10 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
     if status == "pending":
         request_event_drain()
     return JsonResponse({"status": status, "duplicate": not created})
+
+
+def not_found(request: HttpRequest, exception: Exception) -> JsonResponse:
+    """API clients get the API's JSON error shape for unknown URLs too; people get the page."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"errors": [{"field": None, "message": "Not found."}]}, status=404)
+    return defaults.page_not_found(request, exception)

@@ -27,6 +27,9 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "callops",
 ]
 
@@ -175,6 +178,8 @@ CALLOPS_RATE_LIMIT_URL = env.str(
     "CALLOPS_RATE_LIMIT_URL",
     default=CACHE_URL if CACHE_URL.startswith("redis") else "",
 )
+# Stream URLs and fork targets may point at loopback or private addresses (development only).
+CALLOPS_ALLOW_PRIVATE_TARGETS = env.bool("CALLOPS_ALLOW_PRIVATE_TARGETS", default=False)
 # Plain ws:// stream URLs are refused unless this is on (development only).
 CALLOPS_ALLOW_INSECURE_WS = env.bool("CALLOPS_ALLOW_INSECURE_WS", default=False)
 # Commands still queued this long past their next attempt time are re-enqueued (lost message).
@@ -197,6 +202,32 @@ STATIC_ROOT = env.str("DJANGO_STATIC_ROOT", default=str(VAR_DIR / "static"))
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["callops.api.authentication.PartnerKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_THROTTLE_CLASSES": ["callops.api.schema.PartnerRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        "partner": env.str("CALLOPS_PARTNER_THROTTLE", default="1200/minute"),
+    },
+    "EXCEPTION_HANDLER": "callops.api.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "callops partner API",
+    "DESCRIPTION": "Drive streaming, forking and transcription on your Telnyx calls.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_AUTHENTICATION": [],
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "CallStatusEnum": "callops.models.Call.Status",
+        "SessionStatusEnum": "callops.models.CallSession.Status",
+        "CommandStatusEnum": "callops.models.Command.Status",
+    },
 }
 
 LOGGING = {

@@ -1,0 +1,286 @@
+"""The partner REST API. Thin views: look the call up among the partner's own, validate, call a
+service, answer. Another partner's call is a 404, exactly like a call that does not exist."""
+
+from __future__ import annotations
+
+from datetime import UTC
+
+from django import forms
+from django.db.models import Prefetch
+from django_filters import rest_framework as filters
+from django_filters.fields import IsoDateTimeField
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_view,
+)
+from rest_framework import generics, mixins, renderers, status, viewsets
+from rest_framework.exceptions import NotFound
+from rest_framework.pagination import CursorPagination
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from callops import commands
+from callops.api import schema  # noqa: F401  (registers the auth scheme and throttle)
+from callops.api import serializers as s
+from callops.api.idempotency import idempotent
+from callops.models import Call, Command, StreamingProfile, TranscriptSegment
+from callops.telnyx_params import ParamsInvalid
+
+ERRORS = {
+    code: OpenApiResponse(s.ErrorSerializer, description=text)
+    for code, text in (
+        (400, "Invalid request: each error names its field"),
+        (401, "Missing, unknown or revoked API key"),
+        (403, "Inactive partner"),
+        (404, "No such call (or not yours)"),
+        (429, "Too many requests; see Retry-After"),
+    )
+}
+IDEMPOTENCY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="Replays the first answer to the same key within 24 h; 422 if the body differs.",
+)
+
+
+def partner_call(request, call_control_id: str) -> Call:
+    call = request.user.calls().filter(call_control_id=call_control_id).first()
+    if call is None:
+        raise NotFound("No such call.")
+    return call
+
+
+class UTCDateTimeField(IsoDateTimeField):
+    """ISO 8601, normalised to UTC: PostgreSQL refuses offsets Python accepts (e.g. -19:03)."""
+
+    def to_python(self, value):
+        parsed = super().to_python(value)
+        if parsed is None:
+            return None
+        try:
+            return parsed.astimezone(UTC)
+        except OverflowError:
+            raise forms.ValidationError("is out of range") from None
+
+
+class UTCDateTimeFilter(filters.IsoDateTimeFilter):
+    field_class = UTCDateTimeField
+
+
+class CallFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(choices=Call.Status.choices)
+    connection = filters.CharFilter(field_name="connection_id")
+    started_after = UTCDateTimeFilter(field_name="started_at", lookup_expr="gte")
+    started_before = UTCDateTimeFilter(field_name="started_at", lookup_expr="lt")
+
+    class Meta:
+        model = Call
+        fields = ["status", "connection", "started_after", "started_before"]
+
+
+class CallPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "page_size"
+    max_page_size = 200
+
+
+@extend_schema(tags=["calls"], responses={200: s.CallSerializer(many=True), **ERRORS})
+class CallList(generics.ListAPIView):
+    """Your calls, newest first."""
+
+    serializer_class = s.CallSerializer
+    pagination_class = CallPagination
+    filter_backends = [filters.DjangoFilterBackend]
+    filterset_class = CallFilter
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):  # schema generation: no partner
+            return Call.objects.none()
+        return self.request.user.calls()
+
+
+@extend_schema(tags=["calls"], responses={200: s.CallDetailSerializer, **ERRORS})
+class CallDetail(APIView):
+    """One call with its streams, forks, transcriptions and commands."""
+
+    def get(self, request, call_control_id: str):
+        call = partner_call(request, call_control_id)
+        call = Call.objects.prefetch_related(
+            "streams",
+            "forks",
+            "transcriptions",
+            Prefetch("commands", queryset=Command.objects.order_by("-created_at")),
+        ).get(pk=call.pk)
+        return Response(s.CallDetailSerializer(call).data)
+
+
+class PlainTextRenderer(renderers.BaseRenderer):
+    """The transcript as text: one line per segment, ``[time] track: words``."""
+
+    media_type = "text/plain"
+    format = "txt"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None) -> bytes:
+        if isinstance(data, dict) and "errors" in data:
+            return "\n".join(e["message"] for e in data["errors"]).encode()
+        lines = [
+            f"[{seg['occurred_at']}] {seg['track'] or '-'}: {seg['transcript']}" for seg in data
+        ]
+        return ("\n".join(lines) + ("\n" if lines else "")).encode()
+
+
+@extend_schema(
+    tags=["calls"],
+    parameters=[
+        OpenApiParameter("final_only", OpenApiTypes.BOOL, description="Final segments only")
+    ],
+    responses={200: s.TranscriptSegmentSerializer(many=True), **ERRORS},
+)
+class CallTranscript(APIView):
+    """The call's transcript in time order; ``?format=txt`` (or ``Accept: text/plain``) for text."""
+
+    renderer_classes = [renderers.JSONRenderer, PlainTextRenderer]
+
+    def get(self, request, call_control_id: str):
+        call = partner_call(request, call_control_id)
+        segments = TranscriptSegment.objects.filter(call=call).order_by("occurred_at", "id")
+        final_only = request.query_params.get("final_only", "").lower()
+        if final_only not in ("", "true", "false", "1", "0"):
+            return Response(
+                {"errors": [{"field": "final_only", "message": "must be true or false"}]},
+                status=400,
+            )
+        if final_only in ("true", "1"):
+            segments = segments.filter(is_final=True)
+        return Response(s.TranscriptSegmentSerializer(segments, many=True).data)
+
+
+class CallCommand(APIView):
+    """Base of the six command endpoints; subclasses name the action and the body."""
+
+    input_class: type[s.CommandInput]
+
+    @idempotent
+    def post(self, request, call_control_id: str):
+        call = partner_call(request, call_control_id)
+        profile = StreamingProfile.for_call(call)
+        body = self.input_class(data=request.data, context={"profile": profile})
+        body.is_valid(raise_exception=True)
+        try:
+            command = commands.command_create(
+                call=call,
+                action=self.input_class.action,
+                requested_by=Command.RequestedBy.PARTNER,
+                **body.validated_data,
+            )
+        except commands.CallEnded as exc:
+            return Response({"errors": [{"field": None, "message": str(exc)}]}, status=409)
+        except ParamsInvalid as exc:
+            return Response(
+                {"errors": [{"field": f, "message": " ".join(m)} for f, m in exc.errors.items()]},
+                status=400,
+            )
+        return Response(s.CommandSerializer(command).data, status=status.HTTP_202_ACCEPTED)
+
+
+def command_view(name: str, input_class: type[s.CommandInput], summary: str) -> type[CallCommand]:
+    view = type(name, (CallCommand,), {"input_class": input_class, "__doc__": summary})
+    return extend_schema(
+        tags=["commands"],
+        summary=summary,
+        request=input_class,
+        parameters=[IDEMPOTENCY],
+        responses={
+            202: s.CommandSerializer,
+            409: OpenApiResponse(s.ErrorSerializer, description="The call has ended"),
+            422: OpenApiResponse(s.ErrorSerializer, description="Idempotency-Key reused"),
+            **ERRORS,
+        },
+    )(view)
+
+
+StreamingStart = command_view("StreamingStart", s.StreamingStartInput, "Start streaming")
+StreamingStop = command_view("StreamingStop", s.StreamingStopInput, "Stop streaming")
+ForkingStart = command_view("ForkingStart", s.ForkStartInput, "Start forking")
+ForkingStop = command_view("ForkingStop", s.ForkStopInput, "Stop forking")
+TranscriptionStart = command_view(
+    "TranscriptionStart", s.TranscriptionStartInput, "Start transcription"
+)
+TranscriptionStop = command_view(
+    "TranscriptionStop", s.TranscriptionStopInput, "Stop transcription"
+)
+
+
+@extend_schema(tags=["commands"], responses={200: s.CommandSerializer, **ERRORS})
+class CommandDetail(APIView):
+    """A command's progress."""
+
+    def get(self, request, command_id: str):
+        command = (
+            Command.objects.select_related("call")
+            .filter(call__in=request.user.calls(), command_id=_uuid_or_none(command_id))
+            .first()
+        )
+        if command is None:
+            raise NotFound("No such command.")
+        return Response(s.CommandSerializer(command).data)
+
+
+def _uuid_or_none(value: str):
+    import uuid
+
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        return None
+
+
+@extend_schema(tags=["profiles"])
+@extend_schema_view(
+    list=extend_schema(responses={200: s.StreamingProfileSerializer(many=True), **ERRORS}),
+    retrieve=extend_schema(responses={200: s.StreamingProfileSerializer, **ERRORS}),
+    create=extend_schema(responses={201: s.StreamingProfileSerializer, **ERRORS}),
+    partial_update=extend_schema(responses={200: s.StreamingProfileSerializer, **ERRORS}),
+    destroy=extend_schema(responses={204: None, **ERRORS}),
+)
+class StreamingProfileViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Your streaming profiles: how your calls are streamed, and whether to start on answer."""
+
+    serializer_class = s.StreamingProfileSerializer
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return StreamingProfile.objects.none()
+        return StreamingProfile.objects.filter(partner=self.request.user).order_by("pk")
+
+    def get_serializer_context(self):
+        return {**super().get_serializer_context(), "partner": self.request.user}
+
+    def perform_create(self, serializer):
+        serializer.save(partner=self.request.user)
+
+    @extend_schema(
+        parameters=[IDEMPOTENCY],
+        responses={
+            201: s.StreamingProfileSerializer,
+            422: OpenApiResponse(s.ErrorSerializer, description="Idempotency-Key reused"),
+            **ERRORS,
+        },
+    )
+    @idempotent
+    def create(self, request, *args, **kwargs):
+        return super().create(request, *args, **kwargs)
