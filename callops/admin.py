@@ -19,6 +19,7 @@ from callops.models import (
     Partner,
     PartnerConnection,
     StreamingProfile,
+    TaskRun,
     Transcription,
     TranscriptSegment,
     WebhookEvent,
@@ -331,3 +332,22 @@ class ApiKeyAdmin(admin.ModelAdmin):
 class StreamingProfileAdmin(admin.ModelAdmin):
     list_display = ("__str__", "partner", "connection_id", "stream_url", "auto_start", "transcribe")
     list_filter = ("partner", "auto_start", "transcribe")
+
+
+@admin.register(TaskRun)
+class TaskRunAdmin(admin.ModelAdmin):
+    list_display = (
+        "name",
+        "last_started_at",
+        "last_finished_at",
+        "runs",
+        "last_result",
+        "last_error",
+    )
+    readonly_fields = [f.name for f in TaskRun._meta.fields]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False

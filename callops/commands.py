@@ -20,7 +20,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
@@ -49,6 +49,13 @@ class CallEnded(CallopsError):
     """The call has ended: Telnyx would refuse any command on it."""
 
 
+class CommandConflict(CallopsError):
+    """The same stop is already in flight for this stream, fork or transcription."""
+
+
+TARGET_FIELDS = {MediaStream: "stream", Fork: "fork", Transcription: "transcription"}
+
+
 # --- Creating -------------------------------------------------------------------------------
 
 
@@ -59,9 +66,13 @@ def command_create(
     params: dict[str, Any] | None = None,
     requested_by: str,
     client_state: str | None = None,
+    target: CallSession | None = None,
 ) -> Command:
-    """Validate, store and (after commit) enqueue one command. Raises ``ParamsInvalid`` or
-    ``CallEnded`` before anything is written."""
+    """Validate, store and (after commit) enqueue one command. Raises ``ParamsInvalid``,
+    ``CallEnded`` or ``CommandConflict`` before anything is written.
+
+    ``target``: the stream, fork or transcription a stop command is about (so only one stop for
+    it can be in flight)."""
     cleaned = telnyx_params.validate(action, params or {}, client_state)
     with transaction.atomic():
         call = Call.objects.select_for_update().get(pk=call.pk)
@@ -78,8 +89,14 @@ def command_create(
             next_attempt_at=now,
             expires_at=now + timedelta(seconds=settings.TELNYX_COMMAND_MAX_AGE),
         )
+        if target is not None:
+            setattr(command, TARGET_FIELDS[type(target)], target)
         _record_intent(command, now)
-        command.save()
+        try:
+            with transaction.atomic():
+                command.save()
+        except IntegrityError:
+            raise CommandConflict(f"a {action} is already in flight for it") from None
         transaction.on_commit(lambda: command_enqueue(command_pk=command.pk))
     return command
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from django.conf import settings
@@ -217,9 +217,21 @@ def _save_session(call: Call, session: S, at: datetime) -> S:
         session.requested_at = at
     if call.ended_at is not None:
         session.record_stop(call.ended_at)
+    if session.started_at is not None:
+        session.stop_after = session.started_at + max_duration(call)
     session.refresh_status()
     session.save()
     return session
+
+
+def max_duration(call: Call) -> timedelta:
+    """How long a stream, fork or transcription of this call may run: the partner's profile
+    for its connection, else ``CALLOPS_MAX_STREAM_DURATION``."""
+    from callops.models import StreamingProfile
+
+    profile = StreamingProfile.for_call(call)
+    seconds = profile.max_stream_duration if profile and profile.max_stream_duration else None
+    return timedelta(seconds=seconds or settings.CALLOPS_MAX_STREAM_DURATION)
 
 
 def _for_start(sessions: list[S], at: datetime) -> S | None:

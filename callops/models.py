@@ -131,10 +131,29 @@ class CallSession(models.Model):
     requested_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     stopped_at = models.DateTimeField(null=True, blank=True)
+    # started_at + the maximum duration (the partner's profile, else the global setting): the
+    # stale-session sweeper finds what to stop with an index range scan on this.
+    stop_after = models.DateTimeField(null=True, blank=True, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         abstract = True
+
+    @classmethod
+    def sweep_indexes(cls, prefix: str) -> list[models.Index]:
+        """Partial indexes for the sweeper: cost grows with the stale rows, not the table."""
+        return [
+            models.Index(
+                fields=["stop_after"],
+                condition=models.Q(status="active"),
+                name=f"{prefix}_overdue_idx",
+            ),
+            models.Index(
+                fields=["requested_at"],
+                condition=models.Q(status="requested"),
+                name=f"{prefix}_unstarted_idx",
+            ),
+        ]
 
     def refresh_status(self) -> None:
         if self.failure_reason:
@@ -172,7 +191,10 @@ class MediaStream(CallSession):
 
     class Meta:
         ordering = ["requested_at", "id"]
-        indexes = [models.Index(fields=["status", "started_at"], name="mediastream_status_idx")]
+        indexes = [
+            models.Index(fields=["status", "started_at"], name="mediastream_status_idx"),
+            *CallSession.sweep_indexes("mediastream"),
+        ]
 
     def __str__(self) -> str:
         return f"stream {self.stream_id or self.pk} ({self.status})"
@@ -190,7 +212,10 @@ class Fork(CallSession):
 
     class Meta:
         ordering = ["requested_at", "id"]
-        indexes = [models.Index(fields=["status", "started_at"], name="fork_status_idx")]
+        indexes = [
+            models.Index(fields=["status", "started_at"], name="fork_status_idx"),
+            *CallSession.sweep_indexes("fork"),
+        ]
 
     def __str__(self) -> str:
         return f"fork {self.pk} ({self.status})"
@@ -209,7 +234,10 @@ class Transcription(CallSession):
 
     class Meta:
         ordering = ["requested_at", "id"]
-        indexes = [models.Index(fields=["status", "started_at"], name="transcription_status_idx")]
+        indexes = [
+            models.Index(fields=["status", "started_at"], name="transcription_status_idx"),
+            *CallSession.sweep_indexes("transcription"),
+        ]
 
     def __str__(self) -> str:
         return f"transcription {self.pk} ({self.status})"
@@ -309,6 +337,20 @@ class Command(models.Model):
                 name="command_unfinished_idx",
             ),
             models.Index(fields=["status", "created_at"], name="command_status_idx"),
+        ]
+        # At most one stop in flight per stream, fork or transcription, however many sweepers,
+        # operators and partners ask at once: the database refuses the second.
+        constraints = [
+            models.UniqueConstraint(
+                fields=[target],
+                condition=models.Q(action=action, status__in=["queued", "sending"]),
+                name=f"one_open_{action}",
+            )
+            for target, action in (
+                ("stream", "streaming_stop"),
+                ("fork", "fork_stop"),
+                ("transcription", "transcription_stop"),
+            )
         ]
 
     def __str__(self) -> str:
@@ -477,3 +519,20 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"{self.partner_id}:{self.key}"
+
+
+class TaskRun(models.Model):
+    """When a periodic task last ran and what it did: the health checks and operators read it."""
+
+    name = models.CharField(max_length=100, unique=True)
+    last_started_at = models.DateTimeField(null=True, blank=True)
+    last_finished_at = models.DateTimeField(null=True, blank=True)
+    last_result = models.JSONField(null=True, blank=True)
+    last_error = models.TextField(blank=True, default="")
+    runs = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -16,10 +16,11 @@ from celery import shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
 from django.core.cache import cache
+from django.db.models import F
 from django.utils import timezone
 
-from callops import commands, events
-from callops.models import WebhookEvent
+from callops import commands, events, maintenance
+from callops.models import TaskRun, WebhookEvent
 
 logger = logging.getLogger("callops.tasks")
 
@@ -53,6 +54,30 @@ def request_event_drain() -> bool:
     return True
 
 
+def recorded(func):
+    """Record each run of a periodic task (start, finish, result, error) in ``TaskRun``."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        name = func.__name__
+        TaskRun.objects.update_or_create(name=name, defaults={"last_started_at": timezone.now()})
+        try:
+            result = func(*args, **kwargs)
+        except Exception as exc:
+            TaskRun.objects.filter(name=name).update(last_error=f"{type(exc).__name__}: {exc}")
+            raise
+        TaskRun.objects.filter(name=name).update(
+            last_finished_at=timezone.now(),
+            last_result=result,
+            last_error="",
+            runs=F("runs") + 1,
+        )
+        return result
+
+    return wrapper
+
+
 @shared_task(ignore_result=True)
 def drain_webhook_events() -> int:
     """Apply pending events in a batch; hand the rest to a fresh task so others can interleave."""
@@ -67,6 +92,7 @@ def drain_webhook_events() -> int:
 
 
 @shared_task(ignore_result=True)
+@recorded
 def sweep_pending_webhook_events() -> int:
     """Drain events left pending past the grace period (the broker or a worker was down)."""
     cutoff = timezone.now() - timedelta(seconds=settings.CALLOPS_PENDING_EVENT_GRACE)
@@ -92,8 +118,28 @@ def send_command(command_pk: int, reserved_at: float | None = None) -> str | Non
 
 
 @shared_task(ignore_result=True)
+@recorded
 def repair_stuck_commands() -> int:
     return commands.commands_repair()
+
+
+@shared_task(ignore_result=True)
+@recorded
+def stop_stale_sessions() -> dict | None:
+    return maintenance.sessions_stop_stale()
+
+
+@shared_task(ignore_result=True)
+@recorded
+def purge_old_records() -> dict:
+    return maintenance.records_purge()
+
+
+@shared_task(ignore_result=True)
+@recorded
+def beat_heartbeat() -> str:
+    """Scheduled by beat, run by a worker: its last run proves beat, broker and workers work."""
+    return "ok"
 
 
 @worker_process_init.connect

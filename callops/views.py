@@ -70,3 +70,62 @@ def not_found(request: HttpRequest, exception: Exception) -> JsonResponse:
     if request.path.startswith("/api/"):
         return JsonResponse({"errors": [{"field": None, "message": "Not found."}]}, status=404)
     return defaults.page_not_found(request, exception)
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Liveness: the process answers. Nothing else is checked, so a database outage does not
+    get healthy web processes restarted."""
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request: HttpRequest) -> JsonResponse:
+    """Readiness: the database, the broker, and a beat heartbeat younger than the limit."""
+    from django.db import connection
+    from django.utils import timezone
+
+    from callops.models import TaskRun
+    from config.celery_app import app
+
+    checks: dict[str, str] = {}
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"unavailable: {type(exc).__name__}"
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=0, timeout=1)
+        checks["broker"] = "ok"
+    except Exception as exc:
+        checks["broker"] = f"unavailable: {type(exc).__name__}"
+    heartbeat = None
+    if checks["database"] == "ok":
+        heartbeat = (
+            TaskRun.objects.filter(name="beat_heartbeat")
+            .values_list("last_finished_at", flat=True)
+            .first()
+        )
+    limit = settings.CALLOPS_HEARTBEAT_MAX_AGE
+    if heartbeat is None:
+        checks["beat"] = "no heartbeat yet"
+    else:
+        age = (timezone.now() - heartbeat).total_seconds()
+        checks["beat"] = "ok" if age <= limit else f"last heartbeat {int(age)} s ago"
+    runs = (
+        {
+            run.name: {
+                "last_finished_at": run.last_finished_at,
+                "last_result": run.last_result,
+                "last_error": run.last_error,
+            }
+            for run in TaskRun.objects.all()
+        }
+        if checks["database"] == "ok"
+        else {}
+    )
+    ready = all(value == "ok" for value in checks.values())
+    return JsonResponse(
+        {"status": "ok" if ready else "unavailable", "checks": checks, "tasks": runs},
+        status=200 if ready else 503,
+    )

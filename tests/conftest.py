@@ -210,3 +210,30 @@ def worker_processes(transactional_db, settings):
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def use_broker(url: str) -> None:
+    """Point the Celery app at ``url`` and drop every pooled connection to the old one."""
+    from kombu import pools
+
+    from config.celery_app import app
+
+    app.conf.broker_url = url
+    app.pool.force_close_all()
+    app._pool = None
+    app.amqp._producer_pool = None
+    pools.reset()
+
+
+@pytest.fixture
+def broker_down(settings):
+    """The broker is unreachable: the app points at a port where nothing listens."""
+    use_broker(f"redis://127.0.0.1:{closed_port()}/0")
+    yield
+    use_broker(settings.CELERY_BROKER_URL)

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 from django.db import connection
-from kombu import pools
 
 from callops import tasks
 from callops.models import Call, WebhookEvent
-from config.celery_app import app
-from tests.conftest import wait_for
+from tests.conftest import closed_port, use_broker, wait_for
 from tests.telnyx_events import envelope
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -35,23 +26,6 @@ def test_it_answers_503_when_the_database_is_down(post_event):
     assert response.status_code == 503
     assert WebhookEvent.objects.count() == 0
     # Telnyx retries the same delivery once the database is back: stored exactly once.
-
-
-def use_broker(url: str) -> None:
-    """Point the Celery app at ``url`` and drop every pooled connection to the old one."""
-    app.conf.broker_url = url
-    app.pool.force_close_all()
-    app._pool = None
-    app.amqp._producer_pool = None
-    pools.reset()
-
-
-@pytest.fixture
-def broker_down(settings):
-    """The broker is unreachable: the app points at a port where nothing listens."""
-    use_broker(f"redis://127.0.0.1:{closed_port()}/0")
-    yield
-    use_broker(settings.CELERY_BROKER_URL)
 
 
 @pytest.mark.django_db(transaction=True)

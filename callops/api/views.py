@@ -179,7 +179,7 @@ class CallCommand(APIView):
                 requested_by=Command.RequestedBy.PARTNER,
                 **body.validated_data,
             )
-        except commands.CallEnded as exc:
+        except (commands.CallEnded, commands.CommandConflict) as exc:
             return Response({"errors": [{"field": None, "message": str(exc)}]}, status=409)
         except ParamsInvalid as exc:
             return Response(
@@ -198,7 +198,9 @@ def command_view(name: str, input_class: type[s.CommandInput], summary: str) -> 
         parameters=[IDEMPOTENCY],
         responses={
             202: s.CommandSerializer,
-            409: OpenApiResponse(s.ErrorSerializer, description="The call has ended"),
+            409: OpenApiResponse(
+                s.ErrorSerializer, description="The call has ended, or this stop is in flight"
+            ),
             422: OpenApiResponse(s.ErrorSerializer, description="Idempotency-Key reused"),
             **ERRORS,
         },

@@ -30,6 +30,7 @@ INSTALLED_APPS = [
     "django_filters",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "django_celery_beat",
     "callops",
 ]
 
@@ -139,16 +140,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "callops"
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULE = {
-    "repair-stuck-commands": {
-        "task": "callops.tasks.repair_stuck_commands",
-        "schedule": env.float("CALLOPS_REPAIR_INTERVAL", default=30.0),
-    },
-    "sweep-pending-webhook-events": {
-        "task": "callops.tasks.sweep_pending_webhook_events",
-        "schedule": env.float("CALLOPS_SWEEP_INTERVAL", default=30.0),
-    },
-}
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# The default schedules are created by a migration (callops 0005) so operators can change them
+# in the admin without a deploy overwriting their change.
 
 # --- Telnyx ---------------------------------------------------------------------------------
 TELNYX_API_KEY = env.str("TELNYX_API_KEY", default="")
@@ -184,6 +178,18 @@ CALLOPS_ALLOW_PRIVATE_TARGETS = env.bool("CALLOPS_ALLOW_PRIVATE_TARGETS", defaul
 CALLOPS_ALLOW_INSECURE_WS = env.bool("CALLOPS_ALLOW_INSECURE_WS", default=False)
 # Commands still queued this long past their next attempt time are re-enqueued (lost message).
 CALLOPS_STUCK_COMMAND_GRACE = env.int("CALLOPS_STUCK_COMMAND_GRACE", default=30)
+
+# --- Scheduled maintenance (django-celery-beat: schedules live in the database, see admin) ---
+# Streams, forks and transcriptions running longer than this are stopped (a profile may differ).
+CALLOPS_MAX_STREAM_DURATION = env.int("CALLOPS_MAX_STREAM_DURATION", default=4 * 3600)
+# A start still without its started webhook after this many seconds is failed and stopped.
+CALLOPS_START_GRACE = env.int("CALLOPS_START_GRACE", default=120)
+# Retention: processed webhook events and transcript segments older than this are deleted.
+CALLOPS_EVENT_RETENTION_DAYS = env.int("CALLOPS_EVENT_RETENTION_DAYS", default=30)
+CALLOPS_SEGMENT_RETENTION_DAYS = env.int("CALLOPS_SEGMENT_RETENTION_DAYS", default=90)
+CALLOPS_PURGE_BATCH = env.int("CALLOPS_PURGE_BATCH", default=5000)
+# /readyz fails when the beat heartbeat task has not run for this long.
+CALLOPS_HEARTBEAT_MAX_AGE = env.int("CALLOPS_HEARTBEAT_MAX_AGE", default=180)
 
 # --- Event processing -----------------------------------------------------------------------
 # Events still pending this long after arrival are re-enqueued by the sweeper (broker outage).

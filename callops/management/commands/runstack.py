@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-from django.conf import settings
 from django.core.management.base import BaseCommand
 
 COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m"]
@@ -34,14 +33,8 @@ class Command(BaseCommand):
         return {
             "web": [python, "manage.py", "runserver", addr, "--noreload"],
             "worker": [*celery, "worker", "--concurrency", "2", *quiet],
-            "beat": [
-                *celery,
-                "beat",
-                "--loglevel",
-                "INFO",
-                "--schedule",
-                str(settings.VAR_DIR / "celerybeat-schedule"),
-            ],
+            # Schedules come from the database (django-celery-beat), editable in the admin.
+            "beat": [*celery, "beat", "--loglevel", "INFO"],
         }
 
     def handle(self, *args, addr: str, **options) -> None:

@@ -1,0 +1,287 @@
+"""Scheduled maintenance: stale streams stopped once, what crashes left half-done repaired, old
+rows purged, and the health checks that report it."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
+
+from callops import maintenance, tasks
+from callops.models import (
+    Call,
+    Command,
+    Fork,
+    MediaStream,
+    Partner,
+    PartnerConnection,
+    StreamingProfile,
+    TaskRun,
+    Transcription,
+    TranscriptSegment,
+    WebhookEvent,
+)
+from config.celery_app import app
+from tests.telnyx_events import T0, envelope
+from tests.test_events import deliver
+
+HOUR = timedelta(hours=1)
+
+
+def active_stream(call: Call, started_ago: timedelta, **fields) -> MediaStream:
+    started = timezone.now() - started_ago
+    deliver(
+        envelope(
+            "streaming.started",
+            call.call_control_id,
+            occurred_at=started,
+            connection_id=call.connection_id,
+            stream_url=fields.pop("stream_url", "wss://media.example.com/s"),
+        )
+    )
+    stream = MediaStream.objects.filter(call=call).latest("started_at")
+    if fields:
+        MediaStream.objects.filter(pk=stream.pk).update(**fields)
+        stream.refresh_from_db()
+    return stream
+
+
+@pytest.fixture
+def call(db):
+    return Call.objects.create(call_control_id="v3:m", connection_id="conn-m", status="answered")
+
+
+@pytest.mark.django_db
+def test_it_stops_a_stream_running_past_the_maximum(call, settings):
+    settings.CALLOPS_MAX_STREAM_DURATION = 3600
+    overdue = active_stream(call, 2 * HOUR, stream_id="st-9")
+    fresh = active_stream(call, timedelta(minutes=5), stream_url="wss://other.example.com/s")
+    assert overdue.stop_after == overdue.started_at + HOUR
+
+    done = maintenance.sessions_stop_stale()
+    assert done["over_duration"] == 1
+    stop = Command.objects.get()
+    assert (stop.action, stop.requested_by, stop.params, stop.stream_id) == (
+        "streaming_stop",
+        "schedule",
+        {"stream_id": "st-9"},
+        overdue.pk,
+    )
+    fresh.refresh_from_db()
+    assert fresh.status == "active"
+
+
+@pytest.mark.django_db
+def test_a_partners_profile_sets_its_own_maximum(call, settings):
+    settings.CALLOPS_MAX_STREAM_DURATION = 10 * 3600
+    partner = Partner.objects.create(name="p")
+    PartnerConnection.objects.create(partner=partner, connection_id="conn-m")
+    StreamingProfile.objects.create(
+        partner=partner, stream_url="wss://x.example.com/", max_stream_duration=600
+    )
+    stream = active_stream(call, timedelta(minutes=11))
+    assert stream.stop_after == stream.started_at + timedelta(minutes=10)
+    assert maintenance.sessions_stop_stale()["over_duration"] == 1
+
+
+@pytest.mark.django_db
+def test_a_start_never_confirmed_is_failed_and_stopped(call, settings):
+    settings.CALLOPS_START_GRACE = 60
+    old = timezone.now() - timedelta(minutes=5)
+    stuck = MediaStream.objects.create(
+        call=call, stream_url="wss://a.example.com/", requested_at=old
+    )
+    fork = Fork.objects.create(
+        call=call, target="udp:192.0.2.1:5000", stream_type="raw", requested_at=old
+    )
+    young = MediaStream.objects.create(call=call, stream_url="wss://b.example.com/")
+
+    done = maintenance.sessions_stop_stale()
+    assert done["never_started"] == 2
+    stuck.refresh_from_db()
+    assert (stuck.status, stuck.failure_reason) == ("failed", "never started")
+    assert set(Command.objects.values_list("action", "requested_by")) == {
+        ("streaming_stop", "schedule"),
+        ("fork_stop", "schedule"),
+    }
+    assert Command.objects.get(action="fork_stop").params == {"stream_type": "raw"}
+    young.refresh_from_db()
+    fork.refresh_from_db()
+    assert (young.status, fork.status) == ("requested", "failed")
+
+
+@pytest.mark.django_db
+def test_sessions_left_open_on_an_ended_call_are_closed_without_a_command(call):
+    ended_at = timezone.now() - timedelta(minutes=1)
+    stream = MediaStream.objects.create(call=call, status="active", started_at=ended_at - HOUR)
+    transcription = Transcription.objects.create(
+        call=call, status="active", started_at=ended_at - HOUR
+    )
+    Call.objects.filter(pk=call.pk).update(status="ended", ended_at=ended_at)
+
+    assert maintenance.sessions_stop_stale()["closed_on_ended_call"] == 2
+    stream.refresh_from_db()
+    transcription.refresh_from_db()
+    assert (stream.status, stream.stopped_at) == ("stopped", ended_at)
+    assert transcription.status == "stopped"
+    assert not Command.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_stop_is_not_sent_again_while_one_is_in_flight_or_accepted(call, settings):
+    settings.CALLOPS_MAX_STREAM_DURATION = 60
+    active_stream(call, HOUR)
+    maintenance.sessions_stop_stale()
+    maintenance.sessions_stop_stale()
+    assert Command.objects.count() == 1
+    Command.objects.update(status="succeeded")  # Telnyx accepted; its webhook is on its way
+    maintenance.sessions_stop_stale()
+    assert Command.objects.count() == 1
+    Command.objects.update(status="failed")  # refused: the next sweep tries again
+    maintenance.sessions_stop_stale()
+    assert Command.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("sweep", [tasks.stop_stale_sessions, maintenance._sweep])
+def test_two_sweeps_at_once_send_one_stop_per_stream(settings, sweep):
+    settings.CALLOPS_MAX_STREAM_DURATION = 60
+    streams = []
+    for index in range(5):
+        call = Call.objects.create(call_control_id=f"v3:race-{index}", status="answered")
+        streams.append(active_stream(call, HOUR))
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def run():
+        try:
+            barrier.wait()
+            sweep(500) if sweep is maintenance._sweep else sweep()
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert Command.objects.filter(action="streaming_stop").count() == 5
+    assert {c.stream_id for c in Command.objects.all()} == {s.pk for s in streams}
+
+
+@pytest.mark.django_db
+def test_the_purge_deletes_only_what_is_past_retention(settings):
+    settings.CALLOPS_PURGE_BATCH = 2  # several batches
+    now = timezone.now()
+    for index, (status, age_days) in enumerate(
+        [
+            ("processed", 31),
+            ("processed", 40),
+            ("ignored", 45),
+            ("processed", 29),
+            ("failed", 60),
+            ("pending", 60),
+            ("processed", 35),
+        ]
+    ):
+        WebhookEvent.objects.create(
+            event_id=f"e{index}",
+            event_type="call.answered",
+            occurred_at=now,
+            payload={},
+            status=status,
+            received_at=now - timedelta(days=age_days),
+        )
+    call = Call.objects.create(call_control_id="v3:old")
+    transcription = Transcription.objects.create(call=call)
+    for age_days in (91, 120, 89):
+        TranscriptSegment.objects.create(
+            call=call,
+            transcription=transcription,
+            transcript=str(age_days),
+            occurred_at=now - timedelta(days=age_days),
+        )
+
+    assert maintenance.records_purge() == {"webhook_events": 4, "transcript_segments": 2}
+    assert set(WebhookEvent.objects.values_list("event_id", flat=True)) == {"e3", "e4", "e5"}
+    assert list(TranscriptSegment.objects.values_list("transcript", flat=True)) == ["89"]
+
+
+@pytest.mark.django_db
+def test_each_periodic_task_records_its_runs(call, settings):
+    settings.CALLOPS_MAX_STREAM_DURATION = 60
+    active_stream(call, HOUR)
+    tasks.stop_stale_sessions()
+    run = TaskRun.objects.get(name="stop_stale_sessions")
+    assert run.runs == 1 and run.last_finished_at is not None
+    assert run.last_result["over_duration"] == 1
+    tasks.purge_old_records()
+    assert TaskRun.objects.get(name="purge_old_records").last_result == {
+        "webhook_events": 0,
+        "transcript_segments": 0,
+    }
+
+
+@pytest.mark.django_db
+def test_the_default_schedules_exist_and_name_real_tasks():
+    scheduled = dict(PeriodicTask.objects.values_list("task", "interval__every"))
+    assert scheduled["callops.tasks.stop_stale_sessions"] == 60
+    for task in (
+        "sweep_pending_webhook_events",
+        "repair_stuck_commands",
+        "purge_old_records",
+        "beat_heartbeat",
+    ):
+        assert f"callops.tasks.{task}" in scheduled
+    for name in scheduled:
+        assert name in app.tasks, name
+
+
+def test_healthz_is_liveness_only(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+@pytest.mark.django_db
+def test_readyz_needs_database_broker_and_a_fresh_heartbeat(client, settings):
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"] == {
+        "database": "ok",
+        "broker": "ok",
+        "beat": "no heartbeat yet",
+    }
+    tasks.beat_heartbeat()
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.json()
+    assert "beat_heartbeat" in ready.json()["tasks"]
+    TaskRun.objects.update(last_finished_at=timezone.now() - timedelta(minutes=4))
+    stale = client.get("/readyz").json()["checks"]["beat"]
+    assert stale.startswith("last heartbeat 24")
+
+
+@pytest.mark.django_db
+def test_readyz_reports_a_broker_outage(client, broker_down):
+    tasks.beat_heartbeat()
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["checks"]["broker"].startswith("unavailable")
+
+
+def test_a_hangup_before_the_sweep_leaves_nothing_to_stop(db, settings):
+    settings.CALLOPS_MAX_STREAM_DURATION = 60
+    call = Call.objects.create(call_control_id="v3:h", status="answered")
+    active_stream(call, HOUR)
+    deliver(envelope("call.hangup", "v3:h", occurred_at=T0 + timedelta(days=1000)))
+    assert maintenance.sessions_stop_stale() == {
+        "closed_on_ended_call": 0,
+        "never_started": 0,
+        "over_duration": 0,
+        "stops_sent": 0,
+    }
