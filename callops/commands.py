@@ -79,16 +79,7 @@ def command_create(
         if call.is_ended:
             raise CallEnded(f"call {call.call_control_id} has ended")
         now = timezone.now()
-        command = Command(
-            call=call,
-            action=action,
-            params=cleaned,
-            client_state=client_state or "",
-            requested_by=requested_by,
-            created_at=now,
-            next_attempt_at=now,
-            expires_at=now + timedelta(seconds=settings.TELNYX_COMMAND_MAX_AGE),
-        )
+        command = _new_command(call, action, cleaned, requested_by, now, client_state or "")
         if target is not None:
             setattr(command, TARGET_FIELDS[type(target)], target)
         _record_intent(command, now)
@@ -99,6 +90,61 @@ def command_create(
             raise CommandConflict(f"a {action} is already in flight for it") from None
         transaction.on_commit(lambda: command_enqueue(command_pk=command.pk))
     return command
+
+
+def _new_command(
+    call: Call, action: str, params: dict, requested_by: str, now: datetime, client_state: str = ""
+) -> Command:
+    return Command(
+        call=call,
+        action=action,
+        params=params,
+        client_state=client_state,
+        requested_by=requested_by,
+        created_at=now,
+        next_attempt_at=now,
+        expires_at=now + timedelta(seconds=settings.TELNYX_COMMAND_MAX_AGE),
+    )
+
+
+def commands_create_stops(
+    *, targets: list[tuple[CallSession, dict[str, Any]]], action: str, requested_by: str
+) -> int:
+    """Stop many streams, forks or transcriptions at once (the sweeper): one INSERT, one
+    message. A target whose stop is already in flight is skipped by the database (the partial
+    unique constraint), not by a race-prone check. Returns how many stops were created."""
+    now = timezone.now()
+    rows = []
+    for session, params in targets:
+        command = _new_command(
+            session.call, action, telnyx_params.validate(action, params), requested_by, now
+        )
+        setattr(command, TARGET_FIELDS[type(session)], session)
+        rows.append(command)
+    if not rows:
+        return 0
+    with transaction.atomic():
+        Command.objects.bulk_create(rows, ignore_conflicts=True)
+        created = list(
+            Command.objects.filter(command_id__in=[r.command_id for r in rows]).values_list(
+                "pk", flat=True
+            )
+        )
+        if created:
+            transaction.on_commit(lambda: commands_enqueue(command_pks=created))
+    return len(created)
+
+
+def commands_enqueue(*, command_pks: list[int]) -> None:
+    """One message for many commands; a worker fans it out (see tasks.send_commands)."""
+    from callops.tasks import send_commands
+
+    try:
+        send_commands.apply_async((command_pks,), retry=False)
+    except Exception:
+        logger.warning(
+            "%d commands not enqueued (broker unavailable); repair will", len(command_pks)
+        )
 
 
 def _record_intent(command: Command, now: datetime) -> None:

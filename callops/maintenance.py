@@ -13,7 +13,8 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import cache
-from django.db import transaction
+from django.db.models import Exists, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from callops import commands
@@ -36,6 +37,7 @@ STOPS = (
     (Transcription, Command.Action.TRANSCRIPTION_STOP),
 )
 OPEN = (CallSession.Status.REQUESTED, CallSession.Status.ACTIVE)
+LIVE = ~Q(call__status=Call.Status.ENDED)
 SWEEP_LOCK = "maintenance:stale-sessions"
 SWEEP_LOCK_TTL = 55  # shorter than the one-minute schedule: a crashed sweeper blocks one run
 
@@ -48,39 +50,24 @@ def _stop_params(session: CallSession) -> dict[str, Any]:
     return {}
 
 
-def _stop(session: CallSession, action: str) -> bool:
-    """Send one stop for ``session`` unless one is in flight or already accepted by Telnyx."""
-    target = commands.TARGET_FIELDS[type(session)]
-    if Command.objects.filter(
-        **{target: session},
-        action=action,
-        status__in=[Command.Status.QUEUED, Command.Status.SENDING, Command.Status.SUCCEEDED],
-    ).exists():
-        return False
-    try:
-        commands.command_create(
-            call=session.call,
+def _close_on_ended_calls(model: type[CallSession]) -> int:
+    """The call is gone: nothing to send, just close the records at the hang-up. One UPDATE;
+    open sessions have no stop time yet, so the hang-up's time is the earliest evidence."""
+    ended_at = Call.objects.filter(pk=OuterRef("call_id")).values("ended_at")[:1]
+    return model.objects.filter(status__in=OPEN, call__status=Call.Status.ENDED).update(
+        status=CallSession.Status.STOPPED, stopped_at=Subquery(ended_at), updated_at=Now()
+    )
+
+
+def _no_stop_yet(model: type[CallSession], action: str) -> Exists:
+    """No stop in flight or accepted by Telnyx (its webhook will close the record)."""
+    return ~Exists(
+        Command.objects.filter(
+            **{commands.TARGET_FIELDS[model]: OuterRef("pk")},
             action=action,
-            params=_stop_params(session),
-            requested_by=Command.RequestedBy.SCHEDULE,
-            target=session,
+            status__in=[Command.Status.QUEUED, Command.Status.SENDING, Command.Status.SUCCEEDED],
         )
-    except commands.CommandConflict:
-        return False  # another sweeper (or an operator) got there first
-    except commands.CallEnded:
-        _close_on_ended_call(session)
-        return False
-    return True
-
-
-def _close_on_ended_call(session: CallSession) -> None:
-    with transaction.atomic():
-        call = Call.objects.select_for_update().get(pk=session.call_id)
-        session.refresh_from_db()
-        if call.ended_at is not None and session.is_open:
-            session.record_stop(call.ended_at)
-            session.refresh_status()
-            session.save()
+    )
 
 
 def sessions_stop_stale(*, limit: int = 500) -> dict[str, int] | None:
@@ -93,36 +80,44 @@ def sessions_stop_stale(*, limit: int = 500) -> dict[str, int] | None:
         cache.delete(SWEEP_LOCK)
 
 
+def unstarted(model: type[CallSession], now) -> QuerySet:
+    """Asked for, never confirmed within the grace period, on a live call."""
+    grace = timedelta(seconds=settings.CALLOPS_START_GRACE)
+    return model.objects.filter(
+        LIVE, status=CallSession.Status.REQUESTED, requested_at__lt=now - grace
+    ).select_related("call")
+
+
+def overdue(model: type[CallSession], action: str, now) -> QuerySet:
+    """Running past its maximum duration, on a live call, with no stop on its way yet."""
+    return model.objects.filter(
+        LIVE, _no_stop_yet(model, action), status=CallSession.Status.ACTIVE, stop_after__lt=now
+    ).select_related("call")
+
+
 def _sweep(limit: int) -> dict[str, int]:
     now = timezone.now()
     done = {"closed_on_ended_call": 0, "never_started": 0, "over_duration": 0, "stops_sent": 0}
-    grace = timedelta(seconds=settings.CALLOPS_START_GRACE)
     for model, action in STOPS:
-        # The call is gone: nothing to send, just close the record at the hang-up.
-        for session in model.objects.filter(status__in=OPEN, call__status=Call.Status.ENDED)[
-            :limit
-        ]:
-            _close_on_ended_call(session)
-            done["closed_on_ended_call"] += 1
-        # Asked for, never confirmed: fail it, and stop it in case Telnyx did start it.
-        unstarted = model.objects.filter(
-            status=CallSession.Status.REQUESTED, requested_at__lt=now - grace
-        ).select_related("call")[:limit]
-        for session in unstarted:
-            updated = model.objects.filter(pk=session.pk, status=CallSession.Status.REQUESTED)
-            if updated.update(
-                status=CallSession.Status.FAILED, failure_reason="never started", stopped_at=now
-            ):
-                done["never_started"] += 1
-                done["stops_sent"] += _stop(session, action)
-        # Running past its maximum duration.
-        overdue = model.objects.filter(
-            status=CallSession.Status.ACTIVE, stop_after__lt=now
-        ).select_related("call")[:limit]
-        for session in overdue:
-            if _stop(session, action):
-                done["over_duration"] += 1
-                done["stops_sent"] += 1
+        done["closed_on_ended_call"] += _close_on_ended_calls(model)
+        # Failed, and stopped in case Telnyx did start it without telling us.
+        never = list(unstarted(model, now)[:limit])
+        if never:
+            done["never_started"] += model.objects.filter(
+                pk__in=[s.pk for s in never], status=CallSession.Status.REQUESTED
+            ).update(
+                status=CallSession.Status.FAILED,
+                failure_reason="never started",
+                stopped_at=now,
+                updated_at=now,
+            )
+        late = list(overdue(model, action, now)[:limit])
+        done["over_duration"] += len(late)
+        done["stops_sent"] += commands.commands_create_stops(
+            targets=[(s, _stop_params(s)) for s in never + late],
+            action=action,
+            requested_by=Command.RequestedBy.SCHEDULE,
+        )
     if any(done.values()):
         logger.info("stale sessions: %s", done)
     return done

@@ -118,6 +118,14 @@ def send_command(command_pk: int, reserved_at: float | None = None) -> str | Non
 
 
 @shared_task(ignore_result=True)
+def send_commands(command_pks: list[int]) -> int:
+    """Fan a batch out to one send_command message each, so every worker can take a share."""
+    for pk in command_pks:
+        commands.command_enqueue(command_pk=pk)
+    return len(command_pks)
+
+
+@shared_task(ignore_result=True)
 @recorded
 def repair_stuck_commands() -> int:
     return commands.commands_repair()
