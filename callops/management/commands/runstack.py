@@ -1,18 +1,24 @@
-"""Run the whole service in one terminal: web, Celery worker and Celery beat.
+"""Run the whole service in one terminal: web, Celery worker, Celery beat, and, without a
+``TELNYX_API_KEY``, the Telnyx simulator and a media sink standing in for a partner.
 
 For local use and demos. Each process's output is prefixed with its name; Ctrl-C (or SIGTERM)
 stops all of them, and if one dies the others are stopped too, so nothing is left running.
+With the simulator, every process is given its API URL and key and its webhook public key, so
+callops talks to it exactly as it would to Telnyx.
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import secrets
 import selectors
 import signal
 import subprocess
 import sys
 import time
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 
 COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m"]
@@ -24,30 +30,78 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--addr", default="127.0.0.1:8000", help="where the web server listens")
+        parser.add_argument("--simulator-port", type=int, default=8089)
+        parser.add_argument("--media-port", type=int, default=8090)
+        parser.add_argument("--calls-per-minute", type=float, default=6.0)
+        parser.add_argument("--call-duration", type=float, default=20.0)
+        parser.add_argument(
+            "--simulator",
+            choices=["auto", "on", "off"],
+            default="auto",
+            help="auto: on when TELNYX_API_KEY is not set",
+        )
 
-    def processes(self, addr: str) -> dict[str, list[str]]:
+    def processes(self, addr: str, options: dict) -> dict[str, list[str]]:
         python = sys.executable
         celery = [python, "-m", "celery", "-A", "config"]
         # mingle and gossip broadcast to other workers; the embedded broker has no fan-out.
         quiet = ["--without-mingle", "--without-gossip", "--loglevel", "INFO"]
-        return {
+        processes = {
             "web": [python, "manage.py", "runserver", addr, "--noreload"],
             "worker": [*celery, "worker", "--concurrency", "2", *quiet],
             # Schedules come from the database (django-celery-beat), editable in the admin.
             "beat": [*celery, "beat", "--loglevel", "INFO"],
         }
+        if self.simulated:
+            processes["telnyx"] = [
+                python, "manage.py", "telnyx_simulator",
+                "--webhook-url", f"http://{addr}/webhooks/telnyx/",
+                "--port", str(options["simulator_port"]),
+                "--api-key", self.env["TELNYX_API_KEY"],
+                "--connection-id", "sim-connection",
+                "--calls-per-minute", str(options["calls_per_minute"]),
+                "--call-duration", str(options["call_duration"]),
+                "--signing-key-file", str(self.signing_key_file),
+            ]  # fmt: skip
+            processes["partner"] = [
+                python, "manage.py", "media_sink", "--port", str(options["media_port"])
+            ]  # fmt: skip
+        return processes
+
+    def prepare_simulator(self, options: dict) -> None:
+        """Give every process the simulator's API URL, key and webhook public key."""
+        from callops.simulator.calls import load_signing_key
+
+        self.signing_key_file = settings.VAR_DIR / "simulator_signing_key"
+        key = load_signing_key(self.signing_key_file)
+        public_key = base64.b64encode(bytes(key.verify_key)).decode()
+        self.env.update(
+            TELNYX_API_KEY="KEY_SIMULATOR_" + secrets.token_hex(8),
+            TELNYX_BASE_URL=f"http://127.0.0.1:{options['simulator_port']}/v2",
+            TELNYX_PUBLIC_KEY=public_key,
+        )
+        self.stdout.write(
+            "No TELNYX_API_KEY: calls come from the Telnyx simulator "
+            f"(command API {self.env['TELNYX_BASE_URL']}, webhook key {public_key})."
+        )
 
     def handle(self, *args, addr: str, **options) -> None:
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        wanted = options["simulator"]
+        self.simulated = wanted == "on" or (wanted == "auto" and not settings.TELNYX_API_KEY)
+        if self.simulated:
+            self.prepare_simulator(options)
         colour = self.stdout.isatty()
         children: dict[str, subprocess.Popen] = {}
         selector = selectors.DefaultSelector()
-        width = max(len(name) for name in self.processes(addr))
-        for index, (name, argv) in enumerate(self.processes(addr).items()):
+        processes = self.processes(addr, options)
+        width = max(len(name) for name in processes)
+        for index, (name, argv) in enumerate(processes.items()):
             proc = subprocess.Popen(  # noqa: S603 - our own fixed argv, no shell
                 argv,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=self.env,
                 start_new_session=True,  # Ctrl-C reaches us only; we stop the children in order
             )
             children[name] = proc
