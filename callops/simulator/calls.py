@@ -24,6 +24,7 @@ thread per live media stream; `stop` ends them all in bounded time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import heapq
 import http.client
@@ -310,6 +311,10 @@ class CallSimulator:
         on_delivery: called with each `DeliveryRecord`, on a delivery thread; exceptions are
             logged and swallowed.
         seed: seeds the random choices (jitter, duplicates, shuffles, confidences).
+
+    `start` chains onto ``api.on_command`` (the hook already there is still called) and `stop`
+    restores it. ``api.reset()`` puts back the API simulator's constructor hook, unhooking this
+    simulator: reset the API simulator before starting this one, not while it runs.
     """
 
     def __init__(
@@ -451,7 +456,11 @@ class CallSimulator:
         for stream in streams:
             stream.stop()
         for stream in streams:
-            stream.join(max(0.5, deadline - time.monotonic()))
+            stream.join(min(1.5, max(0.1, deadline - time.monotonic())))
+            if stream.alive:
+                # Stuck sending to a peer that stopped reading: cut the connection.
+                stream.abort()
+                stream.join(0.5)
         assert self._pool is not None
         # In-flight POSTs finish within delivery_timeout; queued ones are dropped.
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -538,7 +547,7 @@ class CallSimulator:
         rng = self._random
         if duration is None:
             spread = self.call_duration * self.duration_jitter
-            duration = max(1.0, self.call_duration + rng.uniform(-spread, spread))
+            duration = max(0.0, self.call_duration + rng.uniform(-spread, spread))
         if answer_delay is None:
             answer_delay = self.answer_delay * rng.uniform(0.8, 1.2)
         number = from_number or self.from_number or f"+1555{rng.randrange(10**7):07d}"
@@ -575,16 +584,24 @@ class CallSimulator:
         self,
         call_control_id: str,
         *,
-        cause: str = "normal_clearing",
+        cause: str | None = None,
         source: str = "caller",
-        sip_cause: str = "200",
+        sip_cause: str | None = None,
     ) -> bool:
-        """End a live call now: stop its media, then ``call.hangup``. False if not live."""
+        """End a live call now: stop its media, then ``call.hangup``. False if not live.
+
+        By default the caller hangs up: ``normal_clearing`` / SIP 200 once answered,
+        ``originator_cancel`` / SIP 487 while still ringing.
+        """
         with self._lock:
             call = self._calls.pop(call_control_id, None)
             if call is None or call.ended:
                 return False
             call.ended = True
+            if cause is None:
+                cause = "normal_clearing" if call.answered else "originator_cancel"
+            if sip_cause is None:
+                sip_cause = "200" if call.answered else "487"
             for timer in call.timers:
                 timer.cancel()
             call.transcription_generation += 1
@@ -962,6 +979,7 @@ class _MediaStream:
         )
         self._stopping = threading.Event()
         self._sequence = itertools.count(1)
+        self._socket: socket.socket | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"call-sim-media:{self.stream_id[:8]}", daemon=True
         )
@@ -975,6 +993,17 @@ class _MediaStream:
     def join(self, timeout: float) -> None:
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def abort(self) -> None:
+        self._stopping.set()
+        sock = self._socket
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _run(self) -> None:
         try:
@@ -1001,6 +1030,10 @@ class _MediaStream:
         sock = socket.create_connection(
             (parts.hostname or "", port), timeout=self.sim.media_connect_timeout
         )
+        # As websockets does with its own sockets: blocking from here, the handshake is
+        # bounded by open_timeout.
+        sock.settimeout(None)
+        self._socket = sock
         try:
             headers = {"x-telnyx-streaming-auth-token": self.token} if self.token else None
             return connect(

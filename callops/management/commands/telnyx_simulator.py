@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from datetime import datetime
 from pathlib import Path
 
 from django.conf import settings
@@ -75,13 +76,11 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=None, help="seed the random choices")
 
     def handle(self, *args, **options) -> None:
-        if not 0 <= options["duplicate_rate"] <= 1:
-            raise CommandError("--duplicate-rate must be between 0 and 1")
         out_lock = threading.Lock()
 
         def say(line: str) -> None:
             with out_lock:
-                self.stdout.write(line)
+                self.stdout.write(f"{datetime.now():%H:%M:%S.%f}"[:-3] + f" {line}")
 
         def log_command(record: CommandRecord) -> None:
             note = " (repeat, ignored)" if record.duplicate else ""
@@ -106,23 +105,26 @@ class Command(BaseCommand):
             rate_limit=options["rate_limit"],
             on_command=log_command,
         )
-        calls = CallSimulator(
-            webhook_url=options["webhook_url"],
-            api=api,
-            signing_key=key,
-            calls_per_minute=options["calls_per_minute"],
-            call_duration=options["call_duration"],
-            duration_jitter=options["duration_jitter"],
-            connection_id=options["connection_id"],
-            from_number=options["from_number"],
-            to_number=options["to_number"],
-            max_attempts=options["max_attempts"],
-            duplicate_rate=options["duplicate_rate"],
-            reorder=options["reorder"],
-            media=not options["no_media"],
-            on_delivery=log_delivery,
-            seed=options["seed"],
-        )
+        try:
+            calls = CallSimulator(
+                webhook_url=options["webhook_url"],
+                api=api,
+                signing_key=key,
+                calls_per_minute=options["calls_per_minute"],
+                call_duration=options["call_duration"],
+                duration_jitter=options["duration_jitter"],
+                connection_id=options["connection_id"],
+                from_number=options["from_number"],
+                to_number=options["to_number"],
+                max_attempts=options["max_attempts"],
+                duplicate_rate=options["duplicate_rate"],
+                reorder=options["reorder"],
+                media=not options["no_media"],
+                on_delivery=log_delivery,
+                seed=options["seed"],
+            )
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
         key_file = calls.write_public_key(options["public_key_file"])
 
         stopping = threading.Event()

@@ -1,0 +1,689 @@
+"""The call simulator: signed webhooks, command-driven events, retries and media WebSockets.
+
+A real HTTP receiver verifies every signature with PyNaCl; commands go through the real telnyx
+SDK to the API simulator; media goes to a real ``websockets`` server. No database.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import telnyx
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+from websockets.sync.server import serve
+
+from callops.simulator import CallSimulator, TelnyxAPISimulator, load_signing_key
+from callops.webhooks import verify_signature
+from tests.conftest import wait_for
+
+API_KEY = "KEY_TEST_CALLS"
+STATE = base64.b64encode(b'{"tenant": 7}').decode()
+COMMON_KEYS = {
+    "call_control_id",
+    "call_leg_id",
+    "call_session_id",
+    "connection_id",
+    "client_state",
+    "from",
+    "to",
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- A webhook receiver -----------------------------------------------------------------------
+
+
+class Receiver:
+    """Records every POST; ``answer(envelope, count)`` -> (status, delay) decides the reply."""
+
+    def __init__(self, public_key: str | None = None) -> None:
+        self.public_key = public_key
+        self.received: list[dict] = []
+        self.answer = lambda envelope, count: (200, 0.0)
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                envelope = json.loads(body)
+                with receiver._lock:
+                    key = envelope["data"]["id"]
+                    receiver._counts[key] = count = receiver._counts.get(key, 0) + 1
+                    receiver.received.append(
+                        {
+                            "envelope": envelope,
+                            "body": body,
+                            "headers": dict(self.headers),
+                            "verified": receiver.verify(body, self.headers),
+                            "at": time.monotonic(),
+                        }
+                    )
+                status, delay = receiver.answer(envelope, count)
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                except OSError:
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/webhooks/telnyx/"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def verify(self, body: bytes, headers) -> bool:
+        if self.public_key is None:
+            return False
+        timestamp = headers["telnyx-timestamp"]
+        signature = base64.b64decode(headers["telnyx-signature-ed25519"])
+        try:
+            VerifyKey(base64.b64decode(self.public_key)).verify(
+                timestamp.encode() + b"|" + body, signature
+            )
+        except BadSignatureError:
+            return False
+        return abs(time.time() - int(timestamp)) <= 300
+
+    def envelopes(self, call_control_id: str | None = None, event_type: str | None = None):
+        with self._lock:
+            items = list(self.received)
+        return [
+            item["envelope"]
+            for item in items
+            if call_control_id in (None, item["envelope"]["data"]["payload"]["call_control_id"])
+            and event_type in (None, item["envelope"]["data"]["event_type"])
+        ]
+
+    def types(self, call_control_id: str) -> list[str]:
+        return [e["data"]["event_type"] for e in self.envelopes(call_control_id)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# --- A media WebSocket server -----------------------------------------------------------------
+
+
+class MediaServer:
+    """Accepts Telnyx media sessions and keeps every frame and the upgrade headers."""
+
+    def __init__(self) -> None:
+        self.sessions: list[dict] = []
+
+        def handler(ws):
+            session = {"headers": dict(ws.request.headers), "frames": [], "closed": False}
+            self.sessions.append(session)
+            for message in ws:
+                frame = json.loads(message)
+                session["frames"].append(frame)
+                if frame["event"] == "start":
+                    ws.send(json.dumps({"event": "mark", "mark": {"name": "greeting"}}))
+            session["closed"] = True
+
+        self.server = serve(handler, "127.0.0.1", 0, compression=None)
+        self.url = f"ws://127.0.0.1:{self.server.socket.getsockname()[1]}/media"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+# --- Fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def signing_key():
+    return SigningKey.generate()
+
+
+@pytest.fixture(scope="module")
+def public_key(signing_key):
+    return base64.b64encode(bytes(signing_key.verify_key)).decode()
+
+
+@pytest.fixture
+def receiver(public_key):
+    receiver = Receiver(public_key)
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture(scope="module")
+def api_server():
+    with TelnyxAPISimulator(api_key=API_KEY) as api:
+        yield api
+
+
+@pytest.fixture
+def api(api_server):
+    api_server.reset()
+    yield api_server
+    api_server.reset()
+
+
+@pytest.fixture(scope="module")
+def client(api_server):
+    with telnyx.Telnyx(
+        api_key=API_KEY, base_url=api_server.base_url, max_retries=0, timeout=5
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+def make_sim(receiver, api, signing_key):
+    """A started CallSimulator with fast timings, stopped after the test."""
+    started: list[CallSimulator] = []
+
+    def make(**options) -> CallSimulator:
+        defaults = {
+            "webhook_url": receiver.url,
+            "api": api,
+            "signing_key": signing_key,
+            "answer_delay": 0.05,
+            "retry_backoff": 0.05,
+            "transcription_interval": 0.05,
+            "seed": 1,
+        }
+        sim = CallSimulator(**{**defaults, **options}).start()
+        started.append(sim)
+        return sim
+
+    yield make
+    for sim in started:
+        sim.stop(timeout=3)
+
+
+def occurred(envelope: dict) -> datetime:
+    return datetime.fromisoformat(envelope["data"]["occurred_at"])
+
+
+# --- Envelopes and signatures -----------------------------------------------------------------
+
+
+def test_it_sends_signed_envelopes_shaped_like_telnyx(make_sim, receiver, public_key):
+    sim = make_sim()
+    ccid = sim.place_call(duration=0.1, from_number="+15551112222")
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
+    assert sim.wait_idle(2)
+
+    assert ccid.startswith("v3:sim-")
+    assert receiver.types(ccid) == ["call.initiated", "call.answered", "call.hangup"]
+    for item in receiver.received:
+        assert item["verified"]
+        # The project's own verifier accepts them too.
+        verify_signature(
+            item["body"],
+            item["headers"]["telnyx-signature-ed25519"],
+            item["headers"]["telnyx-timestamp"],
+            public_keys=[public_key],
+            tolerance=300,
+        )
+        envelope = item["envelope"]
+        data = envelope["data"]
+        assert data["record_type"] == "event"
+        uuid.UUID(data["id"])
+        assert data["occurred_at"].endswith("Z")
+        assert set(data["payload"]) >= COMMON_KEYS
+        assert data["payload"]["from"] == "+15551112222"
+        assert data["payload"]["connection_id"] == "sim-conn"
+        assert envelope["meta"] == {"attempt": 1, "delivered_to": receiver.url}
+        assert item["headers"]["Content-Type"] == "application/json"
+
+    initiated, answered, hangup = (e["data"]["payload"] for e in receiver.envelopes(ccid))
+    assert initiated["direction"] == "incoming"
+    assert initiated["state"] == "parked"
+    assert answered["state"] == "answered"
+    assert hangup["hangup_cause"] == "normal_clearing"
+    assert hangup["hangup_source"] == "caller"
+    assert hangup["sip_hangup_cause"] == "200"
+    assert initiated["start_time"] == answered["start_time"] == hangup["start_time"]
+    assert len({initiated["call_leg_id"], initiated["call_session_id"], ccid}) == 3
+
+    call = sim.api.call(ccid)
+    assert call is not None and call.ended
+
+
+def test_a_call_hung_up_while_ringing_is_cancelled_by_the_caller(make_sim, receiver):
+    sim = make_sim()
+    ringing = sim.place_call(answer_delay=10)
+    answered = sim.place_call(duration=float("inf"))
+    wait_for(lambda: "call.answered" in receiver.types(answered), timeout=3)
+    assert sim.hangup(ringing)
+    assert sim.hangup(answered, cause="time_limit", source="unknown", sip_cause="503")
+    assert not sim.hangup(answered)
+    assert sim.wait_idle(3)
+    assert receiver.types(ringing) == ["call.initiated", "call.hangup"]
+    cancelled = receiver.envelopes(ringing, "call.hangup")[0]["data"]["payload"]
+    assert (cancelled["hangup_cause"], cancelled["sip_hangup_cause"]) == (
+        "originator_cancel",
+        "487",
+    )
+    ended = receiver.envelopes(answered, "call.hangup")[0]["data"]["payload"]
+    assert (ended["hangup_cause"], ended["hangup_source"], ended["sip_hangup_cause"]) == (
+        "time_limit",
+        "unknown",
+        "503",
+    )
+
+
+def test_its_signatures_fail_against_another_key(make_sim, receiver):
+    receiver.public_key = base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()
+    sim = make_sim()
+    ccid = sim.place_call(duration=0.05)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
+    assert not any(item["verified"] for item in receiver.received)
+
+
+def test_it_keeps_its_signing_key_in_a_file(tmp_path):
+    key = load_signing_key(tmp_path / "sk")
+    assert load_signing_key(tmp_path / "sk").encode() == key.encode()
+    assert (tmp_path / "sk").stat().st_mode & 0o777 == 0o600
+    sim = CallSimulator(webhook_url="http://127.0.0.1:9/", signing_key=key)
+    path = sim.write_public_key(tmp_path / "var" / "pk")
+    assert path.read_text().strip() == sim.public_key
+    assert len(base64.b64decode(sim.public_key)) == 32
+    with pytest.raises(FileNotFoundError):
+        load_signing_key(tmp_path / "missing", create=False)
+
+
+# --- Commands drive events --------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_it_answers_sdk_commands_with_their_webhooks(make_sim, receiver, client, api):
+    sim = make_sim(media=False, transcription_interval=0.1)
+    ccid = sim.place_call(duration=float("inf"))
+    wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=5)
+    actions = client.calls.actions
+
+    fork = actions.start_forking(
+        ccid, rx="udp:127.0.0.1:4000", tx="udp:127.0.0.1:4001", command_id=str(uuid.uuid4())
+    )
+    assert fork.data.result == "ok"
+    actions.start_transcription(
+        ccid, transcription_tracks="both", client_state=STATE, command_id=str(uuid.uuid4())
+    )
+    command_id = str(uuid.uuid4())
+    for _ in range(2):  # the repeat is acknowledged but not applied: one streaming.started
+        actions.start_streaming(ccid, stream_url="wss://media.example/ws", command_id=command_id)
+    wait_for(lambda: len(receiver.envelopes(ccid, "call.transcription")) >= 4, timeout=5)
+    actions.stop_streaming(ccid, command_id=str(uuid.uuid4()))
+    actions.stop_transcription(ccid, command_id=str(uuid.uuid4()))
+    wait_for(lambda: "streaming.stopped" in receiver.types(ccid), timeout=5)
+    assert sim.hangup(ccid)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
+    assert sim.wait_idle(2)
+
+    types = [t for t in receiver.types(ccid) if t != "call.transcription"]
+    assert types == [
+        "call.initiated",
+        "call.answered",
+        "call.fork.started",
+        # A stream replaces the fork, as on Telnyx.
+        "call.fork.stopped",
+        "streaming.started",
+        "streaming.stopped",
+        "call.hangup",
+    ]
+    events = {e["data"]["event_type"]: e["data"]["payload"] for e in receiver.envelopes(ccid)}
+    assert events["call.fork.started"]["stream_type"] == "raw"
+    assert events["streaming.started"]["stream_url"] == "wss://media.example/ws"
+    # client_state is echoed from the command that set it onwards.
+    assert events["call.fork.started"]["client_state"] is None
+    assert events["call.hangup"]["client_state"] == STATE
+
+    transcripts = [
+        e["data"]["payload"]["transcription_data"]
+        for e in receiver.envelopes(ccid, "call.transcription")
+    ]
+    assert [t["is_final"] for t in transcripts[:4]] == [False, True, False, True]
+    assert {t["transcription_track"] for t in transcripts} == {"inbound", "outbound"}
+    for t in transcripts:
+        assert isinstance(t["confidence"], float) and 0 < t["confidence"] < 1
+        assert t["transcript"]
+    assert transcripts[0]["transcript"] in transcripts[1]["transcript"]
+    # No transcription after transcription_stop.
+    count = len(transcripts)
+    time.sleep(0.25)
+    assert len(receiver.envelopes(ccid, "call.transcription")) == count
+
+    # The call is over for the API too.
+    with pytest.raises(telnyx.UnprocessableEntityError) as error:
+        actions.start_streaming(ccid, stream_url="wss://media.example/ws")
+    assert error.value.body["errors"][0]["code"] == "90018"
+
+
+def test_it_ignores_commands_that_failed_or_for_calls_it_did_not_place(
+    make_sim, receiver, api, client
+):
+    sim = make_sim(media=False)
+    ccid = sim.place_call(duration=float("inf"))
+    fork = {"rx": "udp:1.2.3.4:5", "tx": "udp:1.2.3.4:6"}
+    api.inject(500, action="fork_start")
+    with pytest.raises(telnyx.InternalServerError):
+        client.calls.actions.start_forking(ccid, **fork)
+    with pytest.raises(telnyx.UnprocessableEntityError):
+        client.calls.actions.start_forking(ccid, rx="not-udp", tx="udp:1.2.3.4:6")
+    client.calls.actions.start_forking("v3:someone-else", **fork)
+    time.sleep(0.1)
+    assert "call.fork.started" not in receiver.types(ccid)
+    assert not receiver.envelopes("v3:someone-else")
+
+    # Applied although the client saw a 500: Telnyx acted, so the webhook comes.
+    api.inject(500, action="fork_start", apply=True)
+    with pytest.raises(telnyx.InternalServerError):
+        client.calls.actions.start_forking(ccid, **fork)
+    wait_for(lambda: "call.fork.started" in receiver.types(ccid), timeout=3)
+
+
+def test_it_delivers_each_calls_webhooks_in_the_order_they_happened(make_sim, receiver, client):
+    # A slow receiver makes every call's deliveries overlap with the others'.
+    receiver.answer = lambda envelope, count: (200, 0.02)
+    sim = make_sim(media=False)
+    calls = [sim.place_call(duration=float("inf")) for _ in range(4)]
+    for ccid in calls:
+        client.calls.actions.start_forking(
+            ccid, rx="udp:127.0.0.1:4000", tx="udp:127.0.0.1:4001", stream_type="decrypted"
+        )
+        client.calls.actions.start_transcription(ccid)
+    time.sleep(0.2)
+    for ccid in calls:
+        sim.hangup(ccid)
+    assert sim.wait_idle(5)
+
+    for ccid in calls:
+        envelopes = receiver.envelopes(ccid)
+        assert [e["data"] for e in envelopes] == sim.events(ccid)
+        times = [occurred(e) for e in envelopes]
+        assert times == sorted(times) and len(set(times)) == len(times)
+        assert envelopes[-2]["data"]["event_type"] == "call.fork.stopped"
+        assert envelopes[-1]["data"]["event_type"] == "call.hangup"
+    # The calls did overlap: deliveries of different calls interleave.
+    arrival = [e["data"]["payload"]["call_control_id"] for e in receiver.envelopes()]
+    assert arrival[: len(calls)] != [calls[0]] * len(calls)
+
+
+# --- Delivery like Telnyx ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_it_retries_errors_and_timeouts_with_backoff(make_sim, receiver):
+    def answer(envelope, count):
+        event_type = envelope["data"]["event_type"]
+        if event_type == "call.initiated" and count <= 2:
+            return 500, 0.0
+        if event_type == "call.answered" and count == 1:
+            return 200, 0.6  # beyond the budget: a timeout
+        return 200, 0.0
+
+    receiver.answer = answer
+    sim = make_sim(retry_backoff=0.1, delivery_timeout=0.3)
+    ccid = sim.place_call(duration=0.1)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
+    assert sim.wait_idle(2)
+
+    initiated = [e["meta"]["attempt"] for e in receiver.envelopes(ccid, "call.initiated")]
+    assert initiated == [1, 2, 3]
+    log = sim.deliveries(ccid, "call.initiated")
+    assert [(r.attempt, r.status) for r in log] == [(1, 500), (2, 500), (3, 200)]
+    # Exponential backoff: 0.1 s, then 0.2 s.
+    assert log[1].monotonic - log[0].monotonic >= 0.1
+    assert log[2].monotonic - log[1].monotonic >= 0.2
+
+    answered = sim.deliveries(ccid, "call.answered")
+    assert [(r.attempt, r.status) for r in answered] == [(1, 0), (2, 200)]
+    assert "0.3 s" in answered[0].error
+    assert answered[0].elapsed < 0.5
+    # Retries hold the call's later events back: the order still holds.
+    first = [t for i, t in enumerate(receiver.types(ccid)) if t not in receiver.types(ccid)[:i]]
+    assert first == ["call.initiated", "call.answered", "call.hangup"]
+
+
+def test_it_gives_up_after_max_attempts(make_sim, receiver):
+    receiver.answer = lambda envelope, count: (503, 0.0)
+    sim = make_sim(max_attempts=3, retry_backoff=0.01)
+    ccid = sim.place_call(duration=0.05)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
+    assert sim.wait_idle(3)
+    for event_type in ("call.initiated", "call.answered", "call.hangup"):
+        assert [e["meta"]["attempt"] for e in receiver.envelopes(ccid, event_type)] == [1, 2, 3]
+
+
+def test_it_counts_a_redirect_as_a_failure(make_sim, receiver):
+    receiver.answer = lambda envelope, count: (302 if count == 1 else 204, 0.0)
+    sim = make_sim()
+    ccid = sim.place_call(duration=0.05)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
+    assert sim.wait_idle(3)
+    assert [r.status for r in sim.deliveries(ccid, "call.initiated")] == [302, 204]
+
+
+def test_it_sends_duplicates_when_asked(make_sim, receiver):
+    sim = make_sim(duplicate_rate=1.0)
+    ccid = sim.place_call(duration=0.05)
+    wait_for(lambda: receiver.types(ccid).count("call.hangup") == 2, timeout=5)
+    assert sim.wait_idle(2)
+    ids = [e["data"]["id"] for e in receiver.envelopes(ccid)]
+    assert len(ids) == 6 and len(set(ids)) == 3
+    assert sum(r.duplicate for r in sim.deliveries(ccid)) == 3
+
+
+def test_it_reorders_a_calls_events_when_asked(make_sim, receiver):
+    # One delivery thread makes the arrival order exactly the shuffled order.
+    sim = make_sim(reorder=True, reorder_window=2.0, delivery_workers=1)
+    ccid = sim.place_call(duration=0.1)
+    wait_for(lambda: len(receiver.envelopes(ccid)) == 3, timeout=5)
+    envelopes = receiver.envelopes(ccid)
+    assert sorted(receiver.types(ccid)) == ["call.answered", "call.hangup", "call.initiated"]
+    times = [occurred(e) for e in envelopes]
+    assert times != sorted(times)
+
+
+def test_it_delivers_reordered_batches_concurrently(make_sim, receiver):
+    receiver.answer = lambda envelope, count: (200, 0.3)
+    sim = make_sim(reorder=True, reorder_window=5.0)
+    ccid = sim.place_call(duration=0.1)
+    wait_for(lambda: len(receiver.envelopes(ccid)) == 3, timeout=5)
+    arrivals = [item["at"] for item in receiver.received]
+    # Three 0.3 s answers in well under 0.6 s: they were in flight together.
+    assert max(arrivals) - min(arrivals) < 0.2
+    assert sim.wait_idle(2)
+
+
+# --- Media streams ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def media_server():
+    server = MediaServer()
+    yield server
+    server.close()
+
+
+@pytest.mark.slow
+def test_it_streams_media_frames_like_telnyx(make_sim, receiver, client, media_server):
+    sim = make_sim()
+    ccid = sim.place_call(duration=float("inf"), from_number="+15553334444")
+    wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=3)
+    client.calls.actions.start_streaming(
+        ccid,
+        stream_url=media_server.url,
+        stream_track="both_tracks",
+        stream_auth_token="secret-token",
+        custom_parameters=[{"name": "tenant", "value": "7"}],
+        client_state=STATE,
+        command_id=str(uuid.uuid4()),
+    )
+    wait_for(lambda: media_server.sessions and len(media_server.sessions[0]["frames"]) > 20)
+    time.sleep(0.3)
+    assert sim.hangup(ccid)
+    wait_for(lambda: media_server.sessions[0]["closed"], timeout=3)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+
+    session = media_server.sessions[0]
+    assert session["headers"]["x-telnyx-streaming-auth-token"] == "secret-token"
+    frames = session["frames"]
+    connected, start, *media, stop = frames
+    assert connected == {
+        "event": "connected",
+        "version": "1.0.0",
+        "x-telnyx-streaming-auth-token": "secret-token",
+    }
+    assert start["event"] == "start"
+    stream_id = start["stream_id"]
+    assert start["start"]["call_control_id"] == ccid
+    assert start["start"]["from"] == "+15553334444"
+    assert start["start"]["client_state"] == STATE
+    assert start["start"]["custom_parameters"] == {"tenant": "7"}
+    assert start["start"]["media_format"] == {
+        "encoding": "PCMU",
+        "sample_rate": 8000,
+        "channels": 1,
+    }
+    assert stop["event"] == "stop" and stop["stream_id"] == stream_id
+    assert stop["stop"]["call_control_id"] == ccid
+
+    sequence = [int(frame["sequence_number"]) for frame in frames[1:]]
+    assert sequence == list(range(1, len(sequence) + 1))
+    media_frames = [f for f in media if f["event"] == "media"]
+    marks = [f for f in media if f["event"] == "mark"]
+    assert marks and marks[0]["mark"] == {"name": "greeting"}
+    for track in ("inbound", "outbound"):
+        frames_of_track = [f["media"] for f in media_frames if f["media"]["track"] == track]
+        assert len(frames_of_track) >= 20
+        assert [int(m["chunk"]) for m in frames_of_track] == list(
+            range(1, len(frames_of_track) + 1)
+        )
+        assert [int(m["timestamp"]) for m in frames_of_track] == [
+            20 * i for i in range(len(frames_of_track))
+        ]
+        # 20 ms of PCMU at 8 kHz: 160 bytes.
+        assert {len(base64.b64decode(m["payload"])) for m in frames_of_track} == {160}
+    assert all(f["stream_id"] == stream_id for f in media_frames)
+    # Paced in real time, not sent as fast as possible.
+    duration_ms = int(media_frames[-1]["media"]["timestamp"])
+    assert duration_ms >= 400
+
+    types = receiver.types(ccid)
+    assert types == [
+        "call.initiated",
+        "call.answered",
+        "streaming.started",
+        "streaming.stopped",
+        "call.hangup",
+    ]
+    assert sim.media_sessions(ccid)[0].connected
+
+
+def test_it_reports_an_unreachable_stream_as_failed(make_sim, receiver, client):
+    sim = make_sim(media_connect_timeout=0.5)
+    ccid = sim.place_call(duration=float("inf"))
+    url = "ws://127.0.0.1:9/nobody-listens"
+    client.calls.actions.start_streaming(ccid, stream_url=url, command_id=str(uuid.uuid4()))
+    wait_for(lambda: "streaming.failed" in receiver.types(ccid), timeout=3)
+    failed = receiver.envelopes(ccid, "streaming.failed")[0]["data"]["payload"]
+    assert failed["failure_reason"]
+    assert failed["stream_type"] == "websocket"
+    assert failed["stream_params"] == {"stream_url": url, "track": "inbound_track"}
+    assert failed["stream_id"] == sim.media_sessions(ccid)[0].stream_id
+    sim.hangup(ccid)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+    # A failed stream is not stopped again at hang-up.
+    assert "streaming.stopped" not in receiver.types(ccid)
+
+
+@pytest.mark.slow
+def test_it_stops_quickly_hanging_up_live_calls(receiver, api, signing_key, media_server, client):
+    sim = CallSimulator(
+        webhook_url=receiver.url, api=api, signing_key=signing_key, answer_delay=0.05
+    ).start()
+    calls = [sim.place_call(duration=float("inf")) for _ in range(3)]
+    client.calls.actions.start_streaming(calls[0], stream_url=media_server.url)
+    wait_for(lambda: media_server.sessions and media_server.sessions[0]["frames"], timeout=3)
+    started = time.monotonic()
+    sim.stop()
+    assert time.monotonic() - started < 3
+    for ccid in calls:
+        assert receiver.types(ccid)[-1] == "call.hangup"
+    assert media_server.sessions[0]["frames"][-1]["event"] == "stop"
+    assert api.on_command is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("call-sim")]
+
+
+def test_it_places_calls_at_the_configured_rate(make_sim, receiver):
+    sim = make_sim(calls_per_minute=600, call_duration=0.05)  # one every 0.1 s
+    wait_for(lambda: len(receiver.envelopes(event_type="call.initiated")) >= 3, timeout=3)
+    sim.stop()
+    initiated = [
+        datetime.fromisoformat(e["occurred_at"]) for e in sim.events(event_type="call.initiated")
+    ]
+    gaps = [(b - a).total_seconds() for a, b in zip(initiated, initiated[1:], strict=False)]
+    assert gaps and all(gap >= 0.09 for gap in gaps)
+    assert len(sim.events(event_type="call.hangup")) == len(initiated)
+
+
+# --- The management command -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_command_runs_until_sigterm(tmp_path, receiver):
+    key = load_signing_key(tmp_path / "sk")
+    receiver.public_key = base64.b64encode(bytes(key.verify_key)).decode()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "manage.py",
+            "telnyx_simulator",
+            "--webhook-url",
+            receiver.url,
+            "--port",
+            "0",
+            "--api-key",
+            "KEY_CMD",
+            "--calls-per-minute",
+            "600",
+            "--call-duration",
+            "0.2",
+            "--signing-key-file",
+            str(tmp_path / "sk"),
+            "--public-key-file",
+            str(tmp_path / "pk"),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings.test"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(receiver.envelopes(event_type="call.hangup")) >= 2, timeout=15)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, output
+    assert all(item["verified"] for item in receiver.received)
+    assert (tmp_path / "pk").read_text().strip() == receiver.public_key
+    assert "command API http://127.0.0.1:" in output
+    assert f"public key {receiver.public_key}" in output
+    assert "webhook  call.initiated" in output
+    assert output.rstrip().endswith("stopped")
