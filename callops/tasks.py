@@ -10,6 +10,7 @@ burst (see benchmarks/webhook_throughput.py).
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import timedelta
 
 from celery import shared_task
@@ -152,9 +153,17 @@ def beat_heartbeat() -> str:
 
 @worker_process_init.connect
 def _warm_up_telnyx_client(**_) -> None:
-    """Import the SDK and build this process's client now: its first use costs a second or more,
-    which would otherwise land on the first command (and sit inside a rate-limit turn)."""
-    try:
-        commands.telnyx_client().calls.actions  # noqa: B018 - the access is the warm-up
-    except Exception:
-        logger.warning("could not prepare the Telnyx client", exc_info=True)
+    """Import the SDK and build this process's client in the background, right after the fork:
+    its first use costs a second or more, which would otherwise land on the first command (and
+    inside its rate-limit turn). A thread, so event drains are not held up meanwhile; a command
+    arriving early simply waits for the import to finish."""
+
+    def warm_up() -> None:
+        try:
+            commands.telnyx_client().calls.actions  # noqa: B018 - the access is the warm-up
+        except Exception:
+            logger.warning("could not prepare the Telnyx client", exc_info=True)
+        else:
+            logger.info("Telnyx client ready")
+
+    threading.Thread(target=warm_up, name="telnyx-warm-up", daemon=True).start()

@@ -187,9 +187,13 @@ def worker_processes(transactional_db, settings):
             proc.log = []
 
             def pump(proc=proc, ready=ready):
+                # Ready once every pool process has imported the SDK (tasks.py warms it up):
+                # otherwise the first commands wait seconds for that import.
+                warm = 0
                 for line in proc.stdout:
                     proc.log.append(line)
-                    if " ready." in line:
+                    warm += "Telnyx client ready" in line
+                    if warm >= concurrency:
                         ready.set()
 
             threading.Thread(target=pump, daemon=True).start()
