@@ -14,18 +14,32 @@ def frame(event: str, **fields) -> str:
 
 def media(chunk: int, track: str = "inbound", size: int = 160) -> str:
     payload = base64.b64encode(b"\xff" * size).decode()
-    return frame("media", sequence_number=str(chunk + 2),
-                 media={"track": track, "chunk": str(chunk), "timestamp": str(chunk * 20),
-                        "payload": payload})
+    return frame(
+        "media",
+        sequence_number=str(chunk + 2),
+        media={
+            "track": track,
+            "chunk": str(chunk),
+            "timestamp": str(chunk * 20),
+            "payload": payload,
+        },
+    )
 
 
 def test_it_reads_a_stream_in_any_order_once():
     session = MediaSession()
     session.feed(frame("connected", version="1.0.0"))
-    session.feed(frame("start", stream_id="st-1", sequence_number="1",
-                       start={"call_control_id": "v3:c",
-                              "media_format": {"encoding": "PCMU", "sample_rate": 8000,
-                                               "channels": 1}}))
+    session.feed(
+        frame(
+            "start",
+            stream_id="st-1",
+            sequence_number="1",
+            start={
+                "call_control_id": "v3:c",
+                "media_format": {"encoding": "PCMU", "sample_rate": 8000, "channels": 1},
+            },
+        )
+    )
     for chunk in (1, 2, 4, 3, 3, 5):
         session.feed(media(chunk))
     session.feed(frame("stop", sequence_number="9"))
