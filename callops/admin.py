@@ -244,29 +244,31 @@ class CommandAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
 
+    def _each(self, request, queryset, service, done: str, skipped: str) -> None:
+        count = sum(service(command=command) for command in queryset)
+        self.message_user(request, f"{count} command(s) {done}.", messages.SUCCESS)
+        if left := queryset.count() - count:
+            self.message_user(request, f"{left} command(s) skipped: {skipped}.", messages.WARNING)
+
     @admin.action(description="Retry now (failed commands)", permissions=["view"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet[Command]) -> None:
-        done = sum(commands.command_retry(command=c) for c in queryset)
-        skipped = queryset.count() - done
-        self.message_user(request, f"{done} command(s) queued again.", messages.SUCCESS)
-        if skipped:
-            self.message_user(
-                request,
-                f"{skipped} command(s) skipped: only failed ones are retried.",
-                messages.WARNING,
-            )
+        self._each(
+            request,
+            queryset,
+            commands.command_retry,
+            "queued again",
+            "only failed ones are retried",
+        )
 
     @admin.action(description="Cancel (queued commands)", permissions=["view"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Command]) -> None:
-        done = sum(commands.command_cancel(command=c) for c in queryset)
-        skipped = queryset.count() - done
-        self.message_user(request, f"{done} command(s) cancelled.", messages.SUCCESS)
-        if skipped:
-            self.message_user(
-                request,
-                f"{skipped} command(s) skipped: only queued ones can be cancelled.",
-                messages.WARNING,
-            )
+        self._each(
+            request,
+            queryset,
+            commands.command_cancel,
+            "cancelled",
+            "only queued ones can be cancelled",
+        )
 
 
 class PartnerConnectionInline(admin.TabularInline):

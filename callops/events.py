@@ -20,12 +20,15 @@ from typing import TypeVar
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
+from callops import webhooks
 from callops.exceptions import EventError
 from callops.models import (
     Call,
     CallSession,
+    DrainFlag,
     Fork,
     MediaStream,
     Transcription,
@@ -113,6 +116,21 @@ def events_replay(*, event_ids: Iterable[int]) -> int:
 
 def has_handler(event_type: str) -> bool:
     return event_type in HANDLERS
+
+
+def drain_flag_raise() -> bool:
+    """Raise the drain flag unless it is up. True if this call raised it: the caller must then
+    enqueue a drain. (The webhook does the same inside its INSERT on PostgreSQL.)"""
+    now = timezone.now()
+    due = Q(requested_at__isnull=True) | Q(requested_at__lt=now - webhooks.DRAIN_FLAG_TTL)
+    if DrainFlag.objects.filter(due, pk=1).update(requested_at=now):
+        return True
+    _, created = DrainFlag.objects.get_or_create(pk=1, defaults={"requested_at": now})
+    return created
+
+
+def drain_flag_lower() -> None:
+    DrainFlag.objects.filter(pk=1).update(requested_at=None)
 
 
 # --- The call -------------------------------------------------------------------------------

@@ -536,3 +536,17 @@ class TaskRun(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class DrainFlag(models.Model):
+    """One row: when a drain of pending webhook events was last asked for, if one is still due.
+
+    The webhook's doorbell. Raising it is folded into the webhook's INSERT on PostgreSQL (see
+    callops.webhooks), so storing an event and deciding whether to enqueue a drain cost one
+    round trip; the drain task lowers it before its last look for pending events.
+    """
+
+    requested_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"drain requested at {self.requested_at}" if self.requested_at else "no drain due"

@@ -1,10 +1,11 @@
 """Celery tasks: thin entry points that take ids, call a service and decide what comes next.
 
 Webhook events are not sent to the broker one task each. The webhook view stores the event as
-``pending`` (the database is the queue) and rings a doorbell: ``request_event_drain`` sends one
-``drain_webhook_events`` task unless one is already requested. A Celery publish costs ~1 ms of
-CPU on the request path; the doorbell costs one Redis ``SET NX`` per request and one publish per
-burst (see benchmarks/webhook_throughput.py).
+``pending`` (the database is the queue) and rings a doorbell: a one-row flag, raised inside the
+event's own INSERT statement on PostgreSQL, and only the request that raises it publishes a
+``drain_webhook_events`` task. A Celery publish costs ~1 ms of CPU on the request path; the
+doorbell costs nothing beyond the INSERT's round trip, and one publish per burst
+(see benchmarks/webhook_throughput.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datetime import timedelta
 from celery import shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
-from django.core.cache import cache
+from django.db import DatabaseError
 from django.db.models import F
 from django.utils import timezone
 
@@ -25,32 +26,33 @@ from callops.models import TaskRun, WebhookEvent
 
 logger = logging.getLogger("callops.tasks")
 
-DRAIN_REQUESTED = "events:drain-requested"
-DRAIN_REQUESTED_TTL = 30
-
 
 def request_event_drain() -> bool:
     """Make sure a drain task will look at the pending events. Never raises.
 
-    Correctness: the flag is only cleared by a drain task *before* its last look for pending
-    events, so an event stored while the flag was set is either drained by that task or seen by
-    its last look. If Redis or the broker is down the event stays pending and the periodic
-    sweeper drains it once they are back.
+    Correctness: the flag is lowered only by a drain task, *before* its last look for pending
+    events, so an event stored while the flag was up is either drained by that task or seen by
+    its last look. If the broker is down the event stays pending and the periodic sweeper
+    drains it once it is back; a flag whose drain was lost counts as lowered after 30 s.
     """
     try:
-        if not cache.add(DRAIN_REQUESTED, 1, timeout=DRAIN_REQUESTED_TTL):
-            return False
-    except Exception:
-        logger.warning("doorbell: cache unavailable; the sweeper will drain pending events")
+        rung = events.drain_flag_raise()
+    except DatabaseError:
+        logger.warning("doorbell: database unavailable; the sweeper will drain pending events")
         return False
+    return rung and publish_drain()
+
+
+def publish_drain() -> bool:
+    """Enqueue a drain for a flag just raised; lower it again if the broker is unreachable."""
     try:
         drain_webhook_events.apply_async(retry=False)
     except Exception:
         logger.warning("doorbell: broker unavailable; the sweeper will drain pending events")
         try:
-            cache.delete(DRAIN_REQUESTED)
-        except Exception:
-            logger.debug("doorbell: could not clear the flag; it expires on its own")
+            events.drain_flag_lower()
+        except DatabaseError:
+            logger.debug("doorbell: could not lower the flag; it expires on its own")
         return False
     return True
 
@@ -86,7 +88,7 @@ def drain_webhook_events() -> int:
     if applied >= settings.CALLOPS_DRAIN_BATCH:
         drain_webhook_events.apply_async()
         return applied
-    cache.delete(DRAIN_REQUESTED)
+    events.drain_flag_lower()
     if WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING).exists():
         request_event_drain()
     return applied

@@ -12,7 +12,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from callops import events, webhooks
-from callops.tasks import request_event_drain
+from callops.tasks import publish_drain, request_event_drain
 
 logger = logging.getLogger("callops.webhooks")
 
@@ -51,7 +51,7 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
 
     handled = events.has_handler(event.event_type)
     try:
-        status, created = webhooks.store_event(event, handled=handled)
+        status, created, rung = webhooks.store_event(event, handled=handled)
     except (OperationalError, InterfaceError) as exc:
         # Telnyx retries a non-2xx delivery: nothing is lost while the database is down.
         logger.error("webhook not stored, database unavailable: %s", exc)
@@ -60,7 +60,9 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
         logger.error("webhook %s not stored: %s", event.event_id, exc)
         return JsonResponse({"error": "event could not be stored"}, status=503)
 
-    if status == "pending":
+    if rung:
+        publish_drain()
+    elif rung is None and status == "pending":
         request_event_drain()
     return JsonResponse({"status": status, "duplicate": not created})
 

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 
 from django.conf import settings
@@ -22,9 +22,12 @@ from django.utils import timezone
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from callops.models import WebhookEvent
+from callops.models import DrainFlag, WebhookEvent
 
 logger = logging.getLogger("callops.webhooks")
+
+# A raised drain flag older than this counts as lowered: its drain task was lost.
+DRAIN_FLAG_TTL = timedelta(seconds=30)
 
 SIGNATURE_HEADER = "HTTP_TELNYX_SIGNATURE_ED25519"
 TIMESTAMP_HEADER = "HTTP_TELNYX_TIMESTAMP"
@@ -151,42 +154,67 @@ def parse_time(value: object) -> datetime | None:
 
 @lru_cache(maxsize=4)
 def _insert_sql(vendor: str) -> str:
-    # Only the table name and a cast are formatted in; every value is a bound parameter.
+    # Only table names and a cast are formatted in; every value is a bound parameter.
     table = WebhookEvent._meta.db_table
-    payload = "%s::jsonb" if vendor == "postgresql" else "%s"
-    return (
+    flag = DrainFlag._meta.db_table
+    insert = (
         f"INSERT INTO {table} (event_id, event_type, occurred_at, call_control_id, payload,"  # noqa: S608
         " received_at, delivery_count, last_attempt, status, error, processed_at)"
-        f" VALUES (%s, %s, %s, %s, {payload}, %s, 1, %s, %s, '', %s)"
+        " VALUES (%(event_id)s, %(event_type)s, %(occurred_at)s, %(call_control_id)s,"
+        f" {'%(payload)s::jsonb' if vendor == 'postgresql' else '%(payload)s'}, %(now)s, 1,"
+        " %(attempt)s, %(status)s, '', %(processed_at)s)"
         " ON CONFLICT (event_id) DO UPDATE SET"
         f" delivery_count = {table}.delivery_count + 1,"
         f" last_attempt = COALESCE(EXCLUDED.last_attempt, {table}.last_attempt)"
         " RETURNING status, delivery_count"
     )
+    if vendor != "postgresql":
+        return insert
+    # PostgreSQL: raise the drain flag in the same statement (see events.drain_flag_raise).
+    # A plain UPDATE takes no lock when the flag is already up, so concurrent webhooks do not
+    # queue on the flag row; the INSERT covers a missing row (a fresh or truncated table).
+    return (
+        f"WITH stored AS ({insert}),"  # noqa: S608
+        " pending AS (SELECT 1 FROM stored WHERE status = 'pending'),"
+        f" raised AS (UPDATE {flag} SET requested_at = %(now)s WHERE id = 1"
+        " AND (requested_at IS NULL OR requested_at < %(stale)s)"
+        " AND EXISTS (SELECT 1 FROM pending) RETURNING 1),"
+        f" created AS (INSERT INTO {flag} (id, requested_at) SELECT 1, %(now)s"
+        f" WHERE EXISTS (SELECT 1 FROM pending) AND NOT EXISTS (SELECT 1 FROM {flag} WHERE id = 1)"
+        " ON CONFLICT (id) DO NOTHING RETURNING 1)"
+        " SELECT status, delivery_count,"
+        " EXISTS (SELECT 1 FROM raised) OR EXISTS (SELECT 1 FROM created) FROM stored"
+    )
 
 
-def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool]:
-    """Insert the event, or count one more delivery of it. Returns ``(status, created)``.
+def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool, bool | None]:
+    """Insert the event, or count one more delivery of it.
+
+    Returns ``(status, created, rung)``: ``rung`` is whether this statement raised the drain
+    flag (so the caller must enqueue a drain), or None where the database cannot do it in the
+    same statement (SQLite: the caller raises it with ``events.drain_flag_raise``).
 
     One statement in autocommit: it is the whole transaction, so the row is committed (and safe
     to hand to a worker) when it returns, and two concurrent deliveries of one event cannot both
     insert. The ORM's create() would cost three round trips and a savepoint for the duplicate.
     """
-    status = WebhookEvent.Status.PENDING if handled else WebhookEvent.Status.IGNORED
-    processed_at = None if handled else timezone.now()
+    now = timezone.now()
     adapt = connection.ops.adapt_datetimefield_value
-    params = [
-        event.event_id,
-        event.event_type,
-        adapt(event.occurred_at),
-        event.call_control_id,
-        event.envelope_json,
-        adapt(timezone.now()),
-        event.attempt,
-        status,
-        adapt(processed_at),
-    ]
+    params = {
+        "event_id": event.event_id,
+        "event_type": event.event_type,
+        "occurred_at": adapt(event.occurred_at),
+        "call_control_id": event.call_control_id,
+        "payload": event.envelope_json,
+        "now": adapt(now),
+        "attempt": event.attempt,
+        "status": WebhookEvent.Status.PENDING if handled else WebhookEvent.Status.IGNORED,
+        "processed_at": None if handled else adapt(now),
+        "stale": adapt(now - DRAIN_FLAG_TTL),
+    }
     with connection.cursor() as cursor:
         cursor.execute(_insert_sql(connection.vendor), params)
-        stored_status, deliveries = cursor.fetchone()
-    return stored_status, deliveries == 1
+        row = cursor.fetchone()
+    stored_status, deliveries = row[0], row[1]
+    rung = bool(row[2]) if len(row) > 2 else None
+    return stored_status, deliveries == 1, rung

@@ -556,3 +556,22 @@ def test_the_schema_and_docs_are_public():
     assert APIClient().get("/api/v1/schema/").status_code == 200
     docs = APIClient().get("/api/v1/docs/")
     assert docs.status_code == 200 and b"swagger-ui" in docs.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_api_answers_503_when_the_database_is_down(alice):
+    from django.db import connection
+
+    from tests.conftest import closed_port
+
+    _, client = alice
+    connection.close()
+    real_port = connection.settings_dict["PORT"]
+    connection.settings_dict["PORT"] = closed_port()
+    try:
+        response = client.get("/api/v1/calls/")
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = real_port
+    assert response.status_code == 503
+    assert response.json()["errors"][0]["message"].startswith("database unavailable")

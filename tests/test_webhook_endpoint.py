@@ -5,12 +5,15 @@ from __future__ import annotations
 import base64
 import json
 import time
+from datetime import timedelta
 
 import pytest
-from django.core.cache import cache
+import redis
+from django.conf import settings
+from django.utils import timezone
 
-from callops.models import WebhookEvent
-from callops.tasks import DRAIN_REQUESTED
+from callops import events
+from callops.models import DrainFlag, WebhookEvent
 from tests.telnyx_events import Signer, dumps, envelope
 
 pytestmark = pytest.mark.django_db
@@ -37,9 +40,35 @@ def test_it_stores_an_authentic_event_as_pending(post_event):
     assert stored.occurred_at.isoformat().startswith(event["data"]["occurred_at"][:19])
 
 
+def queued_messages() -> int:
+    """Messages waiting in the real broker's queue (Redis list ``callops``)."""
+    return redis.Redis.from_url(settings.CELERY_BROKER_URL).llen("callops")
+
+
 def test_it_rings_the_doorbell_once_per_burst(post_event):
+    for kind in ("call.initiated", "call.answered", "streaming.started"):
+        post_event(envelope(kind))
+    assert queued_messages() == 1  # one drain for the burst, not one task per event
+    assert DrainFlag.objects.get().requested_at is not None
+    events.drain_flag_lower()  # what the drain task does before its last look
+    post_event(envelope("call.hangup"))
+    assert queued_messages() == 2
+
+
+def test_a_duplicate_of_a_processed_event_rings_nothing(post_event):
+    event = envelope("call.answered")
+    post_event(event)
+    WebhookEvent.objects.update(status="processed")
+    events.drain_flag_lower()
+    post_event(event)
+    assert queued_messages() == 1
+
+
+def test_a_lost_drain_is_asked_for_again_after_the_flag_expires(post_event):
     post_event(envelope("call.initiated"))
-    assert cache.get(DRAIN_REQUESTED) == 1
+    DrainFlag.objects.update(requested_at=timezone.now() - timedelta(seconds=31))
+    post_event(envelope("call.answered"))
+    assert queued_messages() == 2
 
 
 def test_it_counts_a_duplicate_delivery_and_changes_nothing_else(post_event):

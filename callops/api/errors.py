@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from django.db import InterfaceError, OperationalError
 from rest_framework import exceptions
+from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
@@ -20,6 +22,13 @@ def _flatten(detail, field: str | None = None):
 
 
 def exception_handler(exc, context):
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The database is unreachable: a retryable 503, not a 500.
+        return Response(
+            {"errors": [{"field": None, "message": "database unavailable, retry later"}]},
+            status=503,
+            headers={"Retry-After": "5"},
+        )
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
