@@ -1,0 +1,215 @@
+"""Where a webhook request's time goes, step by step, in one process (no HTTP server).
+
+    .venv/bin/python benchmarks/webhook_cost.py [--requests 3000] [--profile]
+
+Companion of webhook_throughput.py: that one says how fast, this one says why. It recreates the
+database ``callops_bench_cost`` (and Redis db 10), loads ``benchmarks.bench_settings`` in this
+process, then times each step of the webhook path in a loop (wall and CPU time per call; wall
+minus CPU is waiting on PostgreSQL or Redis) and whole requests through Django's WSGI handler
+(middleware and request signals included). ``--profile`` adds a cProfile of the webhook loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import cProfile
+import io
+import os
+import pstats
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from nacl.signing import SigningKey
+from webhook_throughput import (
+    BARE_PATH,
+    ROOT,
+    WEBHOOK_PATH,
+    drop_database,
+    recreate_database,
+    signed_events,
+)
+
+
+def timed(name: str, n: int, step: Callable[[int], object], rows: list) -> None:
+    step(0)  # first call outside the loop: imports, connections
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(1, n + 1):
+        step(i)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    rows.append((name, wall / n * 1e6, cpu / n * 1e6))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=3000, help="calls per step")
+    parser.add_argument("--settings", default="benchmarks.bench_settings")
+    parser.add_argument("--database", default="callops_bench_cost")
+    parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
+    parser.add_argument("--redis-db", type=int, default=10)
+    parser.add_argument("--profile", action="store_true", help="cProfile the webhook loop")
+    args = parser.parse_args()
+
+    n = args.requests
+    key = SigningKey.generate()
+    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": args.settings,
+            "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "DJANGO_SECURE_SSL_REDIRECT": "false",
+            "DATABASE_URL": f"{args.pg}/{args.database}",
+            "REDIS_URL": redis_url,
+            "CELERY_BROKER_URL": redis_url,
+            "CACHE_URL": redis_url,
+            "TELNYX_API_KEY": "bench-unused",
+            "TELNYX_PUBLIC_KEY": base64.b64encode(bytes(key.verify_key)).decode(),
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    recreate_database(f"{args.pg}/postgres", args.database)
+    try:
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
+            cwd=ROOT,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join(
+                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
+                ),
+            },
+            check=True,
+        )
+        rows = measure(n, key, args.profile)
+    finally:
+        from django.db import connections
+
+        connections.close_all()
+        drop_database(f"{args.pg}/postgres", args.database)
+        import redis
+
+        redis.Redis.from_url(redis_url).flushdb()
+
+    print(f"\n{'step':<52} {'wall us':>9} {'CPU us':>9}")
+    for name, wall, cpu in rows:
+        print(f"{name:<52} {wall:>9,.0f} {cpu:>9,.0f}")
+    return 0
+
+
+def measure(n: int, key: SigningKey, profile: bool) -> list:
+    import django
+
+    django.setup()
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.db import close_old_connections, connection
+    from django.http import JsonResponse
+
+    from callops import events as callops_events
+    from callops import webhooks
+    from callops.tasks import request_event_drain
+
+    handler = WSGIHandler()
+    events = signed_events(key, 3 * n + 3)
+    parsed = [webhooks.parse_event(body) for _, _, body in events[n + 1 : 2 * n + 2]]
+
+    def environ(path: str, event: tuple[str, str, bytes]) -> dict:
+        ts, signature, body = event
+        return {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": path,
+            "SCRIPT_NAME": "",
+            "QUERY_STRING": "",
+            "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "8000",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": "127.0.0.1",
+            "HTTP_HOST": "127.0.0.1:8000",
+            "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(body)),
+            "HTTP_TELNYX_TIMESTAMP": ts,
+            "HTTP_TELNYX_SIGNATURE_ED25519": signature,
+            "wsgi.input": io.BytesIO(body),
+            "wsgi.url_scheme": "http",
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": False,
+            "wsgi.multiprocess": True,
+            "wsgi.run_once": False,
+            "wsgi.version": (1, 0),
+        }
+
+    statuses: list[str] = []
+
+    def request(path: str, event) -> None:
+        response = handler(environ(path, event), lambda status, headers: statuses.append(status))
+        b"".join(response)
+        response.close()  # sends request_finished, as gunicorn does
+
+    callops_events.drain_flag_lower()
+    request_event_drain()  # first publish of this process: broker connection (~100 ms)
+    rows: list = []
+    timed("whole request: bare view", n, lambda i: request(BARE_PATH, events[i]), rows)
+    timed("whole request: webhook", n, lambda i: request(WEBHOOK_PATH, events[n + 1 + i]), rows)
+    if any(not s.startswith("2") for s in statuses):
+        raise RuntimeError(f"non-2xx answers: {sorted(set(statuses))}")
+
+    def verify(i):
+        ts, sig, body = events[i]
+        webhooks.verify_signature(body, sig, ts)
+
+    timed("  verify_signature (Ed25519, PyNaCl)", n, verify, rows)
+    timed(
+        "  parse_event (json.loads, checks, fromisoformat)",
+        n,
+        lambda i: webhooks.parse_event(events[i][2]),
+        rows,
+    )
+    timed(
+        "  store_event (INSERT ... ON CONFLICT + drain flag, autocommit)",
+        n,
+        lambda i: webhooks.store_event(parsed[i], handled=True),
+        rows,
+    )
+    timed(
+        "  request_event_drain, flag already up (UPDATE)", n, lambda i: request_event_drain(), rows
+    )
+    timed(
+        "  JsonResponse", n, lambda i: JsonResponse({"status": "pending", "duplicate": False}), rows
+    )
+
+    def health_check(i):
+        # What CONN_HEALTH_CHECKS=True costs once per request: Django runs "SELECT 1" before
+        # the first query of a request on a reused connection.
+        connection.health_check_done = False
+        connection.close_if_health_check_failed()
+
+    timed("  connection health check (CONN_HEALTH_CHECKS)", n, health_check, rows)
+    timed(
+        "  close_old_connections (request_started/finished)",
+        n,
+        lambda i: close_old_connections(),
+        rows,
+    )
+
+    if profile:
+        more = signed_events(key, n)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for event in more:
+            request(WEBHOOK_PATH, event)
+        profiler.disable()
+        out = io.StringIO()
+        stats = pstats.Stats(profiler, stream=out).sort_stats("tottime")
+        stats.print_stats(30)
+        print(out.getvalue())
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("cumtime").print_stats(40)
+        print(out.getvalue())
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(main())
