@@ -1,0 +1,761 @@
+"""Latency and throughput of the command outbox under real Celery workers, against the simulator.
+
+    .venv/bin/python benchmarks/command_throughput.py [--commands 600] [--limit 50] \\
+        [--workers 2] [--concurrency 2]
+
+What it does, on this machine only:
+
+1. Recreates the database ``callops_cmdbench`` on the local PostgreSQL, migrates it, and flushes
+   Redis db 12 (broker, cache and the fleet-wide rate limiter of the run).
+2. Starts the Telnyx simulator in this process with ``rate_limit=--limit`` (it answers 429 above
+   it, as Telnyx does) and ``--workers`` real Celery worker processes (prefork, ``--concurrency``
+   children each) pointed at it, with ``TELNYX_RATE_LIMIT=--limit``. The workers run
+   ``celery -A benchmarks.command_probe``: the project's app plus a log line per limiter decision
+   and per scheduled task start (see that module); ``--no-probe`` runs ``celery -A config``.
+3. Warm-up: a few commands, so every worker child has its database connection (not measured).
+4. Phase A, latency below the limit: commands are created on a fixed schedule at a quarter of
+   the limit for ``--latency-seconds`` through ``command_create`` (which enqueues after commit);
+   latency runs from just before ``command_create`` to the request's arrival at the simulator,
+   both on this process's monotonic clock. Target: p99 < 100 ms.
+5. Phase B, throughput at the limit: ``--commands`` commands are created as fast as this process
+   can, and the run waits until every one has finished. Targets: rate >= 0.95 x limit, < 1 % of
+   requests answered 429, no command lost (not succeeded), no duplicate sent.
+   The rate is given two ways. As briefed: 200s / (last - first arrival). That figure depends
+   on the shape of the first second: under a 1-s sliding window the first ``limit`` requests
+   may all go at once, so a perfect limiter sends N commands in as little as (N - limit) / limit
+   seconds (x N / (N - limit), +9 % for 600 at 50/s), or in N / limit if they trickle in. The
+   sustained figure does not: request k + limit may reach Telnyx one second after request k at
+   the earliest, so limit / mean(arrival[k + limit] - arrival[k]) is 1.0 for a perfect limiter
+   whatever the first second looked like; it is printed next to the other and checked too.
+6. Prints where phase B's time went (the limiter's period, how late woken tasks ran, task
+   messages and task time per command, CPU), then PASS/FAIL per target; stops the workers, drops
+   the database and flushes the Redis db. Exit status 1 if a target is missed.
+
+Other processes on this (2-core) machine skew every figure: before each phase the run waits up
+to ``--quiet-wait`` seconds for the CPU to be idle, measures what others took during the phase,
+and runs a phase again (up to ``--attempts``) while they took over 10 % of the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+import redis  # noqa: E402
+
+from callops.simulator import CommandRecord, TelnyxAPISimulator  # noqa: E402
+
+TARGET_P99_MS = 100.0
+TARGET_RATE = 0.95
+TARGET_429_SHARE = 0.01
+NOISE_LIMIT = 0.10  # share of the machine's CPU other processes may take during a phase
+
+TASK_DONE = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] succeeded in ([0-9.e-]+)s")
+RECEIVED = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] received")
+RATE_LIMITED = re.compile(r"rate limited, retry in")
+PROBE_START = re.compile(r"probe start late_ms=(-?[0-9.]+)")
+PROBE_RESERVE = re.compile(r"probe reserve ([a-z-]+) late_ms=(-?[0-9.]+) delay_ms=(-?[0-9.]+)")
+
+
+# --- Measuring ------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100); nan for an empty list."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, -(-len(ordered) * p // 100) - 1))]
+
+
+def _ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+
+
+def _pids(command: list[str]) -> list[int]:
+    out = subprocess.run(command, capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    children = _pids(["pgrep", "-P", str(pid)])
+    return children + [g for child in children for g in _descendants(child)]
+
+
+def _all_processes() -> dict[int, tuple[str, int]]:
+    """pid -> (name, user + system ticks) of every process on the machine."""
+    snapshot = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = tail.split()
+        name = head.split("(", 1)[1]
+        if name.startswith("python"):
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                name = " ".join(a.decode(errors="replace") for a in argv[1:4])[:40]
+            except OSError:
+                pass
+        snapshot[int(entry.name)] = (name.split("/")[0], int(fields[11]) + int(fields[12]))
+    return snapshot
+
+
+def _machine() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine since boot."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+class CpuMeter:
+    """CPU taken during a phase by our processes and by everything else on the machine.
+
+    Ours: the workers and their children, this process (and the simulator in it), the
+    PostgreSQL backends connected to the benchmark database, and Redis. Others: every other
+    process this machine shows in /proc.
+    """
+
+    def __init__(self, workers: list[Worker], database: str, admin_url: str) -> None:
+        self.workers, self.database, self.admin_url = workers, database, admin_url
+
+    def _groups(self) -> dict[str, list[int]]:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            backends = [
+                pid
+                for (pid,) in conn.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", [self.database]
+                )
+            ]
+        worker_pids = [p for w in self.workers for p in (w.proc.pid, *_descendants(w.proc.pid))]
+        return {
+            "workers": worker_pids,
+            "bench": [os.getpid()],
+            "services": backends + _pids(["pgrep", "-x", "redis-server"]),
+        }
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.before = {name: {p: _ticks(p) for p in pids} for name, pids in self._groups().items()}
+        self.machine0 = _machine()
+        self.processes0 = _all_processes()
+
+    def stop(self) -> dict[str, float]:
+        """Cores used per group, and 'others': the share of the machine's CPU not ours."""
+        machine1 = _machine()
+        hz = os.sysconf("SC_CLK_TCK")
+        elapsed = time.monotonic() - self.t0
+        processes1 = _all_processes()
+        used: dict = {}
+        ours = {p for pids in self.before.values() for p in pids}
+        for name, pids in self._groups().items():
+            before = self.before.get(name, {})
+            used[name] = sum(_ticks(p) - before.get(p, 0) for p in pids) / hz / elapsed
+            ours.update(pids)
+        # Who the others were: the biggest consumers by name (short-lived ones are missed).
+        others: Counter[str] = Counter()
+        for pid, (name, ticks) in processes1.items():
+            if pid not in ours:
+                start = self.processes0.get(pid)
+                others[name] += ticks - (start[1] if start and start[0] == name else 0)
+        used["top_others"] = [(n, t / hz / elapsed) for n, t in others.most_common(4) if t]
+        visible_others = sum(others.values()) / hz / elapsed
+        busy = machine1[0] - self.machine0[0]
+        total = machine1[1] - self.machine0[1]
+        cores = os.cpu_count() or 1
+        used["machine"] = busy / total * cores
+        mine = sum(used[n] for n in self.before)
+        used["others_share"] = visible_others / cores
+        # Busy time no process on this machine accounts for. On this VM it is 0.5-0.8 cores
+        # during phase B and ~0 otherwise (not forks, not loopback, not commits): reported,
+        # not counted as noise.
+        used["unattributed"] = max(0.0, used["machine"] - mine - visible_others)
+        return used
+
+
+def wait_for_quiet(max_wait: float, seconds: int = 5) -> float:
+    """Wait (at most max_wait s) for `seconds` in a row in which the machine is at most
+    NOISE_LIMIT busy; returns the last second's busy share."""
+    start, quiet = time.monotonic(), 0
+    while True:
+        b0, t0 = _machine()
+        time.sleep(1.0)
+        b1, t1 = _machine()
+        share = (b1 - b0) / max(1, t1 - t0)
+        quiet = quiet + 1 if share <= NOISE_LIMIT else 0
+        if quiet >= seconds or time.monotonic() - start > max_wait:
+            return share
+
+
+def recreate_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- Workers --------------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen
+    log_path: Path
+    handle: TextIO
+    offset: int = 0  # where the current phase starts in the log
+
+    def log(self, since: int = 0) -> str:
+        with open(self.log_path, errors="replace") as f:
+            f.seek(since)
+            return f.read()
+
+    def mark(self) -> None:
+        self.offset = self.log_path.stat().st_size
+
+
+def start_workers(
+    count: int, concurrency: int, app: str, env: dict[str, str], log_dir: Path, queues: str
+) -> list[Worker]:
+    workers = []
+    for index in range(count):
+        log_path = log_dir / f"worker{index}.log"
+        handle = open(log_path, "w")  # noqa: SIM115 - closed in stop_workers
+        command = [
+            *(sys.executable, "-m", "celery", "-A", app, "worker"),
+            *("--pool", "prefork", "--concurrency", str(concurrency)),
+            *("--without-mingle", "--without-gossip", "--without-heartbeat"),
+            *("--loglevel", "INFO", "-n", f"cmdbench{index}@%h", "-Q", queues),
+        ]
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,  # its own process group: stopped by id, children included
+        )
+        workers.append(Worker(proc, log_path, handle))
+    deadline = time.monotonic() + 60
+    for worker in workers:
+        while " ready." not in worker.log():
+            if worker.proc.poll() is not None or time.monotonic() > deadline:
+                stop_workers(workers)
+                raise RuntimeError(f"worker did not start:\n{worker.log()[-4000:]}")
+            time.sleep(0.1)
+    return workers
+
+
+def stop_workers(workers: list[Worker]) -> None:
+    for worker in workers:
+        if worker.proc.poll() is None:
+            os.killpg(worker.proc.pid, signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.proc.pid, signal.SIGKILL)
+            worker.proc.wait(5)
+        worker.handle.close()
+
+
+# --- Phases ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PhaseA:
+    n: int
+    rate: float
+    latencies: list[float]
+    succeeded: int
+    failed: int
+    n429: int
+    cpu: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PhaseB:
+    n: int
+    limit: int
+    created_in: float
+    created_end: float  # monotonic, the simulator's clock too
+    waited: float
+    succeeded: int
+    failed: int
+    records: list[CommandRecord]
+    max_window_all: int
+    rows: list[tuple]  # (command_id, created_at, next_attempt_at, sent_at, finished_at)
+    logs: list[str]
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> list[CommandRecord]:
+        return [r for r in self.records if r.status == 200]
+
+    @property
+    def n429(self) -> int:
+        return sum(1 for r in self.records if r.status == 429)
+
+    @property
+    def times(self) -> list[float]:
+        return sorted(r.monotonic for r in self.ok)
+
+    @property
+    def span(self) -> float:
+        times = self.times
+        return times[-1] - times[0] if len(times) > 1 else float("nan")
+
+    @property
+    def rate_briefed(self) -> float:
+        return len(self.ok) / self.span / self.limit
+
+    @property
+    def periods(self) -> list[float]:
+        """Seconds between request k and request k + limit (200s, arrival order)."""
+        times = self.times
+        return [times[k + self.limit] - times[k] for k in range(len(times) - self.limit)]
+
+    @property
+    def rate_sustained(self) -> float:
+        periods = self.periods
+        return len(periods) / sum(periods) if periods else float("nan")
+
+    @property
+    def share_429(self) -> float:
+        return self.n429 / max(1, len(self.records))
+
+    @property
+    def lost(self) -> int:
+        return self.n - self.succeeded
+
+    @property
+    def duplicates(self) -> tuple[int, int]:
+        """(requests Telnyx acknowledged as repeats, command ids answered 200 more than once)."""
+        repeats = sum(1 for r in self.ok if r.duplicate)
+        counts = Counter(r.command_id for r in self.ok)
+        return repeats, sum(1 for n in counts.values() if n > 1)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, sim: TelnyxAPISimulator, workers: list[Worker]):
+        from callops.models import Call
+
+        self.args, self.sim, self.workers = args, sim, workers
+        self.meter = CpuMeter(workers, args.database, f"{args.pg}/postgres")
+        self.calls = [
+            Call.objects.create(call_control_id=f"v3:cmdbench-{i}", status="answered")
+            for i in range(args.calls)
+        ]
+        self.created = 0
+
+    def create(self):
+        from callops.commands import command_create
+
+        call = self.calls[self.created % len(self.calls)]
+        self.created += 1
+        return command_create(call=call, action="fork_stop", params={}, requested_by="operator")
+
+    def wait_finished(self, pks: list[int], timeout: float) -> tuple[int, int, float]:
+        """Poll until every command is succeeded or failed: (succeeded, failed, seconds)."""
+        from django.db.models import Count
+
+        from callops.models import Command
+
+        start = time.monotonic()
+        while True:
+            counts = dict(
+                Command.objects.filter(pk__in=pks)
+                .values_list("status")
+                .annotate(n=Count("pk"))
+                .values_list("status", "n")
+            )
+            ok, failed = counts.get("succeeded", 0), counts.get("failed", 0)
+            waited = time.monotonic() - start
+            if ok + failed >= len(pks) or waited > timeout:
+                return ok, failed, waited
+            time.sleep(0.05)
+
+    def warm_up(self) -> None:
+        pks = []
+        for _ in range(self.args.workers * self.args.concurrency * 3):
+            pks.append(self.create().pk)
+            time.sleep(0.03)
+        self.wait_finished(pks, 30)
+        time.sleep(1.5)  # the limiter's window empties
+
+    def measured(self, name: str, phase):
+        """Run a phase; again (up to --attempts) while other processes skew it."""
+        for attempt in range(1, self.args.attempts + 1):
+            share = wait_for_quiet(self.args.quiet_wait)
+            if share > NOISE_LIMIT:
+                print(f"  {name}: the machine stayed {share:.0%} busy; measuring anyway")
+            self.sim.clear()
+            result = phase()
+            others = result.cpu["others_share"]
+            top = ", ".join(f"{n} {c:.2f}" for n, c in result.cpu["top_others"][:3])
+            print(f"  {name}, attempt {attempt}: others took {others:.0%} of the CPU ({top})")
+            if others <= NOISE_LIMIT:
+                break
+        return result
+
+    def phase_a(self) -> PhaseA:
+        """Open loop at a quarter of the limit; latency from just before command_create."""
+        rate = self.args.limit / 4
+        n = max(1, round(rate * self.args.latency_seconds))
+        created: dict[str, float] = {}
+        pks = []
+        self.meter.start()
+        start = time.monotonic()
+        for i in range(n):
+            if (pause := start + i / rate - time.monotonic()) > 0:
+                time.sleep(pause)
+            t = time.monotonic()
+            command = self.create()
+            created[str(command.command_id)] = t
+            pks.append(command.pk)
+        ok, failed, _ = self.wait_finished(pks, 30)
+        cpu = self.meter.stop()
+        arrival: dict[str, float] = {}
+        n429 = 0
+        for record in self.sim.requests:
+            if record.command_id in created:
+                n429 += record.status == 429
+                arrival.setdefault(record.command_id, record.monotonic)
+        latencies = [(arrival[c] - t) * 1000 for c, t in created.items() if c in arrival]
+        time.sleep(1.5)  # the limiter's window empties
+        return PhaseA(n, rate, latencies, ok, failed, n429, cpu)
+
+    def phase_b(self) -> PhaseB:
+        """A burst of --commands, created as fast as this process can."""
+        from callops.models import Command
+
+        args = self.args
+        for worker in self.workers:
+            worker.mark()
+        self.meter.start()
+        start = time.monotonic()
+        pks = [self.create().pk for _ in range(args.commands)]
+        created_in = time.monotonic() - start
+        ok, failed, waited = self.wait_finished(pks, args.commands / args.limit * 3 + 30)
+        cpu = self.meter.stop()
+        time.sleep(1.0)  # a command sent again after it succeeded would show up here
+        rows = list(
+            Command.objects.filter(pk__in=pks).values_list(
+                "command_id", "created_at", "next_attempt_at", "sent_at", "finished_at"
+            )
+        )
+        ids = {str(row[0]) for row in rows}
+        records = [r for r in self.sim.requests if r.command_id in ids]
+        result = PhaseB(
+            n=args.commands,
+            limit=args.limit,
+            created_in=created_in,
+            created_end=start + created_in,
+            waited=waited,
+            succeeded=ok,
+            failed=failed,
+            records=records,
+            max_window_all=self.sim.max_in_any_window(1.0),
+            rows=rows,
+            logs=[w.log(w.offset) for w in self.workers],
+            cpu=cpu,
+        )
+        time.sleep(1.5)
+        return result
+
+
+# --- Report ---------------------------------------------------------------------------------
+
+
+def line(label: str, value: str) -> None:
+    print(f"  {label:<58} {value}")
+
+
+def ms3(values: list[float]) -> str:
+    return f"{pct(values, 50):.1f} / {pct(values, 90):.1f} / {pct(values, 99):.1f} ms"
+
+
+def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool:
+    limit = args.limit
+    print()
+    print(
+        f"setup: {args.workers} workers x {args.concurrency} prefork children, limit {limit}/s, "
+        f"guard {guard:g} s, {args.calls} calls, {os.cpu_count()} CPUs"
+        + (f", variants: {args.variant}" if args.variant else "")
+    )
+    print()
+    print(f"Phase A: {a.n} commands at {a.rate:g}/s, open loop (the limit is never reached)")
+    line("creation -> arrival at Telnyx, p50 / p90 / p99", ms3(a.latencies))
+    line("creation -> arrival at Telnyx, max", f"{max(a.latencies, default=float('nan')):.1f} ms")
+    line("succeeded / failed / answered 429", f"{a.succeeded} / {a.failed} / {a.n429}")
+    line("CPU taken by other processes", f"{a.cpu['others_share']:.0%}")
+
+    repeats, twice = b.duplicates
+    print()
+    print(f"Phase B: burst of {b.n} commands (created in {b.created_in:.2f} s)")
+    line(
+        "requests at Telnyx: 200 / 429 / other",
+        f"{len(b.ok)} / {b.n429} / {len(b.records) - len(b.ok) - b.n429}",
+    )
+    line(
+        "span, first -> last 200",
+        f"{b.span:.2f} s (perfect limiter: {(b.n - limit) / limit:.2f}-{b.n / limit:.2f} s)",
+    )
+    line(
+        "rate as briefed: 200s / span", f"{len(b.ok) / b.span:.2f}/s = {b.rate_briefed:.3f} x limit"
+    )
+    line(
+        "rate sustained: limit / mean(arrival k+limit - arrival k)",
+        f"{b.rate_sustained * limit:.2f}/s = {b.rate_sustained:.3f} x limit",
+    )
+    line("share of requests answered 429", f"{b.share_429:.2%}")
+    line("most requests in any 1-s window", f"{b.max_window_all}")
+    line("succeeded / failed / lost (not succeeded)", f"{b.succeeded} / {b.failed} / {b.lost}")
+    line("duplicates: acknowledged repeats / ids answered 200 twice", f"{repeats} / {twice}")
+    line("burst start -> every command finished", f"{b.created_in + b.waited:.2f} s")
+
+    # Where the time goes. Request k + limit may reach Telnyx once request k is a window old,
+    # counted from k's *completion*: the gap is the limiter's period for `limit` commands.
+    times = b.times
+    periods = [p * 1000 for p in b.periods]
+    seconds = Counter(int(t - times[0]) for t in times)
+    arrival = {}
+    for r in b.ok:
+        arrival.setdefault(r.command_id, r.wall_time)
+    late_ticket, to_sim, after_sim, ticketed = [], [], [], 0
+    for cid, created_at, next_at, sent_at, finished_at in b.rows:
+        at = arrival.get(str(cid))
+        if sent_at is None or at is None:
+            continue
+        if (next_at - created_at).total_seconds() > 0.001:
+            ticketed += 1
+            late_ticket.append((sent_at - next_at).total_seconds() * 1000)
+        to_sim.append((at - sent_at.timestamp()) * 1000)
+        if finished_at is not None:
+            after_sim.append((finished_at.timestamp() - at) * 1000)
+    log = "".join(b.logs)
+    durations: dict[str, list[float]] = {"sent": [], "rescheduled": []}
+    for match in TASK_DONE.finditer(log):
+        kind = "rescheduled" if log[match.end() : match.end() + 6] == ": None" else "sent"
+        durations[kind].append(float(match.group(1)) * 1000)
+    messages = len(RECEIVED.findall(log))
+    eta_late = [float(x) for x in PROBE_START.findall(log)]
+    reserves: dict[str, list[float]] = {}
+    for kind, late, _delay in PROBE_RESERVE.findall(log):
+        reserves.setdefault(kind, []).append(float(late))
+
+    print()
+    print("Phase B, where the time goes")
+    line(
+        "arrival k -> arrival k+limit, p10 / p50 / p90",
+        f"{pct(periods, 10):.0f} / {pct(periods, 50):.0f} / {pct(periods, 90):.0f} ms "
+        f"(1 s + guard = {1000 * (1 + guard):.0f})",
+    )
+    line(
+        "  rate the p50 / mean period allows",
+        f"{1000 / pct(periods, 50):.3f} / {b.rate_sustained:.3f} x limit",
+    )
+    after = [p for k, p in enumerate(periods) if times[k] > b.created_end]
+    line(
+        "  the same once the burst was created: n, p10 / p50 / p90",
+        f"{len(after)}, {pct(after, 10):.0f} / {pct(after, 50):.0f} / {pct(after, 90):.0f} ms",
+    )
+    line("200s per second since the first", " ".join(str(seconds[s]) for s in sorted(seconds)))
+    line("commands that waited for a limiter ticket", f"{ticketed} of {b.n}")
+    line("last ticket -> sent_at, p50 / p90 / p99", ms3(late_ticket))
+    line("sent_at -> arrival at Telnyx, p50 / p90 / p99", ms3(to_sim))
+    line("arrival -> finished_at, p50 / p90 / p99", ms3(after_sim))
+    line("task messages per command", f"{messages / b.n:.2f}")
+    line(
+        "task time, sending: n, p50 / p90 / p99",
+        f"{len(durations['sent'])}, {ms3(durations['sent'])}",
+    )
+    line(
+        "task time, rescheduling: n, p50 / p90 / p99",
+        f"{len(durations['rescheduled'])}, {ms3(durations['rescheduled'])}",
+    )
+    if eta_late or reserves:
+        line("probe: scheduled task start after its ETA, p50/p90/p99", ms3(eta_late))
+        for kind in ("new-ready", "new-ticket", "holder-ready", "holder-early", "holder-no-room"):
+            values = reserves.get(kind, [])
+            if kind.startswith("holder") and values:
+                line(
+                    f"probe: limiter said {kind}: n, late p50 / p90 / p99",
+                    f"{len(values)}, {ms3(values)}",
+                )
+            else:
+                line(f"probe: limiter said {kind}: n", f"{len(values)}")
+    line("429s retried (worker logs)", f"{len(RATE_LIMITED.findall(log))}")
+    cpu = b.cpu
+    line(
+        "CPU cores: workers / this process / PG+Redis / machine",
+        f"{cpu['workers']:.2f} / {cpu['bench']:.2f} / {cpu['services']:.2f} / {cpu['machine']:.2f}",
+    )
+    line("CPU taken by other processes", f"{cpu['others_share']:.0%}")
+    for name, cores in cpu["top_others"]:
+        line(f"  of which {name}", f"{cores:.2f} cores")
+    line("CPU busy that no process accounts for", f"{cpu['unattributed']:.2f} cores")
+    worker_cpu = cpu["workers"] * (b.created_in + b.waited)
+    line(
+        "worker CPU per task message / per command",
+        f"{worker_cpu / max(1, messages) * 1000:.1f} / {worker_cpu / b.n * 1000:.1f} ms",
+    )
+    for error in [text for text in log.splitlines() if " ERROR/" in text][:5]:
+        print(f"  worker error: {error[:160]}")
+
+    checks = [
+        (
+            f"phase A p99 latency < {TARGET_P99_MS:g} ms",
+            pct(a.latencies, 99) < TARGET_P99_MS and len(a.latencies) == a.n,
+        ),
+        (f"phase B rate as briefed >= {TARGET_RATE} x limit", b.rate_briefed >= TARGET_RATE),
+        (f"phase B rate sustained >= {TARGET_RATE} x limit", b.rate_sustained >= TARGET_RATE),
+        (f"phase B 429 share < {TARGET_429_SHARE:.0%}", b.share_429 < TARGET_429_SHARE),
+        ("phase B no command lost", b.lost == 0),
+        ("phase B no duplicate", b.duplicates == (0, 0)),
+        (f"phase B at most {limit} requests in any 1-s window", b.max_window_all <= limit),
+    ]
+    print()
+    for name, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    for name, phase in (("A", a), ("B", b)):
+        if phase.cpu["others_share"] > NOISE_LIMIT:
+            print(
+                f"NOTE  phase {name}: other processes took {phase.cpu['others_share']:.0%} "
+                "of the CPU; its figures are skewed"
+            )
+    return all(ok for _, ok in checks)
+
+
+# --- Main -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--commands", type=int, default=600, help="commands in the phase B burst")
+    parser.add_argument("--limit", type=int, default=50, help="Telnyx's and our rate limit, /s")
+    parser.add_argument("--workers", type=int, default=2, help="celery worker processes")
+    parser.add_argument("--concurrency", type=int, default=2, help="prefork children per worker")
+    parser.add_argument("--calls", type=int, default=100, help="calls the commands rotate over")
+    parser.add_argument("--latency-seconds", type=float, default=5.0, help="length of phase A")
+    parser.add_argument(
+        "--guard", type=float, help="TELNYX_RATE_LIMIT_GUARD for the workers (default: setting's)"
+    )
+    parser.add_argument("--no-probe", action="store_true", help="run plain `celery -A config`")
+    parser.add_argument(
+        "--variant",
+        default="",
+        help="experiments in the workers, comma separated: scheduled-queue, inline-wait "
+        "(see benchmarks/command_probe.py)",
+    )
+    parser.add_argument("--quiet-wait", type=float, default=60, help="see the module docstring")
+    parser.add_argument("--attempts", type=int, default=3, help="see the module docstring")
+    parser.add_argument("--database", default="callops_cmdbench")
+    parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
+    parser.add_argument("--redis-db", type=int, default=12)
+    parser.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
+    args = parser.parse_args()
+    if args.variant and args.no_probe:
+        parser.error("--variant needs the probe (drop --no-probe)")
+
+    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
+    os.environ.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "DATABASE_URL": f"{args.pg}/{args.database}",
+            "REDIS_URL": redis_url,
+            "CELERY_BROKER_URL": redis_url,
+            "CACHE_URL": redis_url,
+            "CALLOPS_RATE_LIMIT_URL": redis_url,
+            "TELNYX_RATE_LIMIT": str(args.limit),
+            "TELNYX_TIMEOUT": "5",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    if args.guard is not None:
+        os.environ["TELNYX_RATE_LIMIT_GUARD"] = repr(args.guard)
+
+    # Two runs on one database name would drop each other's database: one at a time.
+    lock = open(Path(tempfile.gettempdir()) / f"{args.database}.lock", "w")  # noqa: SIM115
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        parser.error(f"another run is using the database {args.database}")
+    recreate_database(f"{args.pg}/postgres", args.database)
+    redis.Redis.from_url(redis_url).flushdb()
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import connections
+
+    call_command("migrate", verbosity=0)
+    log_dir = Path(tempfile.mkdtemp(prefix="cmdbench-"))
+    sim = TelnyxAPISimulator(api_key="KEY_CMDBENCH", rate_limit=args.limit).start()
+    workers: list[Worker] = []
+    passed = False
+    try:
+        env = {
+            **os.environ,
+            "TELNYX_BASE_URL": sim.base_url,
+            "TELNYX_API_KEY": sim.api_key,
+            "CMDBENCH_VARIANTS": args.variant,
+        }
+        app = "config" if args.no_probe else "benchmarks.command_probe"
+        queues = settings.CELERY_TASK_DEFAULT_QUEUE
+        if "scheduled-queue" in args.variant:
+            queues += ",callops.scheduled"
+        t = time.monotonic()
+        workers = start_workers(args.workers, args.concurrency, app, env, log_dir, queues)
+        print(
+            f"{args.workers} workers (-A {app} -Q {queues}) ready in {time.monotonic() - t:.1f} s"
+            + (f"; variants: {args.variant}" if args.variant else "")
+        )
+        bench = Bench(args, sim, workers)
+        bench.warm_up()
+        a = bench.measured("phase A", bench.phase_a)
+        b = bench.measured("phase B", bench.phase_b)
+        passed = report(args, settings.TELNYX_RATE_LIMIT_GUARD, a, b)
+    finally:
+        stop_workers(workers)
+        sim.stop()
+        connections.close_all()
+        drop_database(f"{args.pg}/postgres", args.database)
+        redis.Redis.from_url(redis_url).flushdb()
+        if args.keep_logs or not passed:
+            print(f"worker logs kept in {log_dir}")
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
