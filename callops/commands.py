@@ -338,7 +338,8 @@ def _lease() -> timedelta:
 
 
 def command_claim(*, command_pk: int) -> Command | None:
-    """Take the command for this worker, or None if it is done, early or held by another.
+    """Take the command for this worker to send now (counting the attempt), or None if it is
+    done, early or held by another.
 
     A conditional UPDATE: of two workers holding the same message, exactly one gets the row.
     A ``sending`` command whose lease ran out belongs to a worker that died mid-send.
@@ -347,7 +348,10 @@ def command_claim(*, command_pk: int) -> Command | None:
     claimable = Q(status=Command.Status.QUEUED, next_attempt_at__lte=now + timedelta(seconds=0.05))
     claimable |= Q(status=Command.Status.SENDING, lease_expires_at__lt=now)
     claimed = Command.objects.filter(claimable, pk=command_pk).update(
-        status=Command.Status.SENDING, lease_expires_at=now + _lease()
+        status=Command.Status.SENDING,
+        lease_expires_at=now + _lease(),
+        attempts=F("attempts") + 1,
+        sent_at=now,
     )
     if not claimed:
         return None
@@ -355,8 +359,21 @@ def command_claim(*, command_pk: int) -> Command | None:
 
 
 def command_process(*, command_pk: int, reserved_at: float | None = None) -> Next:
+    # The turn comes first: most visits during a burst only learn when to come back, and that
+    # answer needs Redis alone, not the claim and release of the row (three round trips).
+    limiter = get_limiter()
+    slot = limiter.reserve(reserved_at)
+    if not slot.ready:
+        # No sleeping in a worker: come back at the ticket. next_attempt_at tells the repair
+        # task this command is waiting, not lost.
+        Command.objects.filter(pk=command_pk, status=Command.Status.QUEUED).update(
+            next_attempt_at=timezone.now() + timedelta(seconds=slot.delay)
+        )
+        return Next(delay=slot.delay, reserved_at=slot.at)
+
     command = command_claim(command_pk=command_pk)
     if command is None:
+        limiter.release(slot.send)  # the turn was not used: give it back
         # Held by a sender that may have died (this message is its redelivery): look again
         # when the lease runs out. Done, cancelled or not yet due: nothing to do.
         lease = (
@@ -367,22 +384,12 @@ def command_process(*, command_pk: int, reserved_at: float | None = None) -> Nex
         if lease is not None:
             return Next(delay=max(0.0, (lease - timezone.now()).total_seconds()) + 0.1)
         return Next()
-    if _gave_up(command):
+    if _gave_up(command, attempts=command.attempts - 1):  # the claim counted this attempt
+        limiter.release(slot.send)
+        Command.objects.filter(pk=command.pk).update(attempts=F("attempts") - 1)
         _finish(command, Outcome("failed", reason="gave up"), failed=True)
         return Next()
 
-    slot = get_limiter().reserve(reserved_at)
-    if not slot.ready:
-        # No sleeping in a worker: release the claim and come back at the reserved slot.
-        Command.objects.filter(pk=command.pk, status=Command.Status.SENDING).update(
-            status=Command.Status.QUEUED,
-            lease_expires_at=None,
-            next_attempt_at=timezone.now() + timedelta(seconds=slot.delay),
-        )
-        return Next(delay=slot.delay, reserved_at=slot.at)
-
-    Command.objects.filter(pk=command.pk).update(attempts=F("attempts") + 1, sent_at=timezone.now())
-    command.attempts += 1
     try:
         _sdk_call(command)
     except Exception as exc:  # classified below; nothing escapes unrecorded
@@ -392,12 +399,13 @@ def command_process(*, command_pk: int, reserved_at: float | None = None) -> Nex
     else:
         outcome = classify(None, attempt=command.attempts)
     finally:
-        get_limiter().complete(slot.send)
+        limiter.complete(slot.send)
     return command_record(command=command, outcome=outcome)
 
 
-def _gave_up(command: Command, delay: float = 0.0) -> bool:
-    return command.attempts >= settings.TELNYX_COMMAND_MAX_ATTEMPTS or (
+def _gave_up(command: Command, delay: float = 0.0, attempts: int | None = None) -> bool:
+    attempts = command.attempts if attempts is None else attempts
+    return attempts >= settings.TELNYX_COMMAND_MAX_ATTEMPTS or (
         timezone.now() + timedelta(seconds=delay) > command.expires_at
     )
 
@@ -435,6 +443,12 @@ def _error_fields(outcome: Outcome, reason: str | None = None) -> dict[str, Any]
 
 def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | None = None):
     now = timezone.now()
+    session = command.stream_id or command.fork_id or command.transcription_id
+    touches_call = (
+        outcome.kind == "call_ended"
+        or (failed and session and command.action.endswith("_start"))
+        or (not failed and command.action == Command.Action.TRANSCRIPTION_STOP)
+    )
     with transaction.atomic():
         updated = Command.objects.filter(
             pk=command.pk, status__in=[Command.Status.SENDING, Command.Status.QUEUED]
@@ -444,17 +458,16 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
             lease_expires_at=None,
             **_error_fields(outcome, "" if not failed else reason),
         )
-        if not updated:
-            return  # cancelled meanwhile, or another worker recorded it first
+        if not updated or not touches_call:
+            return  # cancelled meanwhile, recorded by another worker, or nothing else to do
         call = Call.objects.select_for_update().get(pk=command.call_id)
         if outcome.kind == "call_ended":
             events.call_mark_ended(call=call, at=now)
             call.save()
         elif failed:
-            session = command.stream or command.fork or command.transcription
-            if session is not None and command.action.endswith("_start"):
-                _fail_session(call, session, f"{reason or outcome.reason}: {outcome.title}", now)
-        elif command.action == Command.Action.TRANSCRIPTION_STOP:
+            target = command.stream or command.fork or command.transcription
+            _fail_session(call, target, f"{reason or outcome.reason}: {outcome.title}", now)
+        else:
             # Telnyx sends no webhook when transcription stops: the 200 is the evidence.
             for transcription in call.transcriptions.all():
                 if transcription.is_open:

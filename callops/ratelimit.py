@@ -139,6 +139,10 @@ class RedisRateLimiter:
         """The send's answer came back (or it failed): it counts from now on."""
         self._complete(keys=self.keys[:1], args=[send])
 
+    def release(self, send: str) -> None:
+        """A turn taken but not used (the command was done or held elsewhere)."""
+        self.client.zrem(self.keys[0], send)
+
     def pause(self, seconds: float) -> None:
         self._pause(keys=self.keys[1:2], args=[max(0.0, seconds) * 1000])
 
@@ -199,6 +203,12 @@ class FileRateLimiter:
         def change(state: dict, now: float) -> None:
             if send in state.get("sends", {}):
                 state["sends"][send] = now
+
+        self._locked(change)
+
+    def release(self, send: str) -> None:
+        def change(state: dict, now: float) -> None:
+            state.get("sends", {}).pop(send, None)
 
         self._locked(change)
 
