@@ -653,6 +653,13 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers")
     parser.add_argument(
+        "--threads-per-worker",
+        type=int,
+        default=1,
+        help="over 1: gunicorn gthread workers with this many threads (a request waiting on "
+        "PostgreSQL's commit no longer leaves its worker's core idle)",
+    )
+    parser.add_argument(
         "--settings",
         default="benchmarks.bench_settings",
         help="settings module of the server, to compare a variant (must keep bench_urls)",
@@ -734,8 +741,11 @@ def main() -> int:
                 gunicorn,
                 "--workers",
                 str(args.workers),
-                "--worker-class",
-                "sync",
+                *(
+                    ["--worker-class", "gthread", "--threads", str(args.threads_per_worker)]
+                    if args.threads_per_worker > 1
+                    else ["--worker-class", "sync"]
+                ),
                 "--bind",
                 f"127.0.0.1:{port}",
                 "--chdir",
@@ -857,8 +867,13 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
         if args.settings == "benchmarks.bench_settings"
         else f"settings {args.settings}"
     )
+    kind = (
+        "sync workers"
+        if args.threads_per_worker < 2
+        else f"gthread workers x {args.threads_per_worker} threads"
+    )
     print(
-        f"\ngunicorn {args.workers} sync workers, {settings}, loopback, "
+        f"\ngunicorn {args.workers} {kind}, {settings}, loopback, "
         f"{args.duration:g} s per phase.\nMax rate: {generator}, closed loop. Open loop: "
         "Python, one connection per request, latency from the scheduled send time.\n"
     )
