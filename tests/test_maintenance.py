@@ -285,3 +285,46 @@ def test_a_hangup_before_the_sweep_leaves_nothing_to_stop(db, settings):
         "over_duration": 0,
         "stops_sent": 0,
     }
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_beat_runs_the_schedules_from_the_database(worker_processes, settings):
+    """celery beat, as a process, reads django-celery-beat's schedule and a worker runs it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from django_celery_beat.models import IntervalSchedule
+
+    from tests.conftest import wait_for
+
+    every_second, _ = IntervalSchedule.objects.get_or_create(every=1, period="seconds")
+    PeriodicTask.objects.update_or_create(
+        name="callops: beat heartbeat",
+        defaults={"task": "callops.tasks.beat_heartbeat", "interval": every_second},
+    )
+    worker_processes(count=1, concurrency=1)
+    db = connection.settings_dict
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "config", "beat", "--loglevel", "INFO"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "config.settings.test",
+            "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST']}:{db['PORT']}/{db['NAME']}",
+            "REDIS_URL": settings.CELERY_BROKER_URL,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        run = wait_for(
+            lambda: TaskRun.objects.filter(name="beat_heartbeat", runs__gte=2).first(),
+            timeout=30,
+        )
+    finally:
+        beat.terminate()
+        beat.wait(10)
+    assert run.last_result == "ok"
