@@ -12,6 +12,8 @@ What it does, on this machine only:
    children each) pointed at it, with ``TELNYX_RATE_LIMIT=--limit``. The workers run
    ``celery -A benchmarks.command_probe``: the project's app plus a log line per limiter decision
    and per scheduled task start (see that module); ``--no-probe`` runs ``celery -A config``.
+   ``--variant`` turns on the probe's experiments (candidate changes, tried without editing
+   callops), ``--guard`` sets ``TELNYX_RATE_LIMIT_GUARD`` for the run.
 3. Warm-up: a few commands, so every worker child has its database connection (not measured).
 4. Phase A, latency below the limit: commands are created on a fixed schedule at a quarter of
    the limit for ``--latency-seconds`` through ``command_create`` (which enqueues after commit);
@@ -20,20 +22,23 @@ What it does, on this machine only:
 5. Phase B, throughput at the limit: ``--commands`` commands are created as fast as this process
    can, and the run waits until every one has finished. Targets: rate >= 0.95 x limit, < 1 % of
    requests answered 429, no command lost (not succeeded), no duplicate sent.
-   The rate is given two ways. As briefed: 200s / (last - first arrival). That figure depends
-   on the shape of the first second: under a 1-s sliding window the first ``limit`` requests
-   may all go at once, so a perfect limiter sends N commands in as little as (N - limit) / limit
-   seconds (x N / (N - limit), +9 % for 600 at 50/s), or in N / limit if they trickle in. The
-   sustained figure does not: request k + limit may reach Telnyx one second after request k at
-   the earliest, so limit / mean(arrival[k + limit] - arrival[k]) is 1.0 for a perfect limiter
-   whatever the first second looked like; it is printed next to the other and checked too.
+   The rate checked is the briefed one: 200s / (last - first arrival) / limit. Its ideal for
+   this limiter is 1 / (1 + guard) = 0.99: the first ``limit`` commands go at once (the
+   window's allowance), and from then on tickets pace the rest at limit / (1 + guard) per
+   second, so the allowance is spent once, not every second. Printed next to it, not checked:
+   the steady pace, limit / mean(arrival[k + limit] - arrival[k]) over k >= limit (the first
+   ``limit`` gaps are long by design: the burst is paced out); also 1 / (1 + guard) at best.
 6. Prints where phase B's time went (the limiter's period, how late woken tasks ran, task
    messages and task time per command, CPU), then PASS/FAIL per target; stops the workers, drops
    the database and flushes the Redis db. Exit status 1 if a target is missed.
 
 Other processes on this (2-core) machine skew every figure: before each phase the run waits up
-to ``--quiet-wait`` seconds for the CPU to be idle, measures what others took during the phase,
-and runs a phase again (up to ``--attempts``) while they took over 10 % of the CPU.
+to ``--quiet-wait`` seconds for the CPU to be idle (5 s in a row), measures what the other
+processes in /proc took during the phase, and runs a phase again (up to ``--attempts``) while
+they took over 10 % of the CPU. It also prints busy time that no process accounts for (on this
+VM, 0.5-0.9 cores whenever phase B runs, and ~0 otherwise). One run at a time: a second one
+on the same ``--database`` stops at once. ``--keep-logs`` keeps the worker logs (kept anyway
+when a target is missed).
 """
 
 from __future__ import annotations
@@ -343,8 +348,8 @@ class PhaseB:
         return [times[k + self.limit] - times[k] for k in range(len(times) - self.limit)]
 
     @property
-    def rate_sustained(self) -> float:
-        periods = self.periods
+    def rate_steady(self) -> float:
+        periods = self.periods[self.limit :]
         return len(periods) / sum(periods) if periods else float("nan")
 
     @property
@@ -524,16 +529,18 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
         "requests at Telnyx: 200 / 429 / other",
         f"{len(b.ok)} / {b.n429} / {len(b.records) - len(b.ok) - b.n429}",
     )
+    best = 1 / (1 + guard)
     line(
         "span, first -> last 200",
-        f"{b.span:.2f} s (perfect limiter: {(b.n - limit) / limit:.2f}-{b.n / limit:.2f} s)",
+        f"{b.span:.2f} s (this limiter at best: {(b.n - 1) / limit / best:.2f} s)",
     )
     line(
-        "rate as briefed: 200s / span", f"{len(b.ok) / b.span:.2f}/s = {b.rate_briefed:.3f} x limit"
+        "rate: 200s / span",
+        f"{len(b.ok) / b.span:.2f}/s = {b.rate_briefed:.3f} x limit (best {best:.3f})",
     )
     line(
-        "rate sustained: limit / mean(arrival k+limit - arrival k)",
-        f"{b.rate_sustained * limit:.2f}/s = {b.rate_sustained:.3f} x limit",
+        "steady pace: limit / mean(arrival k+limit - arrival k), k>=limit",
+        f"{b.rate_steady * limit:.2f}/s = {b.rate_steady:.3f} x limit (best {best:.3f})",
     )
     line("share of requests answered 429", f"{b.share_429:.2%}")
     line("most requests in any 1-s window", f"{b.max_window_all}")
@@ -578,10 +585,7 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
         f"{pct(periods, 10):.0f} / {pct(periods, 50):.0f} / {pct(periods, 90):.0f} ms "
         f"(1 s + guard = {1000 * (1 + guard):.0f})",
     )
-    line(
-        "  rate the p50 / mean period allows",
-        f"{1000 / pct(periods, 50):.3f} / {b.rate_sustained:.3f} x limit",
-    )
+    line("  rate the p50 period allows", f"{1000 / pct(periods, 50):.3f} x limit")
     after = [p for k, p in enumerate(periods) if times[k] > b.created_end]
     line(
         "  the same once the burst was created: n, p10 / p50 / p90",
@@ -635,8 +639,7 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
             f"phase A p99 latency < {TARGET_P99_MS:g} ms",
             pct(a.latencies, 99) < TARGET_P99_MS and len(a.latencies) == a.n,
         ),
-        (f"phase B rate as briefed >= {TARGET_RATE} x limit", b.rate_briefed >= TARGET_RATE),
-        (f"phase B rate sustained >= {TARGET_RATE} x limit", b.rate_sustained >= TARGET_RATE),
+        (f"phase B rate (200s / span) >= {TARGET_RATE} x limit", b.rate_briefed >= TARGET_RATE),
         (f"phase B 429 share < {TARGET_429_SHARE:.0%}", b.share_429 < TARGET_429_SHARE),
         ("phase B no command lost", b.lost == 0),
         ("phase B no duplicate", b.duplicates == (0, 0)),
