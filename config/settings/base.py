@@ -160,8 +160,10 @@ TELNYX_WEBHOOK_MAX_BYTES = env.int("TELNYX_WEBHOOK_MAX_BYTES", default=1024 * 10
 TELNYX_TIMEOUT = env.float("TELNYX_TIMEOUT", default=5.0)
 # Commands per second all workers together may send (Telnyx publishes no number for Call Control).
 TELNYX_RATE_LIMIT = env.float("TELNYX_RATE_LIMIT", default=10.0)
-# Extra seconds added to the one-second rate window, for clock and timer granularity.
-TELNYX_RATE_LIMIT_GUARD = env.float("TELNYX_RATE_LIMIT_GUARD", default=0.01)
+# Extra seconds added to the one-second rate window. 0 by default: a send counts until its
+# answer is back (callops.ratelimit), so two sends a window apart in the log are already at least
+# a window (plus a round trip) apart at Telnyx. Raise it if Telnyx's clock is distrusted.
+TELNYX_RATE_LIMIT_GUARD = env.float("TELNYX_RATE_LIMIT_GUARD", default=0.0)
 # Exponential backoff with full jitter for retryable failures: base * 2**attempt, capped.
 TELNYX_BACKOFF_BASE = env.float("TELNYX_BACKOFF_BASE", default=0.5)
 TELNYX_BACKOFF_CAP = env.float("TELNYX_BACKOFF_CAP", default=60.0)
