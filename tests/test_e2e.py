@@ -27,7 +27,6 @@ from callops.models import (
 )
 from callops.simulator import CallSimulator
 from tests.conftest import closed_port, use_broker, wait_for
-from tests.telnyx_events import T0  # noqa: F401
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
