@@ -168,7 +168,7 @@ def measure(n: int, key: SigningKey, profile: bool) -> list:
         rows,
     )
     timed(
-        "  store_event (INSERT ... ON CONFLICT + drain flag, autocommit)",
+        "  store_event (prepared INSERT ... ON CONFLICT + drain flag)",
         n,
         lambda i: webhooks.store_event(parsed[i], handled=True),
         rows,

@@ -40,6 +40,39 @@ def test_it_stores_an_authentic_event_as_pending(post_event):
     assert stored.occurred_at.isoformat().startswith(event["data"]["occurred_at"][:19])
 
 
+def webhook_statements_prepared() -> list[str]:
+    """The webhook INSERTs prepared on this connection (pg_prepared_statements is per session)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT statement FROM pg_prepared_statements"
+            " WHERE statement LIKE '%%INSERT INTO callops_webhookevent%%'"
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+
+def test_the_insert_is_prepared_once_per_connection_and_reused(post_event):
+    for kind in ("call.initiated", "call.answered", "call.hangup"):
+        assert post_event(envelope(kind, attempt=1)).status_code == 200
+    assert len(webhook_statements_prepared()) == 1
+    assert WebhookEvent.objects.count() == 3
+
+
+def test_with_prepared_statements_off_the_insert_still_runs(post_event):
+    from django.db import connection
+
+    connection.ensure_connection()
+    raw = connection.connection
+    was, raw.prepare_threshold = raw.prepare_threshold, None  # DATABASE_PREPARED_STATEMENTS=false
+    try:
+        assert post_event(envelope("call.answered")).status_code == 200
+        assert webhook_statements_prepared() == []
+    finally:
+        raw.prepare_threshold = was
+    assert WebhookEvent.objects.get().status == "pending"
+
+
 def queued_messages() -> int:
     """Messages waiting in the real broker's queue (Redis list ``callops``)."""
     return redis.Redis.from_url(settings.CELERY_BROKER_URL).llen("callops")

@@ -5,14 +5,19 @@ there, the suite fails at start (see tests/conftest.py).
 """
 
 from .base import *  # noqa: F403
-from .base import BROKER_FAIL_FAST, env
+from .base import BROKER_FAIL_FAST, database, env
 
 SECRET_KEY = "django-insecure-callops-test-only"  # noqa: S105
 ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
 DEBUG = False
 
 DATABASES = {
-    "default": env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/callops"),
+    "default": database(
+        {
+            **env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/callops"),
+            "CONN_MAX_AGE": 0,
+        }
+    ),
 }
 DATABASES["default"]["TEST"] = {"NAME": env.str("TEST_DATABASE_NAME", default="test_callops")}
 
