@@ -26,10 +26,13 @@ class WebhookEvent(models.Model):
         FAILED = "failed"
 
     # db_default lets the webhook view insert with one raw statement (see callops.webhooks).
-    event_id = models.CharField("Telnyx event id", max_length=100, unique=True)
+    # Unique and indexed through Meta, not unique=True / db_index=True: on PostgreSQL those also
+    # build a varchar_pattern_ops copy of each index for LIKE queries, which nothing here runs,
+    # and every webhook INSERT would pay for both (random keys: a page written per insert).
+    event_id = models.CharField("Telnyx event id", max_length=100)
     event_type = models.CharField(max_length=100)
     occurred_at = models.DateTimeField()
-    call_control_id = models.CharField(max_length=255, blank=True, db_index=True)
+    call_control_id = models.CharField(max_length=255, blank=True)
     payload = models.JSONField(help_text="The whole delivered envelope: data and meta.")
     received_at = models.DateTimeField(default=timezone.now, db_default=Now())
     delivery_count = models.PositiveIntegerField(default=1, db_default=1)
@@ -51,6 +54,11 @@ class WebhookEvent(models.Model):
             ),
             models.Index(fields=["status", "received_at"], name="webhookevent_status_idx"),
             models.Index(fields=["event_type", "received_at"], name="webhookevent_type_idx"),
+            models.Index(fields=["call_control_id"], name="webhookevent_call_idx"),
+        ]
+        constraints = [
+            # The webhook's INSERT ... ON CONFLICT (event_id) relies on it.
+            models.UniqueConstraint(fields=["event_id"], name="webhookevent_event_id_uniq"),
         ]
         ordering = ["-received_at"]
 
