@@ -14,4 +14,4 @@ RUN pip install --no-cache-dir . \
        python manage.py collectstatic --no-input
 USER callops
 EXPOSE 8000
-CMD ["gunicorn", "config.wsgi:application", "--bind", "0.0.0.0:8000", "--workers", "2"]
+CMD ["gunicorn", "-c", "config/gunicorn.py", "config.wsgi:application"]

@@ -6,7 +6,8 @@ What it does, on this machine only (loopback, plain HTTP):
 
 1. Recreates the database ``callops_bench`` on the local PostgreSQL, migrates it, and flushes
    Redis db 13 (cache and broker of the run).
-2. Generates an Ed25519 key pair and starts gunicorn (2 sync workers) on a free port with
+2. Generates an Ed25519 key pair and starts gunicorn on a free port as production runs it,
+   with ``config/gunicorn.py`` (sync workers, 2 per core: 4 here; ``--workers`` to compare) and
    ``benchmarks.bench_settings``: production settings plus ``/bench/bare/``, a view answering
    ``b"ok"`` behind the same middleware as the webhook. A warm-up opens every worker's database
    and broker connections (a worker's first broker publish costs ~100 ms).
@@ -43,6 +44,7 @@ import math
 import multiprocessing
 import os
 import resource
+import runpy
 import secrets
 import shutil
 import signal
@@ -483,6 +485,8 @@ class CpuMeter:
                 continue  # counted in "other": busy time that no role accounts for
             seconds = (int(fields[11]) + int(fields[12])) / self.tick
             procs[(pid, fields[19])] = (role, seconds)  # (pid, start time): pids are reused
+            if role == "gunicorn":  # its kernel share too: socket I/O, sleeping and waking
+                procs[(pid, fields[19], "sys")] = ("gunicorn kernel", int(fields[12]) / self.tick)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, forked generators
         procs[("children", "")] = ("load generator", children.ru_utime + children.ru_stime)
         with open("/proc/stat") as f:
@@ -651,7 +655,11 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10, help="seconds per phase")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--workers", type=int, default=2, help="gunicorn sync workers")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="gunicorn workers (default: config/gunicorn.py's, 2 per core or WEB_CONCURRENCY)",
+    )
     parser.add_argument(
         "--threads-per-worker",
         type=int,
@@ -693,6 +701,8 @@ def main() -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="show wrk and gunicorn output")
     args = parser.parse_args()
+    if args.workers is None:  # what production runs on this machine
+        args.workers = runpy.run_path(str(ROOT / "config" / "gunicorn.py"))["workers"]
 
     use_wrk = args.load != "python" and shutil.which("wrk") is not None
     if args.load == "wrk" and not use_wrk:
@@ -739,6 +749,8 @@ def main() -> int:
         server = subprocess.Popen(
             [
                 gunicorn,
+                "--config",
+                str(ROOT / "config" / "gunicorn.py"),
                 "--workers",
                 str(args.workers),
                 *(
@@ -889,13 +901,15 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
             f"{phase.percentile_ms(99):>8.2f} {ratio:>7} {phase.bad['non-2xx']:>8} {rows:>7}"
         )
 
-    # Where the cores went, per completed request. "other" is every other process plus kernel
-    # time no process is charged for: when it is large, someone else was using the machine.
+    # Where the cores went, per completed request. "(kernel)" is the part of gunicorn's time spent
+    # in the kernel. "other" is every other process plus kernel time no process is charged for:
+    # when it is large, someone else was using the machine.
     print(f"\nCPU per request, microseconds ({os.cpu_count()} cores)")
     print(
         f"{'phase':<30} "
         + " ".join(
-            f"{r:>10}" for r in ("gunicorn", "postgres", "redis", "generator", "other", "idle %")
+            f"{r:>10}"
+            for r in ("gunicorn", "(kernel)", "postgres", "redis", "generator", "other", "idle %")
         )
     )
     noisy = []
@@ -904,7 +918,10 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
         total = phase.cpu["(all)"] or 1
         print(
             f"{phase.name:<30} "
-            + " ".join(f"{phase.cpu[r] / n * 1e6:>10,.0f}" for r in ROLES)
+            + " ".join(
+                f"{phase.cpu[r] / n * 1e6:>10,.0f}"
+                for r in ("gunicorn", "gunicorn kernel", *ROLES[1:])
+            )
             + f" {phase.other_cpu / n * 1e6:>10,.0f}"
             + f" {100 * (1 - phase.cpu['(busy)'] / total):>10.0f}"
         )

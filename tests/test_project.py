@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,12 @@ def _command_is_real(argv: list[str]) -> None:
     if argv[:2] == ["python", "manage.py"]:
         assert argv[2] in get_commands(), f"no management command {argv[2]!r}"
     elif argv[0] == "gunicorn":
-        module, _, attr = argv[1].partition(":")
+        args = list(argv[1:])
+        if "-c" in args:
+            at = args.index("-c")
+            _gunicorn_config_is_valid(ROOT / args[at + 1])
+            del args[at : at + 2]
+        module, _, attr = args[0].partition(":")
         assert callable(getattr(importlib.import_module(module), attr))
     elif argv[0] == "celery":
         assert argv[1] == "-A"
@@ -86,6 +92,19 @@ def _command_is_real(argv: list[str]) -> None:
         assert app.main == "callops"
     else:
         raise AssertionError(f"unexpected command {argv}")
+
+
+def _gunicorn_config_is_valid(path: Path) -> None:
+    """Every setting the file defines is one gunicorn knows, with a value it accepts."""
+    from gunicorn.config import Config
+
+    config = Config()
+    defined = {k: v for k, v in runpy.run_path(str(path)).items() if not k.startswith("_")}
+    known = {k: v for k, v in defined.items() if k in config.settings}
+    assert known.keys() >= {"bind", "workers", "worker_class", "timeout"}
+    for name, value in known.items():
+        config.set(name, value)  # raises on a value gunicorn would refuse
+    assert config.workers >= 1
 
 
 def test_every_compose_command_names_a_real_module_or_command():

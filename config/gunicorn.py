@@ -1,0 +1,20 @@
+"""gunicorn settings for the web process: ``gunicorn -c config/gunicorn.py config.wsgi``.
+
+Sync workers: each request holds its worker until PostgreSQL has committed the webhook, so
+keep a buffering proxy (or the load balancer) in front for slow clients. Command-line flags
+override anything here.
+"""
+
+import os
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
+# Two per core. A webhook request waits for PostgreSQL's commit about a third of its time, so
+# one worker per core leaves cores idle; measured on 2 cores (benchmarks/webhook_throughput.py),
+# 4 workers took the most webhooks per second, and 5 (gunicorn's 2n+1) fewer than 2.
+workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
+worker_class = "sync"
+timeout = 30  # Telnyx gives up on a webhook after 2 s; a worker stuck 30 s is restarted
+graceful_timeout = 20
+# Behind a proxy, trust its X-Forwarded-* headers (set to the proxy's address, or "*" in a
+# private network where only the proxy can reach the web process).
+forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
