@@ -144,3 +144,60 @@ def test_env_example_documents_every_variable_the_settings_read():
 
     for name in set(re.findall(r'env\.\w+\(\s*"([A-Z_]+)"', settings_text)):
         assert name in documented, f"{name} is read by the settings but not documented"
+
+
+def _webhookevent_indexes() -> dict[str, tuple[list[str], bool]]:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        found = connection.introspection.get_constraints(cursor, "callops_webhookevent")
+    return {
+        name: (c["columns"], c["unique"])
+        for name, c in found.items()
+        if (c["index"] or c["unique"]) and not c["primary_key"]
+    }
+
+
+@pytest.mark.django_db(transaction=True)
+def test_migration_0007_renames_in_place_and_reverses():
+    """On PostgreSQL 0007 keeps the existing indexes (renamed) and drops only the LIKE copies;
+    unapplying it restores 0006's indexes under their old names."""
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    def migrate(target: str) -> None:
+        executor = MigrationExecutor(connection)
+        executor.loader.build_graph()
+        executor.migrate([("callops", target)])
+
+    after = _webhookevent_indexes()
+    assert after["webhookevent_event_id_uniq"] == (["event_id"], True)
+    assert after["webhookevent_call_idx"] == (["call_control_id"], False)
+    assert not [name for name in after if name.endswith("_like")]
+    leaf = MigrationExecutor(connection).loader.graph.leaf_nodes("callops")[0][1]
+    try:
+        migrate("0006_drain_flag")
+        before = _webhookevent_indexes()
+        assert before["callops_webhookevent_event_id_key"] == (["event_id"], True)
+        assert before["callops_webhookevent_call_control_id_528feb20"] == (
+            ["call_control_id"],
+            False,
+        )
+        assert sum(name.endswith("_like") for name in before) == 2
+        kept = (
+            _index_oid("callops_webhookevent_event_id_key"),
+            _index_oid("callops_webhookevent_call_control_id_528feb20"),
+        )
+    finally:
+        migrate(leaf)
+    assert _webhookevent_indexes() == after
+    # The same index objects, renamed: nothing was rebuilt.
+    assert (_index_oid("webhookevent_event_id_uniq"), _index_oid("webhookevent_call_idx")) == kept
+
+
+def _index_oid(name: str) -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT %s::regclass::oid", [name])
+        return cursor.fetchone()[0]
