@@ -193,7 +193,8 @@ class WebhookEventAdmin(admin.ModelAdmin):
         "last_attempt",
     )
     list_filter = ("status", "event_type", "received_at")
-    search_fields = ("event_id", "call_control_id")
+    # Exact ids: answered from the indexes; a substring search would read the whole table.
+    search_fields = ("=event_id", "=call_control_id")
     date_hierarchy = "received_at"
     actions = ["replay"]
     readonly_fields = [f.name for f in WebhookEvent._meta.fields]

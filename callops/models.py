@@ -52,6 +52,8 @@ class WebhookEvent(models.Model):
                 condition=models.Q(status="pending"),
                 name="webhookevent_pending_idx",
             ),
+            # The admin's list: newest first, its date filter and date drill-down.
+            models.Index(fields=["received_at"], name="webhookevent_received_idx"),
             models.Index(fields=["status", "received_at"], name="webhookevent_status_idx"),
             models.Index(fields=["event_type", "received_at"], name="webhookevent_type_idx"),
             models.Index(fields=["call_control_id"], name="webhookevent_call_idx"),

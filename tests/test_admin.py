@@ -64,6 +64,22 @@ def test_calls_are_searchable_and_show_their_streams_and_transcript(operator):
     assert b"call.dtmf.received" in events_page.content
 
 
+@pytest.mark.django_db
+def test_events_are_found_by_their_exact_ids(operator, post_event):
+    kept, other = envelope("call.answered", "v3:find-me"), envelope("call.answered", "v3:other")
+    post_event(kept)
+    post_event(other)
+
+    def listed(query: str) -> set[str]:
+        page = operator.get("/admin/callops/webhookevent/", {"q": query})
+        assert page.status_code == 200
+        return {e.event_id for e in page.context["cl"].result_list}
+
+    assert listed("v3:find-me") == {kept["data"]["id"]}
+    assert listed(other["data"]["id"]) == {other["data"]["id"]}
+    assert listed("find") == set()  # exact ids only: a substring would read the whole table
+
+
 @pytest.fixture
 def answered_call(db):
     return Call.objects.create(call_control_id="v3:admin", status="answered")
