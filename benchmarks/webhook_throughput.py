@@ -11,15 +11,18 @@ What it does, on this machine only (loopback, plain HTTP):
    ``benchmarks.bench_settings``: production settings plus ``/bench/bare/``, a view answering
    ``b"ok"`` behind the same middleware as the webhook. A warm-up opens every worker's database
    and broker connections (a worker's first broker publish costs ~100 ms).
-3. Measures three phases, each ``--duration`` seconds:
+3. Measures, each phase ``--duration`` seconds:
    a. the bare view at maximum rate (wrk, closed loop, ``--connections``);
    b. the webhook at maximum rate, every request a distinct, freshly signed ~900-byte event;
-   c. the webhook at half of b's rate, open loop: requests leave on a fixed schedule whatever
-      the server does, and latency counts from the scheduled time, so a stall is not hidden
-      (wrk's own pacing would hold a connection idle, which blocks a sync worker).
+   a and b alternate for ``--rounds`` rounds (3), and each round gives a ratio b / a: a slow
+   spell of this shared machine then spoils one round, not the result, which is the median;
+   c. the webhook at half of b's median rate, open loop: requests leave on a fixed schedule
+      whatever the server does, and latency counts from the scheduled time, so a stall is not
+      hidden (wrk's own pacing would hold a connection idle, which blocks a sync worker).
 4. Checks that every 2xx in b and c stored exactly one row and that no event was a duplicate,
    prints req/s, p50, p99, the ratio to bare and the CPU each process spent per request, then
-   PASS/FAIL against the targets: webhook >= 0.3 x bare, p99 < 50 ms at half the maximum rate.
+   PASS/FAIL against the targets: webhook >= 0.3 x bare (median round), p99 < 50 ms at half
+   the maximum rate.
 5. Stops gunicorn, drops the database and flushes the Redis db.
 
 Two cores are easily disturbed: before each phase the script waits for the machine to be idle,
@@ -49,6 +52,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -509,6 +513,7 @@ ROLES = ("gunicorn", "postgres", "redis", "load generator")
 @dataclass
 class Phase:
     name: str
+    path: str
     load: LoadResult | None = None
     wrk: dict | None = None
     cpu: Counter = field(default_factory=Counter)
@@ -653,6 +658,9 @@ def stop(server: subprocess.Popen) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per phase")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of bare view then webhook at max rate"
+    )
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument(
@@ -822,7 +830,7 @@ def main() -> int:
             for n in range(1, args.attempts + 1):
                 wait_for_quiet(args.quiet_wait)
                 print(f"  {name} ...", flush=True)
-                phase = Phase(name, target_rate=rate, attempts=n)
+                phase = Phase(name, path, target_rate=rate, attempts=n)
                 attempt(phase, path, count, rate)
                 if phase.other_share <= NOISE_LIMIT:
                     break
@@ -830,13 +838,16 @@ def main() -> int:
             phases[name] = phase
             return phase
 
-        # a. Bare view: bodies are ignored, so a small pool of events is cycled.
-        bare = measure("bare view, max rate", BARE_PATH, 2000)
-        # b. Webhook at max rate: it cannot outrun the bare view, so that many events suffice.
-        count = int(bare.rps * args.duration * 1.3) + 10 * args.connections
-        hook = measure("webhook, max rate", WEBHOOK_PATH, count)
-        # c. Webhook at half that rate, open loop.
-        rate = hook.rps / 2
+        # Rounds of a then b: a slow spell of the machine (another tenant, a checkpoint) hits
+        # one round's pair, and the median round decides.
+        for n in range(1, args.rounds + 1):
+            # a. Bare view: bodies are ignored, so a small pool of events is cycled.
+            bare = measure(f"bare view, round {n}", BARE_PATH, 2000)
+            # b. Webhook at max rate: it cannot outrun the bare view, so that many events do.
+            count = int(bare.rps * args.duration * 1.3) + 10 * args.connections
+            measure(f"webhook, round {n}", WEBHOOK_PATH, count)
+        # c. Webhook at half the median round's rate, open loop.
+        rate = statistics.median(p.rps for p in phases.values() if p.path == WEBHOOK_PATH) / 2
         measure(
             f"webhook, open loop {rate:,.0f}/s",
             WEBHOOK_PATH,
@@ -868,7 +879,10 @@ def main() -> int:
 
 
 def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> int:
-    bare, hook, half = phases.values()
+    *rounds, half = phases.values()
+    pairs = list(zip(rounds[::2], rounds[1::2], strict=True))  # (bare, webhook) per round
+    ratios = {hook.name: hook.rps / bare.rps for bare, hook in pairs}
+    hooks = [hook for _, hook in pairs]
     generator = (
         f"wrk -t{args.threads} -c{args.connections}"
         if use_wrk
@@ -886,16 +900,17 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
     )
     print(
         f"\ngunicorn {args.workers} {kind}, {settings}, loopback, "
-        f"{args.duration:g} s per phase.\nMax rate: {generator}, closed loop. Open loop: "
-        "Python, one connection per request, latency from the scheduled send time.\n"
+        f"{args.duration:g} s per phase, {len(pairs)} rounds.\nMax rate: {generator}, closed loop. "
+        "Open loop: Python, one connection per request, latency from the scheduled send time.\n"
     )
     print(
         f"{'phase':<30} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x bare':>7} "
         f"{'non-2xx':>8} {'rows':>7}"
     )
-    for phase in (bare, hook, half):
-        rows = "-" if phase is bare else f"{phase.rows:,}"
-        ratio = "-" if phase is half else f"{phase.rps / bare.rps:.2f}"
+    for phase in (*rounds, half):
+        rows = "-" if phase.path == BARE_PATH else f"{phase.rows:,}"
+        ratio = "1.00" if phase.path == BARE_PATH and phase is not half else "-"
+        ratio = f"{ratios[phase.name]:.2f}" if phase.name in ratios else ratio
         print(
             f"{phase.name:<30} {phase.rps:>8,.0f} {phase.percentile_ms(50):>8.2f} "
             f"{phase.percentile_ms(99):>8.2f} {ratio:>7} {phase.bad['non-2xx']:>8} {rows:>7}"
@@ -913,7 +928,7 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
         )
     )
     noisy = []
-    for phase in (bare, hook, half):
+    for phase in (*rounds, half):
         n = max(1, phase.completed)
         total = phase.cpu["(all)"] or 1
         print(
@@ -932,11 +947,11 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
             )
 
     problems = []
-    for phase in (bare, hook, half):
+    for phase in (*rounds, half):
         for what, value in phase.bad.items():
-            if value and not (phase is bare and what == "events reused"):
+            if value and not (phase.path == BARE_PATH and what == "events reused"):
                 problems.append(f"{phase.name}: {value} {what}")
-    for phase in (hook, half):
+    for phase in (*hooks, half):
         # Rows = 2xx answers, plus at most the requests still in flight when the phase ended.
         ok = phase.completed - phase.bad["non-2xx"]
         if not ok <= phase.rows <= phase.sent:
@@ -954,9 +969,9 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
         problems.append(f"open loop reached {half.rps:,.0f}/s of {half.target_rate:,.0f}/s")
 
     print(
-        f"\nrows: {hook.rows:,} stored for {hook.completed:,} answers at max rate "
-        f"({hook.sent:,} sent), {half.rows:,} for {half.completed:,} in the open loop; "
-        f"{redelivered} delivered twice"
+        f"\nrows: {sum(h.rows for h in hooks):,} stored for {sum(h.completed for h in hooks):,} "
+        f"answers at max rate ({sum(h.sent for h in hooks):,} sent), {half.rows:,} for "
+        f"{half.completed:,} in the open loop; {redelivered} delivered twice"
     )
     if half.load and half.load.slow:
         # Spread in time = queueing; bunched = one stall (a first broker publish, a reconnect,
@@ -968,7 +983,7 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
             f"open loop: {len(slow)} answers over 20 ms (max {max(x for _, x in slow) * 1000:.0f}"
             f" ms), sent between {slow[0][0]:.1f} s and {slow[-1][0]:.1f} s; most in {busiest}"
         )
-    ratio = hook.rps / bare.rps
+    ratio = statistics.median(ratios.values())
     p99 = half.percentile_ms(99)
     print()
     for line in noisy:
@@ -978,7 +993,8 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
     verdicts = [
         (
             ratio >= TARGET_RATIO,
-            f"webhook throughput {ratio:.2f} x bare (target >= {TARGET_RATIO})",
+            f"webhook throughput {ratio:.2f} x bare, the median of rounds "
+            f"{', '.join(f'{r:.2f}' for r in ratios.values())} (target >= {TARGET_RATIO})",
         ),
         (
             p99 < TARGET_P99_MS,
