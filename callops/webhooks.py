@@ -238,6 +238,11 @@ def _execute_prepared(db: BaseDatabaseWrapper, sql: str, params: dict) -> tuple:
     end-of-request clean-up of a broken connection work as for any ORM query.
     """
     db.ensure_connection()
-    with db.wrap_database_errors, psycopg.Cursor(db.connection) as cursor:
+    # One cursor per connection, kept on Django's wrapper: a new cursor would look up the
+    # parameters' dumpers again on every delivery (measured: ~12 us).
+    cursor = getattr(db, "_callops_webhook_cursor", None)
+    if cursor is None or cursor.closed or cursor.connection is not db.connection:
+        cursor = db._callops_webhook_cursor = psycopg.Cursor(db.connection)
+    with db.wrap_database_errors:
         cursor.execute(sql, params, prepare=True)
         return cursor.fetchone()
