@@ -6,9 +6,10 @@ What it does, on this machine only (loopback, plain HTTP):
 
 1. Recreates the database ``callops_bench`` on the local PostgreSQL, migrates it, and flushes
    Redis db 13 (cache and broker of the run).
-2. Generates an Ed25519 key pair and starts gunicorn on a free port as production runs it,
-   with ``config/gunicorn.py`` (sync workers, 2 per core: 4 here; ``--workers`` to compare) and
-   ``benchmarks.bench_settings``: production settings plus ``/bench/bare/``, a view answering
+2. Generates an Ed25519 key pair and starts gunicorn on a free port with production's
+   ``config/gunicorn.py`` but 2 sync workers, the setting the targets were set in
+   (``--workers 0``: production's 2 per core, 4 here) and ``benchmarks.bench_settings``:
+   production settings plus ``/bench/bare/``, a view answering
    ``b"ok"`` behind the same middleware as the webhook. A warm-up opens every worker's database
    and broker connections (a worker's first broker publish costs ~100 ms).
 3. Measures, each phase ``--duration`` seconds:
@@ -666,7 +667,9 @@ def main() -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        help="gunicorn workers (default: config/gunicorn.py's, 2 per core or WEB_CONCURRENCY)",
+        default=2,
+        help="gunicorn workers: 2, as the targets were set; 0 takes config/gunicorn.py's "
+        "(2 per core, or WEB_CONCURRENCY)",
     )
     parser.add_argument(
         "--threads-per-worker",
@@ -709,7 +712,7 @@ def main() -> int:
     )
     parser.add_argument("--verbose", action="store_true", help="show wrk and gunicorn output")
     args = parser.parse_args()
-    if args.workers is None:  # what production runs on this machine
+    if not args.workers:  # what production runs on this machine
         args.workers = runpy.run_path(str(ROOT / "config" / "gunicorn.py"))["workers"]
 
     use_wrk = args.load != "python" and shutil.which("wrk") is not None

@@ -8,9 +8,11 @@ override anything here.
 import os
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
-# Two per core. A webhook request waits for PostgreSQL's commit about a third of its time, so
-# one worker per core leaves cores idle; measured on 2 cores (benchmarks/webhook_throughput.py),
-# 4 workers took the most webhooks per second, and 5 (gunicorn's 2n+1) fewer than 2.
+# Two per core. A webhook request waits for PostgreSQL's commit for about a quarter of its
+# time with the database on the same host, longer across a network, so one worker per core
+# leaves cores idle. On 2 cores shared with PostgreSQL (benchmarks/webhook_throughput.py),
+# 2 and 4 workers stored about the same webhooks per second on average (~1,850/s), 4 with a
+# wider spread, and 5 (gunicorn's 2n+1) fewer.
 workers = int(os.environ.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
 worker_class = "sync"
 timeout = 30  # Telnyx gives up on a webhook after 2 s; a worker stuck 30 s is restarted
