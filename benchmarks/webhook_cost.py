@@ -173,6 +173,17 @@ def measure(n: int, key: SigningKey, profile: bool) -> list:
         lambda i: webhooks.store_event(parsed[i], handled=True),
         rows,
     )
+    unprepared = [webhooks.parse_event(body) for _, _, body in events[2 * n + 2 :]]
+
+    def store_client_bound(i):
+        # The same statement through Django's own cursor, which binds parameters on the client:
+        # PostgreSQL parses and plans it every time (what store_event did before it prepared).
+        params = webhooks.insert_params(connection, unprepared[i - 1], handled=True)
+        with connection.cursor() as cursor:
+            cursor.execute(webhooks._insert_sql("postgresql"), params)
+            cursor.fetchone()
+
+    timed("  the same INSERT, not prepared (Django's cursor)", n, store_client_bound, rows)
     timed(
         "  request_event_drain, flag already up (UPDATE)", n, lambda i: request_event_drain(), rows
     )

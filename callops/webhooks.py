@@ -201,9 +201,24 @@ def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool, bool |
     insert. The ORM's create() would cost three round trips and a savepoint for the duplicate.
     """
     db = connections[DEFAULT_DB_ALIAS]  # once: each use of the ``connection`` proxy costs a lookup
+    params = insert_params(db, event, handled=handled)
+    sql = _insert_sql(db.vendor)
+    if db.vendor == "postgresql":
+        row = _execute_prepared(db, sql, params)
+    else:
+        with db.cursor() as cursor:
+            cursor.execute(sql, params)
+            row = cursor.fetchone()
+    stored_status, deliveries = row[0], row[1]
+    rung = bool(row[2]) if len(row) > 2 else None
+    return stored_status, deliveries == 1, rung
+
+
+def insert_params(db: BaseDatabaseWrapper, event: ParsedEvent, *, handled: bool) -> dict:
+    """The bound parameters of ``_insert_sql`` for ``event``."""
     now = timezone.now()
     adapt = db.ops.adapt_datetimefield_value
-    params = {
+    return {
         "event_id": event.event_id,
         "event_type": event.event_type,
         "occurred_at": adapt(event.occurred_at),
@@ -215,16 +230,6 @@ def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool, bool |
         "processed_at": None if handled else adapt(now),
         "stale": adapt(now - DRAIN_FLAG_TTL),
     }
-    sql = _insert_sql(db.vendor)
-    if db.vendor == "postgresql":
-        row = _execute_prepared(db, sql, params)
-    else:
-        with db.cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
-    stored_status, deliveries = row[0], row[1]
-    rung = bool(row[2]) if len(row) > 2 else None
-    return stored_status, deliveries == 1, rung
 
 
 def _execute_prepared(db: BaseDatabaseWrapper, sql: str, params: dict) -> tuple:
