@@ -7,6 +7,8 @@ skipped, so CI can never pass on a machine without the services.
 from __future__ import annotations
 
 import socket
+import threading
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import pytest
@@ -220,6 +222,50 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def database_down():
+    """Django's connection points at a closed port until the block ends, then reconnects."""
+    from django.db import connection
+
+    connection.close()
+    real_port = connection.settings_dict["PORT"]
+    connection.settings_dict["PORT"] = closed_port()
+    try:
+        yield
+    finally:
+        connection.close()
+        connection.settings_dict["PORT"] = real_port
+
+
+def run_concurrently(*calls) -> tuple[list, list[Exception]]:
+    """Run each callable in its own thread, all released together by a barrier.
+
+    Returns ``(results, errors)``. Each thread closes its own database connection, as a worker
+    process would.
+    """
+    from django.db import connection
+
+    barrier = threading.Barrier(len(calls))
+    results: list = []
+    errors: list[Exception] = []
+
+    def run(call) -> None:
+        try:
+            barrier.wait()
+            results.append(call())
+        except Exception as exc:  # reported to the caller
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors
 
 
 def use_broker(url: str) -> None:

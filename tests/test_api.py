@@ -560,18 +560,10 @@ def test_the_schema_and_docs_are_public():
 
 @pytest.mark.django_db(transaction=True)
 def test_the_api_answers_503_when_the_database_is_down(alice):
-    from django.db import connection
-
-    from tests.conftest import closed_port
+    from tests.conftest import database_down
 
     _, client = alice
-    connection.close()
-    real_port = connection.settings_dict["PORT"]
-    connection.settings_dict["PORT"] = closed_port()
-    try:
+    with database_down():
         response = client.get("/api/v1/calls/")
-    finally:
-        connection.close()
-        connection.settings_dict["PORT"] = real_port
     assert response.status_code == 503
     assert response.json()["errors"][0]["message"].startswith("database unavailable")

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import base64
-import threading
 import uuid
 from datetime import timedelta
+from functools import partial
 
 import pytest
 from django.db import connection
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from callops import events, webhooks
 from callops.models import Call, MediaStream, WebhookEvent
+from tests.conftest import run_concurrently
 from tests.telnyx_events import T0, call_life, dumps, envelope
 
 
@@ -195,23 +196,9 @@ def test_concurrent_workers_lose_no_update_on_postgresql():
             webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
             stored_ids.append(WebhookEvent.objects.get(event_id=parsed.event_id).pk)
 
-        barrier = threading.Barrier(len(stored_ids))
-        errors = []
-
-        def apply(event_id: int) -> None:
-            try:
-                barrier.wait()
-                events.event_process_by_id(event_id=event_id)
-            except Exception as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-            finally:
-                connection.close()
-
-        threads = [threading.Thread(target=apply, args=(pk,)) for pk in stored_ids]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        _, errors = run_concurrently(
+            *(partial(events.event_process_by_id, event_id=pk) for pk in stored_ids)
+        )
         assert errors == []
         assert not WebhookEvent.objects.filter(pk__in=stored_ids, status="failed").exists()
         assert Call.objects.filter(call_control_id=racing).count() == 1
@@ -224,19 +211,8 @@ def test_concurrent_drains_apply_each_event_once():
         for event in call_life(f"v3:drain-{index}"):
             parsed = webhooks.parse_event(dumps(event))
             webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
-    counts = []
-
-    def drain() -> None:
-        try:
-            counts.append(events.events_drain(limit=1000))
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=drain) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    counts, errors = run_concurrently(*[partial(events.events_drain, limit=1000)] * 4)
+    assert errors == []
     handled = WebhookEvent.objects.exclude(event_type="call.dtmf.received").count()
     assert sum(counts) == handled
     assert not WebhookEvent.objects.filter(status="pending").exists()

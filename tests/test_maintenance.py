@@ -3,8 +3,8 @@ rows purged, and the health checks that report it."""
 
 from __future__ import annotations
 
-import threading
 from datetime import timedelta
+from functools import partial
 
 import pytest
 from django.db import connection
@@ -26,6 +26,7 @@ from callops.models import (
     WebhookEvent,
 )
 from config.celery_app import app
+from tests.conftest import run_concurrently
 from tests.telnyx_events import T0, envelope
 from tests.test_events import deliver
 
@@ -154,23 +155,8 @@ def test_two_sweeps_at_once_send_one_stop_per_stream(settings, sweep):
     for index in range(5):
         call = Call.objects.create(call_control_id=f"v3:race-{index}", status="answered")
         streams.append(active_stream(call, HOUR))
-    barrier = threading.Barrier(2)
-    errors = []
-
-    def run():
-        try:
-            barrier.wait()
-            sweep(500) if sweep is maintenance._sweep else sweep()
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run = partial(sweep, 500) if sweep is maintenance._sweep else sweep
+    _, errors = run_concurrently(run, run)
     assert errors == []
     assert Command.objects.filter(action="streaming_stop").count() == 5
     assert {c.stream_id for c in Command.objects.all()} == {s.pk for s in streams}

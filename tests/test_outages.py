@@ -5,24 +5,17 @@ from __future__ import annotations
 import time
 
 import pytest
-from django.db import connection
 
 from callops import tasks
 from callops.models import Call, WebhookEvent
-from tests.conftest import closed_port, use_broker, wait_for
+from tests.conftest import database_down, use_broker, wait_for
 from tests.telnyx_events import envelope
 
 
 @pytest.mark.django_db(transaction=True)
 def test_it_answers_503_when_the_database_is_down(post_event):
-    connection.close()
-    real_port = connection.settings_dict["PORT"]
-    connection.settings_dict["PORT"] = closed_port()
-    try:
+    with database_down():
         response = post_event(envelope("call.answered"))
-    finally:
-        connection.close()
-        connection.settings_dict["PORT"] = real_port
     assert response.status_code == 503
     assert WebhookEvent.objects.count() == 0
     # Telnyx retries the same delivery once the database is back: stored exactly once.
