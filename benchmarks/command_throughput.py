@@ -63,6 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 import redis  # noqa: E402
+from pgdb import drop_database, recreate_database  # noqa: E402
 
 from callops.simulator import CommandRecord, TelnyxAPISimulator  # noqa: E402
 
@@ -213,17 +214,6 @@ def wait_for_quiet(max_wait: float, seconds: int = 5) -> float:
         quiet = quiet + 1 if share <= NOISE_LIMIT else 0
         if quiet >= seconds or time.monotonic() - start > max_wait:
             return share
-
-
-def recreate_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- Workers --------------------------------------------------------------------------------

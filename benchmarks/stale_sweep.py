@@ -14,22 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pgdb import drop_database, recreate_database
+
 ROOT = Path(__file__).resolve().parent.parent
 DB = "callops_sweepbench"
 BASE = "postgres://postgres@127.0.0.1:5432"
-
-
-def psql(sql: str, db: str = "postgres") -> None:
-    subprocess.run(
-        ["psql", "-q", "-h", "127.0.0.1", "-U", "postgres", "-d", db, "-c", sql],
-        check=True,
-        capture_output=True,
-    )
 
 
 def main() -> int:
@@ -38,8 +31,7 @@ def main() -> int:
     parser.add_argument("--stale", type=int, default=100)
     args = parser.parse_args()
 
-    psql(f"DROP DATABASE IF EXISTS {DB}")
-    psql(f"CREATE DATABASE {DB}")
+    recreate_database(f"{BASE}/postgres", DB)
     os.environ.update(
         DJANGO_SETTINGS_MODULE="config.settings.dev",
         DJANGO_DEBUG="false",
@@ -150,7 +142,7 @@ def main() -> int:
     print(f"{'PASS' if stops == args.stale else 'FAIL'}: one stop per stale stream ({stops})")
 
     connection.close()
-    psql(f"DROP DATABASE IF EXISTS {DB}")
+    drop_database(f"{BASE}/postgres", DB)
     return 0 if ok_time and uses_index and stops == args.stale else 1
 
 

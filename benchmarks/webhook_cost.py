@@ -24,14 +24,8 @@ import time
 from collections.abc import Callable
 
 from nacl.signing import SigningKey
-from webhook_throughput import (
-    BARE_PATH,
-    ROOT,
-    WEBHOOK_PATH,
-    drop_database,
-    recreate_database,
-    signed_events,
-)
+from pgdb import drop_database, recreate_database
+from webhook_throughput import BARE_PATH, ROOT, WEBHOOK_PATH, signed_events
 
 
 def timed(name: str, n: int, step: Callable[[int], object], rows: list) -> None:

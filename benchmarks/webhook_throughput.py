@@ -71,6 +71,7 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
+from pgdb import drop_database, recreate_database  # noqa: E402
 
 from tests.telnyx_events import envelope  # noqa: E402
 
@@ -606,17 +607,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def recreate_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def drop_database(admin_url: str, name: str) -> None:
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 def count_rows(db_url: str) -> tuple[int, int]:
     """(rows, rows delivered more than once) in the event table."""
     with psycopg.connect(db_url) as conn:
@@ -912,8 +902,10 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
     )
     for phase in (*rounds, half):
         rows = "-" if phase.path == BARE_PATH else f"{phase.rows:,}"
-        ratio = "1.00" if phase.path == BARE_PATH and phase is not half else "-"
-        ratio = f"{ratios[phase.name]:.2f}" if phase.name in ratios else ratio
+        if phase.name in ratios:
+            ratio = f"{ratios[phase.name]:.2f}"
+        else:
+            ratio = "1.00" if phase.path == BARE_PATH else "-"
         print(
             f"{phase.name:<30} {phase.rps:>8,.0f} {phase.percentile_ms(50):>8.2f} "
             f"{phase.percentile_ms(99):>8.2f} {ratio:>7} {phase.bad['non-2xx']:>8} {rows:>7}"
