@@ -213,9 +213,11 @@ def call_mark_ended(*, call: Call, at: datetime) -> None:
     refused because the call had ended; the hang-up's own time wins whenever it arrives."""
     call.ended_at = _earliest(call.ended_at, at)
     _raise_status(call, Call.Status.ENDED)
-    for sessions in (call.streams.all(), call.forks.all(), call.transcriptions.all()):
-        for session in sessions:
-            _save_session(call, session, at)
+    sessions = [*call.streams.all(), *call.forks.all(), *call.transcriptions.all()]
+    # The call's duration limit, looked up once rather than once per session.
+    limit = max_duration(call) if any(s.started_at for s in sessions) else None
+    for session in sessions:
+        _save_session(call, session, at, limit=limit)
 
 
 def _text(value: object, length: int) -> str:
@@ -225,18 +227,19 @@ def _text(value: object, length: int) -> str:
 # --- Streams, forks and transcriptions -------------------------------------------------------
 
 
-def _save_session(call: Call, session: S, at: datetime) -> S:
+def _save_session(call: Call, session: S, at: datetime, *, limit: timedelta | None = None) -> S:
     """Merge what every session shares, derive its status and save it.
 
     A session on a call that has ended is closed at the hang-up: whether the hang-up was applied
-    before or after this event, the result is the same.
+    before or after this event, the result is the same. ``limit`` is ``max_duration(call)``
+    when the caller already has it.
     """
     if session.requested_at is None or at < session.requested_at:
         session.requested_at = at
     if call.ended_at is not None:
         session.record_stop(call.ended_at)
     if session.started_at is not None:
-        session.stop_after = session.started_at + max_duration(call)
+        session.stop_after = session.started_at + (limit or max_duration(call))
     session.refresh_status()
     session.save()
     return session
