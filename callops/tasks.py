@@ -10,6 +10,7 @@ doorbell costs nothing beyond the INSERT's round trip, and one publish per burst
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from datetime import timedelta
@@ -59,7 +60,6 @@ def publish_drain() -> bool:
 
 def recorded(func):
     """Record each run of a periodic task (start, finish, result, error) in ``TaskRun``."""
-    import functools
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -104,7 +104,11 @@ def sweep_pending_webhook_events() -> int:
     ).count()
     if not stale:
         return 0
-    logger.warning("sweeper: %d webhook events pending for over %s s; draining", stale, cutoff)
+    logger.warning(
+        "sweeper: %d webhook events pending for over %s s; draining",
+        stale,
+        settings.CALLOPS_PENDING_EVENT_GRACE,
+    )
     return events.events_drain()
 
 
