@@ -44,176 +44,43 @@ when a target is missed).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from harness import (
+    NOISE_LIMIT,
+    CpuMeter,
+    CpuUse,
+    Scratch,
+    add_quiet_options,
+    add_scratch_options,
+    measure_quietly,
+    print_verdicts,
+    scratch,
+    start_process,
+    stop_processes,
+)
+from harness import percentile as pct
 
-import psycopg  # noqa: E402
-import redis  # noqa: E402
-from pgdb import drop_database, recreate_database  # noqa: E402
-
-from callops.simulator import CommandRecord, TelnyxAPISimulator  # noqa: E402
+from callops.simulator import CommandRecord, TelnyxAPISimulator
 
 TARGET_P99_MS = 100.0
 TARGET_RATE = 0.95
 TARGET_429_SHARE = 0.01
-NOISE_LIMIT = 0.10  # share of the machine's CPU other processes may take during a phase
 
 TASK_DONE = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] succeeded in ([0-9.e-]+)s")
 RECEIVED = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] received")
 RATE_LIMITED = re.compile(r"rate limited, retry in")
 PROBE_START = re.compile(r"probe start late_ms=(-?[0-9.]+)")
 PROBE_RESERVE = re.compile(r"probe reserve ([a-z-]+) late_ms=(-?[0-9.]+) delay_ms=(-?[0-9.]+)")
-
-
-# --- Measuring ------------------------------------------------------------------------------
-
-
-def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100); nan for an empty list."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, -(-len(ordered) * p // 100) - 1))]
-
-
-def _ticks(pid: int) -> int:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
-
-
-def _pids(command: list[str]) -> list[int]:
-    out = subprocess.run(command, capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def _descendants(pid: int) -> list[int]:
-    children = _pids(["pgrep", "-P", str(pid)])
-    return children + [g for child in children for g in _descendants(child)]
-
-
-def _all_processes() -> dict[int, tuple[str, int]]:
-    """pid -> (name, user + system ticks) of every process on the machine."""
-    snapshot = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            head, tail = (entry / "stat").read_text().rsplit(")", 1)
-        except OSError:
-            continue
-        fields = tail.split()
-        name = head.split("(", 1)[1]
-        if name.startswith("python"):
-            try:
-                argv = (entry / "cmdline").read_bytes().split(b"\0")
-                name = " ".join(a.decode(errors="replace") for a in argv[1:4])[:40]
-            except OSError:
-                pass
-        snapshot[int(entry.name)] = (name.split("/")[0], int(fields[11]) + int(fields[12]))
-    return snapshot
-
-
-def _machine() -> tuple[int, int]:
-    """(busy, total) CPU ticks of the whole machine since boot."""
-    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
-
-
-class CpuMeter:
-    """CPU taken during a phase by our processes and by everything else on the machine.
-
-    Ours: the workers and their children, this process (and the simulator in it), the
-    PostgreSQL backends connected to the benchmark database, and Redis. Others: every other
-    process this machine shows in /proc.
-    """
-
-    def __init__(self, workers: list[Worker], database: str, admin_url: str) -> None:
-        self.workers, self.database, self.admin_url = workers, database, admin_url
-
-    def _groups(self) -> dict[str, list[int]]:
-        with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            backends = [
-                pid
-                for (pid,) in conn.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = %s", [self.database]
-                )
-            ]
-        worker_pids = [p for w in self.workers for p in (w.proc.pid, *_descendants(w.proc.pid))]
-        return {
-            "workers": worker_pids,
-            "bench": [os.getpid()],
-            "services": backends + _pids(["pgrep", "-x", "redis-server"]),
-        }
-
-    def start(self) -> None:
-        self.t0 = time.monotonic()
-        self.before = {name: {p: _ticks(p) for p in pids} for name, pids in self._groups().items()}
-        self.machine0 = _machine()
-        self.processes0 = _all_processes()
-
-    def stop(self) -> dict[str, float]:
-        """Cores used per group, and 'others': the share of the machine's CPU not ours."""
-        machine1 = _machine()
-        hz = os.sysconf("SC_CLK_TCK")
-        elapsed = time.monotonic() - self.t0
-        processes1 = _all_processes()
-        used: dict = {}
-        ours = {p for pids in self.before.values() for p in pids}
-        for name, pids in self._groups().items():
-            before = self.before.get(name, {})
-            used[name] = sum(_ticks(p) - before.get(p, 0) for p in pids) / hz / elapsed
-            ours.update(pids)
-        # Who the others were: the biggest consumers by name (short-lived ones are missed).
-        others: Counter[str] = Counter()
-        for pid, (name, ticks) in processes1.items():
-            if pid not in ours:
-                start = self.processes0.get(pid)
-                others[name] += ticks - (start[1] if start and start[0] == name else 0)
-        used["top_others"] = [(n, t / hz / elapsed) for n, t in others.most_common(4) if t]
-        visible_others = sum(others.values()) / hz / elapsed
-        busy = machine1[0] - self.machine0[0]
-        total = machine1[1] - self.machine0[1]
-        cores = os.cpu_count() or 1
-        used["machine"] = busy / total * cores
-        mine = sum(used[n] for n in self.before)
-        used["others_share"] = visible_others / cores
-        # Busy time no process on this machine accounts for. On this VM it is 0.5-0.8 cores
-        # during phase B and ~0 otherwise (not forks, not loopback, not commits): reported,
-        # not counted as noise.
-        used["unattributed"] = max(0.0, used["machine"] - mine - visible_others)
-        return used
-
-
-def wait_for_quiet(max_wait: float, seconds: int = 5) -> float:
-    """Wait (at most max_wait s) for `seconds` in a row in which the machine is at most
-    NOISE_LIMIT busy; returns the last second's busy share."""
-    start, quiet = time.monotonic(), 0
-    while True:
-        b0, t0 = _machine()
-        time.sleep(1.0)
-        b1, t1 = _machine()
-        share = (b1 - b0) / max(1, t1 - t0)
-        quiet = quiet + 1 if share <= NOISE_LIMIT else 0
-        if quiet >= seconds or time.monotonic() - start > max_wait:
-            return share
 
 
 # --- Workers --------------------------------------------------------------------------------
@@ -223,7 +90,6 @@ def wait_for_quiet(max_wait: float, seconds: int = 5) -> float:
 class Worker:
     proc: subprocess.Popen
     log_path: Path
-    handle: TextIO
     offset: int = 0  # where the current phase starts in the log
 
     def log(self, since: int = 0) -> str:
@@ -240,45 +106,22 @@ def start_workers(
 ) -> list[Worker]:
     workers = []
     for index in range(count):
-        log_path = log_dir / f"worker{index}.log"
-        handle = open(log_path, "w")  # noqa: SIM115 - closed in stop_workers
         command = [
             *(sys.executable, "-m", "celery", "-A", app, "worker"),
             *("--pool", "prefork", "--concurrency", str(concurrency)),
             *("--without-mingle", "--without-gossip", "--without-heartbeat"),
             *("--loglevel", "INFO", "-n", f"cmdbench{index}@%h", "-Q", queues),
         ]
-        proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            env=env,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,  # its own process group: stopped by id, children included
-        )
-        workers.append(Worker(proc, log_path, handle))
+        log_path = log_dir / f"worker{index}.log"
+        workers.append(Worker(start_process(command, env=env, log_path=log_path), log_path))
     deadline = time.monotonic() + 60
     for worker in workers:
         while " ready." not in worker.log():
             if worker.proc.poll() is not None or time.monotonic() > deadline:
-                stop_workers(workers)
+                stop_processes(w.proc for w in workers)
                 raise RuntimeError(f"worker did not start:\n{worker.log()[-4000:]}")
             time.sleep(0.1)
     return workers
-
-
-def stop_workers(workers: list[Worker]) -> None:
-    for worker in workers:
-        if worker.proc.poll() is None:
-            os.killpg(worker.proc.pid, signal.SIGTERM)
-    for worker in workers:
-        try:
-            worker.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.proc.pid, signal.SIGKILL)
-            worker.proc.wait(5)
-        worker.handle.close()
 
 
 # --- Phases ---------------------------------------------------------------------------------
@@ -292,7 +135,7 @@ class PhaseA:
     succeeded: int
     failed: int
     n429: int
-    cpu: dict[str, float] = field(default_factory=dict)
+    cpu: CpuUse
 
 
 @dataclass
@@ -308,7 +151,7 @@ class PhaseB:
     max_window_all: int
     rows: list[tuple]  # (command_id, created_at, next_attempt_at, sent_at, finished_at)
     logs: list[str]
-    cpu: dict[str, float] = field(default_factory=dict)
+    cpu: CpuUse
 
     @property
     def ok(self) -> list[CommandRecord]:
@@ -359,11 +202,17 @@ class PhaseB:
 
 
 class Bench:
-    def __init__(self, args: argparse.Namespace, sim: TelnyxAPISimulator, workers: list[Worker]):
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        sim: TelnyxAPISimulator,
+        workers: list[Worker],
+        database_url: str,
+    ):
         from callops.models import Call
 
         self.args, self.sim, self.workers = args, sim, workers
-        self.meter = CpuMeter(workers, args.database, f"{args.pg}/postgres")
+        self.meter = CpuMeter(database_url, {"workers": [w.proc.pid for w in workers]})
         self.calls = [
             Call.objects.create(call_control_id=f"v3:cmdbench-{i}", status="answered")
             for i in range(args.calls)
@@ -406,19 +255,12 @@ class Bench:
         time.sleep(1.5)  # the limiter's window empties
 
     def measured(self, name: str, phase):
-        """Run a phase; again (up to --attempts) while other processes skew it."""
-        for attempt in range(1, self.args.attempts + 1):
-            share = wait_for_quiet(self.args.quiet_wait)
-            if share > NOISE_LIMIT:
-                print(f"  {name}: the machine stayed {share:.0%} busy; measuring anyway")
+        def run(attempt: int):
             self.sim.clear()
-            result = phase()
-            others = result.cpu["others_share"]
-            top = ", ".join(f"{n} {c:.2f}" for n, c in result.cpu["top_others"][:3])
-            print(f"  {name}, attempt {attempt}: others took {others:.0%} of the CPU ({top})")
-            if others <= NOISE_LIMIT:
-                break
-        return result
+            return phase()
+
+        args = self.args
+        return measure_quietly(name, run, attempts=args.attempts, quiet_wait=args.quiet_wait)[0]
 
     def phase_a(self) -> PhaseA:
         """Open loop at a quarter of the limit; latency from just before command_create."""
@@ -426,7 +268,7 @@ class Bench:
         n = max(1, round(rate * self.args.latency_seconds))
         created: dict[str, float] = {}
         pks = []
-        self.meter.start()
+        before = self.meter.snapshot()
         start = time.monotonic()
         for i in range(n):
             if (pause := start + i / rate - time.monotonic()) > 0:
@@ -436,7 +278,7 @@ class Bench:
             created[str(command.command_id)] = t
             pks.append(command.pk)
         ok, failed, _ = self.wait_finished(pks, 30)
-        cpu = self.meter.stop()
+        cpu = self.meter.since(before)
         arrival: dict[str, float] = {}
         n429 = 0
         for record in self.sim.requests:
@@ -454,12 +296,12 @@ class Bench:
         args = self.args
         for worker in self.workers:
             worker.mark()
-        self.meter.start()
+        before = self.meter.snapshot()
         start = time.monotonic()
         pks = [self.create().pk for _ in range(args.commands)]
         created_in = time.monotonic() - start
         ok, failed, waited = self.wait_finished(pks, args.commands / args.limit * 3 + 30)
-        cpu = self.meter.stop()
+        cpu = self.meter.since(before)
         time.sleep(1.0)  # a command sent again after it succeeded would show up here
         rows = list(
             Command.objects.filter(pk__in=pks).values_list(
@@ -510,7 +352,7 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
     line("creation -> arrival at Telnyx, p50 / p90 / p99", ms3(a.latencies))
     line("creation -> arrival at Telnyx, max", f"{max(a.latencies, default=float('nan')):.1f} ms")
     line("succeeded / failed / answered 429", f"{a.succeeded} / {a.failed} / {a.n429}")
-    line("CPU taken by other processes", f"{a.cpu['others_share']:.0%}")
+    line("CPU taken by other processes", f"{a.cpu.others_share:.0%}")
 
     repeats, twice = b.duplicates
     print()
@@ -608,15 +450,18 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
                 line(f"probe: limiter said {kind}: n", f"{len(values)}")
     line("429s retried (worker logs)", f"{len(RATE_LIMITED.findall(log))}")
     cpu = b.cpu
+    cores = [cpu.roles["workers"], cpu.roles["bench"], cpu.roles["postgres"] + cpu.roles["redis"]]
     line(
         "CPU cores: workers / this process / PG+Redis / machine",
-        f"{cpu['workers']:.2f} / {cpu['bench']:.2f} / {cpu['services']:.2f} / {cpu['machine']:.2f}",
+        " / ".join(f"{cpu.cores(s):.2f}" for s in (*cores, cpu.busy)),
     )
-    line("CPU taken by other processes", f"{cpu['others_share']:.0%}")
-    for name, cores in cpu["top_others"]:
-        line(f"  of which {name}", f"{cores:.2f} cores")
-    line("CPU busy that no process accounts for", f"{cpu['unattributed']:.2f} cores")
-    worker_cpu = cpu["workers"] * (b.created_in + b.waited)
+    line("CPU taken by other processes", f"{cpu.others_share:.0%}")
+    for name, used in cpu.top_others():
+        line(f"  of which {name}", f"{used:.2f} cores")
+    # On this VM 0.5-0.8 cores during phase B and ~0 otherwise (not forks, not loopback, not
+    # commits): reported, not counted as noise.
+    line("CPU busy that no process accounts for", f"{cpu.cores(cpu.unattributed):.2f} cores")
+    worker_cpu = cpu.roles["workers"]
     line(
         "worker CPU per task message / per command",
         f"{worker_cpu / max(1, messages) * 1000:.1f} / {worker_cpu / b.n * 1000:.1f} ms",
@@ -624,27 +469,27 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
     for error in [text for text in log.splitlines() if " ERROR/" in text][:5]:
         print(f"  worker error: {error[:160]}")
 
-    checks = [
-        (
-            f"phase A p99 latency < {TARGET_P99_MS:g} ms",
-            pct(a.latencies, 99) < TARGET_P99_MS and len(a.latencies) == a.n,
-        ),
-        (f"phase B rate (200s / span) >= {TARGET_RATE} x limit", b.rate_briefed >= TARGET_RATE),
-        (f"phase B 429 share < {TARGET_429_SHARE:.0%}", b.share_429 < TARGET_429_SHARE),
-        ("phase B no command lost", b.lost == 0),
-        ("phase B no duplicate", b.duplicates == (0, 0)),
-        (f"phase B at most {limit} requests in any 1-s window", b.max_window_all <= limit),
-    ]
     print()
-    for name, ok in checks:
-        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    passed = print_verdicts(
+        [
+            (
+                pct(a.latencies, 99) < TARGET_P99_MS and len(a.latencies) == a.n,
+                f"phase A p99 latency < {TARGET_P99_MS:g} ms",
+            ),
+            (b.rate_briefed >= TARGET_RATE, f"phase B rate (200s / span) >= {TARGET_RATE} x limit"),
+            (b.share_429 < TARGET_429_SHARE, f"phase B 429 share < {TARGET_429_SHARE:.0%}"),
+            (b.lost == 0, "phase B no command lost"),
+            (b.duplicates == (0, 0), "phase B no duplicate"),
+            (b.max_window_all <= limit, f"phase B at most {limit} requests in any 1-s window"),
+        ]
+    )
     for name, phase in (("A", a), ("B", b)):
-        if phase.cpu["others_share"] > NOISE_LIMIT:
+        if phase.cpu.others_share > NOISE_LIMIT:
             print(
-                f"NOTE  phase {name}: other processes took {phase.cpu['others_share']:.0%} "
+                f"NOTE  phase {name}: other processes took {phase.cpu.others_share:.0%} "
                 "of the CPU; its figures are skewed"
             )
-    return all(ok for _, ok in checks)
+    return passed
 
 
 # --- Main -----------------------------------------------------------------------------------
@@ -668,49 +513,35 @@ def main() -> int:
         help="experiments in the workers, comma separated: scheduled-queue, inline-wait "
         "(see benchmarks/command_probe.py)",
     )
-    parser.add_argument("--quiet-wait", type=float, default=60, help="see the module docstring")
-    parser.add_argument("--attempts", type=int, default=3, help="see the module docstring")
-    parser.add_argument("--database", default="callops_cmdbench")
-    parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
-    parser.add_argument("--redis-db", type=int, default=12)
+    add_quiet_options(parser, quiet_wait=60)
+    add_scratch_options(parser, database="callops_cmdbench", redis_db=12)
     parser.add_argument("--keep-logs", action="store_true", help="keep the worker logs")
     args = parser.parse_args()
     if args.variant and args.no_probe:
         parser.error("--variant needs the probe (drop --no-probe)")
 
-    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
+    with scratch(args.database, redis_db=args.redis_db, pg=args.pg) as run:
+        return run_bench(args, run)
+
+
+def run_bench(args: argparse.Namespace, run: Scratch) -> int:
     os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "config.settings.test",
-            "DATABASE_URL": f"{args.pg}/{args.database}",
-            "REDIS_URL": redis_url,
-            "CELERY_BROKER_URL": redis_url,
-            "CACHE_URL": redis_url,
-            "CALLOPS_RATE_LIMIT_URL": redis_url,
-            "TELNYX_RATE_LIMIT": str(args.limit),
-            "TELNYX_TIMEOUT": "5",
-            "PYTHONUNBUFFERED": "1",
-        }
+        run.env(
+            "config.settings.test",
+            CALLOPS_RATE_LIMIT_URL=run.redis_url,
+            TELNYX_RATE_LIMIT=str(args.limit),
+            TELNYX_TIMEOUT="5",
+            PYTHONUNBUFFERED="1",
+        )
     )
     if args.guard is not None:
         os.environ["TELNYX_RATE_LIMIT_GUARD"] = repr(args.guard)
-
-    # Two runs on one database name would drop each other's database: one at a time.
-    lock = open(Path(tempfile.gettempdir()) / f"{args.database}.lock", "w")  # noqa: SIM115
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        parser.error(f"another run is using the database {args.database}")
-    recreate_database(f"{args.pg}/postgres", args.database)
-    redis.Redis.from_url(redis_url).flushdb()
+    run.migrate(dict(os.environ))
     import django
 
     django.setup()
     from django.conf import settings
-    from django.core.management import call_command
-    from django.db import connections
 
-    call_command("migrate", verbosity=0)
     log_dir = Path(tempfile.mkdtemp(prefix="cmdbench-"))
     sim = TelnyxAPISimulator(api_key="KEY_CMDBENCH", rate_limit=args.limit).start()
     workers: list[Worker] = []
@@ -732,17 +563,17 @@ def main() -> int:
             f"{args.workers} workers (-A {app} -Q {queues}) ready in {time.monotonic() - t:.1f} s"
             + (f"; variants: {args.variant}" if args.variant else "")
         )
-        bench = Bench(args, sim, workers)
-        bench.warm_up()
-        a = bench.measured("phase A", bench.phase_a)
-        b = bench.measured("phase B", bench.phase_b)
+        bench = Bench(args, sim, workers, run.database_url)
+        try:
+            bench.warm_up()
+            a = bench.measured("phase A", bench.phase_a)
+            b = bench.measured("phase B", bench.phase_b)
+        finally:
+            bench.meter.close()
         passed = report(args, settings.TELNYX_RATE_LIMIT_GUARD, a, b)
     finally:
-        stop_workers(workers)
+        stop_processes(w.proc for w in workers)
         sim.stop()
-        connections.close_all()
-        drop_database(f"{args.pg}/postgres", args.database)
-        redis.Redis.from_url(redis_url).flushdb()
         if args.keep_logs or not passed:
             print(f"worker logs kept in {log_dir}")
         else:
