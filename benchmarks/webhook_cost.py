@@ -12,20 +12,19 @@ minus CPU is waiting on PostgreSQL or Redis) and whole requests through Django's
 from __future__ import annotations
 
 import argparse
-import base64
 import cProfile
 import io
 import os
 import pstats
-import secrets
-import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+from harness import add_scratch_options, print_table, scratch
 from nacl.signing import SigningKey
-from pgdb import drop_database, recreate_database
-from webhook_throughput import BARE_PATH, ROOT, WEBHOOK_PATH, signed_events
+from webhook_throughput import BARE_PATH, WEBHOOK_PATH, production_env, signed_events
 
 
 def timed(name: str, n: int, step: Callable[[int], object], rows: list) -> None:
@@ -41,56 +40,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000, help="calls per step")
     parser.add_argument("--settings", default="benchmarks.bench_settings")
-    parser.add_argument("--database", default="callops_bench_cost")
-    parser.add_argument("--pg", default="postgres://postgres@127.0.0.1:5432")
-    parser.add_argument("--redis-db", type=int, default=10)
+    add_scratch_options(parser, database="callops_bench_cost", redis_db=10)
     parser.add_argument("--profile", action="store_true", help="cProfile the webhook loop")
     args = parser.parse_args()
 
-    n = args.requests
     key = SigningKey.generate()
-    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
-    os.environ.update(
-        {
-            "DJANGO_SETTINGS_MODULE": args.settings,
-            "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "DJANGO_SECURE_SSL_REDIRECT": "false",
-            "DATABASE_URL": f"{args.pg}/{args.database}",
-            "REDIS_URL": redis_url,
-            "CELERY_BROKER_URL": redis_url,
-            "CACHE_URL": redis_url,
-            "TELNYX_API_KEY": "bench-unused",
-            "TELNYX_PUBLIC_KEY": base64.b64encode(bytes(key.verify_key)).decode(),
-            "LOG_LEVEL": "WARNING",
-        }
+    with (
+        tempfile.TemporaryDirectory(prefix="webhook-cost-") as work,
+        scratch(args.database, redis_db=args.redis_db, pg=args.pg) as run,
+    ):
+        env = production_env(run, args.settings, key, Path(work))
+        env["LOG_LEVEL"] = "WARNING"
+        run.migrate(env)
+        os.environ.update(env)
+        rows = measure(args.requests, key, args.profile)
+
+    print()
+    print_table(
+        ("step", "wall us", "CPU us"), [(name, f"{w:,.0f}", f"{c:,.0f}") for name, w, c in rows]
     )
-    recreate_database(f"{args.pg}/postgres", args.database)
-    try:
-        subprocess.run(
-            [sys.executable, "manage.py", "migrate", "--noinput", "-v0"],
-            cwd=ROOT,
-            env={
-                **os.environ,
-                "PYTHONPATH": os.pathsep.join(
-                    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
-                ),
-            },
-            check=True,
-        )
-        rows = measure(n, key, args.profile)
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        drop_database(f"{args.pg}/postgres", args.database)
-        import redis
-
-        redis.Redis.from_url(redis_url).flushdb()
-
-    print(f"\n{'step':<52} {'wall us':>9} {'CPU us':>9}")
-    for name, wall, cpu in rows:
-        print(f"{name:<52} {wall:>9,.0f} {cpu:>9,.0f}")
     return 0
 
 

@@ -44,14 +44,11 @@ import argparse
 import asyncio
 import base64
 import json
-import math
 import multiprocessing
 import os
-import resource
 import runpy
 import secrets
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -64,23 +61,35 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import psycopg
+from harness import (
+    NOISE_LIMIT,
+    ROOT,
+    CpuMeter,
+    CpuUse,
+    Scratch,
+    add_quiet_options,
+    add_scratch_options,
+    measure_quietly,
+    percentile,
+    print_table,
+    print_verdicts,
+    ratio,
+    scratch,
+    start_process,
+    stop_processes,
+)
+from nacl.signing import SigningKey
+
+from tests.telnyx_events import envelope
+
 BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-
-import psycopg  # noqa: E402
-import redis  # noqa: E402
-from nacl.signing import SigningKey  # noqa: E402
-from pgdb import drop_database, recreate_database  # noqa: E402
-
-from tests.telnyx_events import envelope  # noqa: E402
 
 WEBHOOK_PATH = "/webhooks/telnyx/"
 BARE_PATH = "/bench/bare/"
 EVENT_TABLE = "callops_webhookevent"
 TARGET_RATIO = 0.3
 TARGET_P99_MS = 50.0
-NOISE_LIMIT = 0.10  # share of the machine's CPU other processes may take during a phase
 
 
 # --- Events ---------------------------------------------------------------------------------
@@ -411,126 +420,21 @@ def warm_workers(port: int, workers: int) -> None:
 # --- Measurement ----------------------------------------------------------------------------
 
 
-def _busy(interval: float) -> float:
-    """Fraction of the machine's CPU in use over ``interval`` seconds."""
-
-    def sample() -> list[int]:
-        with open("/proc/stat") as f:
-            return [int(v) for v in f.readline().split()[1:9]]
-
-    a = sample()
-    time.sleep(interval)
-    b = sample()
-    delta = [y - x for x, y in zip(a, b, strict=True)]
-    return 1 - (delta[3] + delta[4]) / max(1, sum(delta))
-
-
-def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> None:
-    """Other processes on this small machine skew every figure: wait for them to finish."""
-    deadline = time.monotonic() + max_wait
-    told = False
-    while (busy := _busy(1.0)) > threshold:
-        if time.monotonic() > deadline:
-            print(f"  machine still {busy:.0%} busy after {max_wait:g} s; measuring anyway")
-            return
-        if not told:
-            print(
-                f"  machine {busy:.0%} busy with other work; waiting up to {max_wait:g} s",
-                flush=True,
-            )
-            told = True
-
-
-class CpuMeter:
-    """CPU time of the processes that matter, by role, from /proc (Linux only).
-
-    Deltas are taken per process, so a process that exits during a phase (a test run of someone
-    else, a short-lived PostgreSQL backend) subtracts nothing. PostgreSQL counts as ours only for
-    backends of the bench database and the server's background processes; the Redis server is
-    shared and counts whole.
-    """
-
-    def __init__(self, gunicorn_pid: int, db_url: str):
-        self.gunicorn_pid = gunicorn_pid
-        self.db = psycopg.connect(db_url, autocommit=True)
-        self.tick = os.sysconf("SC_CLK_TCK")
-
-    def close(self) -> None:
-        self.db.close()
-
-    def snapshot(self) -> dict:
-        ours = {
-            pid
-            for (pid,) in self.db.execute(
-                "SELECT pid FROM pg_stat_activity"
-                " WHERE datname IS NULL OR datname = current_database()"
-            )
-        }
-        me = os.getpid()
-        procs = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
-            pid, ppid = int(entry.name), int(fields[1])
-            if self.gunicorn_pid in (pid, ppid):
-                role = "gunicorn"
-            elif comm == "postgres" and (pid in ours or ppid == 1):
-                role = "postgres"
-            elif comm.startswith("redis-server"):
-                role = "redis"
-            elif pid == me:
-                role = "load generator"
-            else:
-                continue  # counted in "other": busy time that no role accounts for
-            seconds = (int(fields[11]) + int(fields[12])) / self.tick
-            procs[(pid, fields[19])] = (role, seconds)  # (pid, start time): pids are reused
-            if role == "gunicorn":  # its kernel share too: socket I/O, sleeping and waking
-                procs[(pid, fields[19], "sys")] = ("gunicorn kernel", int(fields[12]) / self.tick)
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, forked generators
-        procs[("children", "")] = ("load generator", children.ru_utime + children.ru_stime)
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-        procs[("machine", "busy")] = ("(busy)", (sum(ticks) - ticks[3] - ticks[4]) / self.tick)
-        procs[("machine", "all")] = ("(all)", sum(ticks) / self.tick)
-        return procs
-
-    @staticmethod
-    def delta(before: dict, after: dict) -> Counter:
-        cpu: Counter = Counter()
-        for key, (role, seconds) in after.items():
-            cpu[role] += seconds - before.get(key, (role, 0.0))[1]
-        return cpu
-
-
-ROLES = ("gunicorn", "postgres", "redis", "load generator")
-
-
 @dataclass
 class Phase:
     name: str
     path: str
     load: LoadResult | None = None
     wrk: dict | None = None
-    cpu: Counter = field(default_factory=Counter)
+    cpu: CpuUse | None = None
     rows: int | None = None
     target_rate: float | None = None
     attempts: int = 1
+    baseline: Phase | None = None  # the bare view's phase of the same round (its own, for one)
 
     @property
-    def other_cpu(self) -> float:
-        """CPU seconds of every other process, and of kernel work charged to none."""
-        return max(0.0, self.cpu["(busy)"] - sum(self.cpu[role] for role in ROLES))
-
-    @property
-    def other_share(self) -> float:
-        return self.other_cpu / (self.cpu["(all)"] or 1)
+    def ratio(self) -> float | None:
+        return ratio(self.rps, self.baseline and self.baseline.rps)
 
     @property
     def completed(self) -> int:
@@ -549,8 +453,7 @@ class Phase:
     def percentile_ms(self, p: int) -> float:
         if self.wrk:
             return self.wrk[f"p{p}_us"] / 1000
-        lat = sorted(self.load.latencies)
-        return lat[min(len(lat) - 1, math.ceil(p / 100 * len(lat)) - 1)] * 1000 if lat else 0
+        return percentile(self.load.latencies, p) * 1000
 
     @property
     def bad(self) -> dict[str, int]:
@@ -632,15 +535,130 @@ def wait_until_serving(port: int, server: subprocess.Popen, timeout: float = 60)
     raise RuntimeError("gunicorn did not answer 200 on the bare view in time")
 
 
-def stop(server: subprocess.Popen) -> None:
-    if server.poll() is not None:
-        return
-    server.send_signal(signal.SIGTERM)  # graceful: the arbiter stops its workers
+def production_env(run: Scratch, settings: str, key: SigningKey, static_root: Path) -> dict:
+    """Production settings on the scratch services, with a throw-away secret and signing key."""
+    return run.env(
+        settings,
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
+        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+        DJANGO_SECURE_SSL_REDIRECT="false",
+        DJANGO_STATIC_ROOT=str(static_root),
+        TELNYX_API_KEY="bench-unused",
+        TELNYX_PUBLIC_KEY=base64.b64encode(bytes(key.verify_key)).decode(),
+    )
+
+
+def measure(
+    args: argparse.Namespace, run: Scratch, key: SigningKey, work: Path, use_wrk: bool
+) -> tuple[dict[str, Phase], int]:
+    """Start gunicorn, warm it up and run the phases: (phases by name, events stored twice)."""
+    (work / "static").mkdir()
+    env = production_env(run, args.settings, key, work / "static")
+    run.migrate(env)
+    port = free_port()
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    worker_class = (
+        ["--worker-class", "gthread", "--threads", str(args.threads_per_worker)]
+        if args.threads_per_worker > 1
+        else ["--worker-class", "sync"]
+    )
+    server = start_process(
+        [
+            *(gunicorn, "--config", str(ROOT / "config" / "gunicorn.py")),
+            *("--workers", str(args.workers), *worker_class),
+            *("--bind", f"127.0.0.1:{port}", "--chdir", str(ROOT), "--log-level", "warning"),
+            "config.wsgi:application",
+        ],
+        env=env,
+        log_path=work / "gunicorn.log",
+    )
+    meter: CpuMeter | None = None
     try:
-        server.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
+        wait_until_serving(port, server)
+        print(f"gunicorn serving on 127.0.0.1:{port}; warming up", flush=True)
+
+        # Warm-up: every worker imports its views, opens its database and Redis connections.
+        warm = [raw_request(port, WEBHOOK_PATH, e) for e in signed_events(key, 200)]
+        warm += [raw_request(port, BARE_PATH, e) for e in signed_events(key, 200)]
+        warmed = python_load(port, warm, duration=10, connections=4)
+        if warmed.non2xx or warmed.completed != len(warm):
+            raise RuntimeError(
+                f"warm-up failed: {warmed.completed}/{len(warm)} answered, "
+                f"{warmed.non2xx} non-2xx; see {work / 'gunicorn.log'}"
+            )
+        warm_workers(port, args.workers)
+        meter = CpuMeter(run.database_url, {"gunicorn": [server.pid]})
+        phases: dict[str, Phase] = {}
+
+        def attempt(phase: Phase, count: int) -> Phase:
+            events = signed_events(key, count)  # signed now: the timestamps are fresh
+            rows_before = count_rows(run.database_url)[0]
+            if phase.target_rate is None and use_wrk:
+                prefix = work / "events"  # one file per wrk thread: events.0, events.1
+                write_event_files(events, prefix, args.threads)
+                before = meter.snapshot()
+                phase.wrk = run_wrk(
+                    port,
+                    phase.path,
+                    prefix,
+                    duration=args.duration,
+                    threads=args.threads,
+                    connections=args.connections,
+                    verbose=args.verbose,
+                )
+            else:
+                raws = [raw_request(port, phase.path, e) for e in events]
+                before = meter.snapshot()
+                phase.load = python_load(
+                    port,
+                    raws,
+                    duration=args.duration,
+                    connections=args.connections,
+                    rate=phase.target_rate,
+                    processes=1 if phase.target_rate else 2,
+                )
+            phase.cpu = meter.since(before)
+            time.sleep(0.5)  # requests in flight when the generator stopped finish
+            phase.rows = count_rows(run.database_url)[0] - rows_before
+            return phase
+
+        def measured(
+            name: str, path: str, count: int, *, rate: float | None = None, baseline=None
+        ) -> Phase:
+            def one(n: int) -> Phase:
+                phase = Phase(name, path, target_rate=rate, attempts=n, baseline=baseline)
+                phase.baseline = phase.baseline or (phase if path == BARE_PATH else None)
+                return attempt(phase, count)
+
+            phase, _ = measure_quietly(
+                name, one, attempts=args.attempts, quiet_wait=args.quiet_wait
+            )
+            phases[name] = phase
+            return phase
+
+        # Rounds of a then b: a slow spell of the machine (another tenant, a checkpoint) hits
+        # one round's pair, and the median round decides.
+        for n in range(1, args.rounds + 1):
+            # a. Bare view: bodies are ignored, so a small pool of events is cycled.
+            bare = measured(f"bare view, round {n}", BARE_PATH, 2000)
+            # b. Webhook at max rate: it cannot outrun the bare view, so that many events do.
+            count = int(bare.rps * args.duration * 1.3) + 10 * args.connections
+            measured(f"webhook, round {n}", WEBHOOK_PATH, count, baseline=bare)
+        # c. Webhook at half the median round's rate, open loop.
+        rate = statistics.median(p.rps for p in phases.values() if p.path == WEBHOOK_PATH) / 2
+        measured(
+            f"webhook, open loop {rate:,.0f}/s",
+            WEBHOOK_PATH,
+            int(rate * args.duration) + 1,
+            rate=rate,
+        )
+        return phases, count_rows(run.database_url)[1]
+    finally:
+        if meter is not None:
+            meter.close()
+        stop_processes([server], timeout=15)
+        if args.verbose or server.returncode not in (0, None):
+            print((work / "gunicorn.log").read_text(errors="replace")[-4000:])
 
 
 # --- Main -----------------------------------------------------------------------------------
@@ -673,33 +691,14 @@ def main() -> int:
         default="benchmarks.bench_settings",
         help="settings module of the server, to compare a variant (must keep bench_urls)",
     )
-    parser.add_argument("--database", default="callops_bench")
-    parser.add_argument(
-        "--pg",
-        default="postgres://postgres@127.0.0.1:5432",
-        help="PostgreSQL server (the database name is --database)",
-    )
-    parser.add_argument("--redis-db", type=int, default=13)
+    add_scratch_options(parser, database="callops_bench", redis_db=13)
     parser.add_argument(
         "--load",
         choices=["auto", "wrk", "python"],
         default="auto",
         help="generator of the maximum-rate phases",
     )
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=300,
-        help="before each phase, wait up to this many seconds for other "
-        "processes to leave the CPU idle",
-    )
-    parser.add_argument(
-        "--attempts",
-        type=int,
-        default=3,
-        help="runs of a phase at most, while other processes take over "
-        f"{NOISE_LIMIT:.0%}% of the CPU during it",
-    )
+    add_quiet_options(parser, quiet_wait=300)
     parser.add_argument("--verbose", action="store_true", help="show wrk and gunicorn output")
     args = parser.parse_args()
     if not args.workers:  # what production runs on this machine
@@ -714,167 +713,24 @@ def main() -> int:
             "generator, whose own CPU lowers the figures\n"
         )
 
-    db_url = f"{args.pg}/{args.database}"
-    redis_url = f"redis://127.0.0.1:6379/{args.redis_db}"
     key = SigningKey.generate()
     work = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
-    (work / "static").mkdir()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": args.settings,
-        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-        "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-        "DJANGO_SECURE_SSL_REDIRECT": "false",
-        "DJANGO_STATIC_ROOT": str(work / "static"),
-        "DATABASE_URL": db_url,
-        "REDIS_URL": redis_url,
-        "CELERY_BROKER_URL": redis_url,
-        "CACHE_URL": redis_url,
-        "TELNYX_API_KEY": "bench-unused",
-        "TELNYX_PUBLIC_KEY": base64.b64encode(bytes(key.verify_key)).decode(),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    python = sys.executable
-    gunicorn = str(Path(python).with_name("gunicorn"))
-    server: subprocess.Popen | None = None
-    meter: CpuMeter | None = None
-    phases: dict[str, Phase] = {}
     try:
-        recreate_database(f"{args.pg}/postgres", args.database)
-        redis.Redis.from_url(redis_url).flushdb()
-        subprocess.run(
-            [python, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True
-        )
-        port = free_port()
-        log = open(work / "gunicorn.log", "wb")  # noqa: SIM115
-        server = subprocess.Popen(
-            [
-                gunicorn,
-                "--config",
-                str(ROOT / "config" / "gunicorn.py"),
-                "--workers",
-                str(args.workers),
-                *(
-                    ["--worker-class", "gthread", "--threads", str(args.threads_per_worker)]
-                    if args.threads_per_worker > 1
-                    else ["--worker-class", "sync"]
-                ),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--chdir",
-                str(ROOT),
-                "--log-level",
-                "warning",
-                "config.wsgi:application",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        wait_until_serving(port, server)
-        print(f"gunicorn serving on 127.0.0.1:{port}; warming up", flush=True)
-
-        # Warm-up: every worker imports its views, opens its database and Redis connections.
-        warm = [raw_request(port, WEBHOOK_PATH, e) for e in signed_events(key, 200)]
-        warm += [raw_request(port, BARE_PATH, e) for e in signed_events(key, 200)]
-        warmed = python_load(port, warm, duration=10, connections=4)
-        if warmed.non2xx or warmed.completed != len(warm):
-            raise RuntimeError(
-                f"warm-up failed: {warmed.completed}/{len(warm)} answered, "
-                f"{warmed.non2xx} non-2xx; see {work / 'gunicorn.log'}"
-            )
-        warm_workers(port, args.workers)
-        meter = CpuMeter(server.pid, db_url)
-
-        def attempt(phase: Phase, path: str, count: int, rate: float | None) -> None:
-            events = signed_events(key, count)  # signed now: the timestamps are fresh
-            rows_before = count_rows(db_url)[0]
-            if rate is None and use_wrk:
-                prefix = work / "events"  # one file per wrk thread: events.0, events.1
-                write_event_files(events, prefix, args.threads)
-                before = meter.snapshot()
-                phase.wrk = run_wrk(
-                    port,
-                    path,
-                    prefix,
-                    duration=args.duration,
-                    threads=args.threads,
-                    connections=args.connections,
-                    verbose=args.verbose,
-                )
-            else:
-                raws = [raw_request(port, path, e) for e in events]
-                before = meter.snapshot()
-                phase.load = python_load(
-                    port,
-                    raws,
-                    duration=args.duration,
-                    connections=args.connections,
-                    rate=rate,
-                    processes=1 if rate else 2,
-                )
-            phase.cpu = meter.delta(before, meter.snapshot())
-            time.sleep(0.5)  # requests in flight when the generator stopped finish
-            phase.rows = count_rows(db_url)[0] - rows_before
-
-        def measure(name: str, path: str, count: int, *, rate: float | None = None) -> Phase:
-            """Run a phase; run it again (up to --attempts) while other work skews it."""
-            for n in range(1, args.attempts + 1):
-                wait_for_quiet(args.quiet_wait)
-                print(f"  {name} ...", flush=True)
-                phase = Phase(name, path, target_rate=rate, attempts=n)
-                attempt(phase, path, count, rate)
-                if phase.other_share <= NOISE_LIMIT:
-                    break
-                print(f"  other processes took {phase.other_share:.0%} of the CPU", flush=True)
-            phases[name] = phase
-            return phase
-
-        # Rounds of a then b: a slow spell of the machine (another tenant, a checkpoint) hits
-        # one round's pair, and the median round decides.
-        for n in range(1, args.rounds + 1):
-            # a. Bare view: bodies are ignored, so a small pool of events is cycled.
-            bare = measure(f"bare view, round {n}", BARE_PATH, 2000)
-            # b. Webhook at max rate: it cannot outrun the bare view, so that many events do.
-            count = int(bare.rps * args.duration * 1.3) + 10 * args.connections
-            measure(f"webhook, round {n}", WEBHOOK_PATH, count)
-        # c. Webhook at half the median round's rate, open loop.
-        rate = statistics.median(p.rps for p in phases.values() if p.path == WEBHOOK_PATH) / 2
-        measure(
-            f"webhook, open loop {rate:,.0f}/s",
-            WEBHOOK_PATH,
-            int(rate * args.duration) + 1,
-            rate=rate,
-        )
-        _, redelivered = count_rows(db_url)
+        with scratch(args.database, redis_db=args.redis_db, pg=args.pg) as run:
+            phases, redelivered = measure(args, run, key, work, use_wrk)
     except subprocess.CalledProcessError as exc:
         print(f"failed: {exc}", file=sys.stderr)
         if exc.stdout:
             print(exc.stdout, exc.stderr, file=sys.stderr)
         return 2
     finally:
-        if meter is not None:
-            meter.close()
-        if server is not None:
-            stop(server)
-            log.close()
-            if args.verbose or server.returncode not in (0, None):
-                print((work / "gunicorn.log").read_text(errors="replace")[-4000:])
-        try:
-            drop_database(f"{args.pg}/postgres", args.database)
-            redis.Redis.from_url(redis_url).flushdb()
-        except Exception as exc:  # noqa: BLE001
-            print(f"clean-up failed: {exc}", file=sys.stderr)
         shutil.rmtree(work, ignore_errors=True)
-
     return report(args, use_wrk, phases, redelivered)
 
 
 def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> int:
     *rounds, half = phases.values()
     pairs = list(zip(rounds[::2], rounds[1::2], strict=True))  # (bare, webhook) per round
-    ratios = {hook.name: hook.rps / bare.rps for bare, hook in pairs}
     hooks = [hook for _, hook in pairs]
     generator = (
         f"wrk -t{args.threads} -c{args.connections}"
@@ -896,50 +752,48 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
         f"{args.duration:g} s per phase, {len(pairs)} rounds.\nMax rate: {generator}, closed loop. "
         "Open loop: Python, one connection per request, latency from the scheduled send time.\n"
     )
-    print(
-        f"{'phase':<30} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'x bare':>7} "
-        f"{'non-2xx':>8} {'rows':>7}"
+    print_table(
+        ("phase", "req/s", "p50 ms", "p99 ms", "x bare", "non-2xx", "rows"),
+        [
+            (
+                phase.name,
+                f"{phase.rps:,.0f}",
+                f"{phase.percentile_ms(50):.2f}",
+                f"{phase.percentile_ms(99):.2f}",
+                phase.ratio,
+                phase.bad["non-2xx"],
+                None if phase.path == BARE_PATH else f"{phase.rows:,}",
+            )
+            for phase in (*rounds, half)
+        ],
     )
-    for phase in (*rounds, half):
-        rows = "-" if phase.path == BARE_PATH else f"{phase.rows:,}"
-        if phase.name in ratios:
-            ratio = f"{ratios[phase.name]:.2f}"
-        else:
-            ratio = "1.00" if phase.path == BARE_PATH else "-"
-        print(
-            f"{phase.name:<30} {phase.rps:>8,.0f} {phase.percentile_ms(50):>8.2f} "
-            f"{phase.percentile_ms(99):>8.2f} {ratio:>7} {phase.bad['non-2xx']:>8} {rows:>7}"
-        )
 
     # Where the cores went, per completed request. "(kernel)" is the part of gunicorn's time spent
     # in the kernel. "other" is every other process plus kernel time no process is charged for:
     # when it is large, someone else was using the machine.
     print(f"\nCPU per request, microseconds ({os.cpu_count()} cores)")
-    print(
-        f"{'phase':<30} "
-        + " ".join(
-            f"{r:>10}"
-            for r in ("gunicorn", "(kernel)", "postgres", "redis", "generator", "other", "idle %")
-        )
-    )
-    noisy = []
+    table = []
     for phase in (*rounds, half):
-        n = max(1, phase.completed)
-        total = phase.cpu["(all)"] or 1
-        print(
-            f"{phase.name:<30} "
-            + " ".join(
-                f"{phase.cpu[r] / n * 1e6:>10,.0f}"
-                for r in ("gunicorn", "gunicorn kernel", *ROLES[1:])
+        cpu, n = phase.cpu, max(1, phase.completed)
+        seconds = [cpu.roles["gunicorn"], cpu.kernel["gunicorn"]]
+        seconds += [cpu.roles[role] for role in ("postgres", "redis", "bench")] + [cpu.not_ours]
+        table.append(
+            (
+                phase.name,
+                *(f"{s / n * 1e6:,.0f}" for s in seconds),
+                f"{100 * cpu.idle_share:.0f}",
             )
-            + f" {phase.other_cpu / n * 1e6:>10,.0f}"
-            + f" {100 * (1 - phase.cpu['(busy)'] / total):>10.0f}"
         )
-        if phase.other_share > NOISE_LIMIT:
-            noisy.append(
-                f"{phase.name}: other processes took {phase.other_share:.0%} of the CPU "
-                f"(runs: {phase.attempts})"
-            )
+    print_table(
+        ("phase", "gunicorn", "(kernel)", "postgres", "redis", "generator", "other", "idle %"),
+        table,
+    )
+    noisy = [
+        f"{phase.name}: other processes took {phase.cpu.others_share:.0%} of the CPU "
+        f"(runs: {phase.attempts})"
+        for phase in (*rounds, half)
+        if phase.cpu.others_share > NOISE_LIMIT
+    ]
 
     problems = []
     for phase in (*rounds, half):
@@ -978,7 +832,8 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
             f"open loop: {len(slow)} answers over 20 ms (max {max(x for _, x in slow) * 1000:.0f}"
             f" ms), sent between {slow[0][0]:.1f} s and {slow[-1][0]:.1f} s; most in {busiest}"
         )
-    ratio = statistics.median(ratios.values())
+    ratios = [hook.ratio for hook in hooks]
+    median = statistics.median(ratios)
     p99 = half.percentile_ms(99)
     print()
     for line in noisy:
@@ -987,9 +842,9 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
         print(f"INVALID RUN: {problem}")
     verdicts = [
         (
-            ratio >= TARGET_RATIO,
-            f"webhook throughput {ratio:.2f} x bare, the median of rounds "
-            f"{', '.join(f'{r:.2f}' for r in ratios.values())} (target >= {TARGET_RATIO})",
+            median >= TARGET_RATIO,
+            f"webhook throughput {median:.2f} x bare, the median of rounds "
+            f"{', '.join(f'{r:.2f}' for r in ratios)} (target >= {TARGET_RATIO})",
         ),
         (
             p99 < TARGET_P99_MS,
@@ -997,9 +852,7 @@ def report(args, use_wrk: bool, phases: dict[str, Phase], redelivered: int) -> i
             f"(target < {TARGET_P99_MS:g} ms)",
         ),
     ]
-    for ok, text in verdicts:
-        print(f"{'PASS' if ok else 'FAIL'}: {text}")
-    passed = not problems and all(ok for ok, _ in verdicts)
+    passed = print_verdicts(verdicts) and not problems
     print(f"{'PASS' if passed else 'FAIL'}: overall")
     return 0 if passed else 1
 
