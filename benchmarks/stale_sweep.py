@@ -14,45 +14,33 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-from pgdb import drop_database, recreate_database
-
-ROOT = Path(__file__).resolve().parent.parent
-DB = "callops_sweepbench"
-BASE = "postgres://postgres@127.0.0.1:5432"
+from harness import add_scratch_options, print_table, print_verdicts, scratch
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=int, default=1_000_000)
     parser.add_argument("--stale", type=int, default=100)
+    add_scratch_options(parser, database="callops_sweepbench", redis_db=11)
     args = parser.parse_args()
 
-    recreate_database(f"{BASE}/postgres", DB)
-    os.environ.update(
-        DJANGO_SETTINGS_MODULE="config.settings.dev",
-        DJANGO_DEBUG="false",
-        DATABASE_URL=f"{BASE}/{DB}",
-        REDIS_URL="redis://127.0.0.1:6379/11",
-        LOG_LEVEL="WARNING",
-    )
-    sys.path.insert(0, str(ROOT))
+    with scratch(args.database, redis_db=args.redis_db, pg=args.pg) as run:
+        env = run.env("config.settings.dev", DJANGO_DEBUG="false", LOG_LEVEL="WARNING")
+        run.migrate(env)
+        os.environ.update(env)
+        return sweep_bench(args)
+
+
+def sweep_bench(args: argparse.Namespace) -> int:
     import django
 
     django.setup()
-    from django.core.management import call_command
     from django.db import connection
 
     from callops import maintenance
     from callops.models import Command
-
-    call_command("migrate", verbosity=0)
-    import redis
-
-    redis.Redis.from_url(os.environ["REDIS_URL"]).flushdb()
 
     calls = max(1, args.streams // 100)
     started = time.monotonic()
@@ -129,21 +117,27 @@ def main() -> int:
         looks.append((time.perf_counter() - t0) * 1000)
     look = statistics.median(looks)
 
-    print("\n| measure | value |\n|---|---|")
-    print(f"| media streams | {total:,} |")
-    print(f"| stale streams | {args.stale} |")
-    print(f"| sweep with {args.stale} stale (issues the stops) | {first:.1f} ms |")
-    print(f"| sweep with nothing new to do (median of 5) | {look:.1f} ms |")
-    print(f"| stop commands created | {stops} |")
-    print(f"| result | {done} |")
-    ok_time = first < 100
-    print(f"\n{'PASS' if ok_time else 'FAIL'}: one sweep under 100 ms ({first:.1f} ms)")
-    print(f"{'PASS' if uses_index else 'FAIL'}: the sweep's queries use the partial indexes")
-    print(f"{'PASS' if stops == args.stale else 'FAIL'}: one stop per stale stream ({stops})")
-
-    connection.close()
-    drop_database(f"{BASE}/postgres", DB)
-    return 0 if ok_time and uses_index and stops == args.stale else 1
+    print()
+    print_table(
+        ("measure", "value"),
+        [
+            ("media streams", f"{total:,}"),
+            ("stale streams", args.stale),
+            (f"sweep with {args.stale} stale (issues the stops)", f"{first:.1f} ms"),
+            ("sweep with nothing new to do (median of 5)", f"{look:.1f} ms"),
+            ("stop commands created", stops),
+            ("result", done),
+        ],
+    )
+    print()
+    passed = print_verdicts(
+        [
+            (first < 100, f"one sweep under 100 ms ({first:.1f} ms)"),
+            (uses_index, "the sweep's queries use the partial indexes"),
+            (stops == args.stale, f"one stop per stale stream ({stops})"),
+        ]
+    )
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
