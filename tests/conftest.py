@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.test import Client
 
-from tests.telnyx_events import Signer, dumps
+from tests.telnyx_events import ClientSigner, dumps
 
 
 def _reachable(url: str, default_port: int) -> tuple[str, int, bool]:
@@ -53,8 +53,8 @@ def _clean_redis():
 
 
 @pytest.fixture
-def signer(settings) -> Signer:
-    signer = Signer()
+def signer(settings) -> ClientSigner:
+    signer = ClientSigner()
     settings.TELNYX_PUBLIC_KEYS = [signer.public_key]
     return signer
 
@@ -104,7 +104,7 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
 @pytest.fixture(scope="session")
 def telnyx_sim():
     """The project's Telnyx simulator (command API), shared by the session; reset per test."""
-    from callops.simulator import TelnyxAPISimulator
+    from telnyx_sim import TelnyxAPISimulator
 
     with TelnyxAPISimulator(api_key="KEY_TEST") as sim:
         yield sim

@@ -1,68 +1,25 @@
-"""Build Telnyx webhook envelopes and sign them the way Telnyx does (Ed25519 over ts|body)."""
+"""Test data in Telnyx's words: a whole call's webhooks (`call_life`) and a signer for Django's
+test client (`ClientSigner`).
+
+Envelopes and signatures are made by the simulator's side, which plays Telnyx: `envelope` and
+`dumps` are `telnyx_sim`'s, re-exported so a test imports its Telnyx data from one place.
+"""
 
 from __future__ import annotations
 
 import base64
-import json
-import time
-import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from nacl.signing import SigningKey
+from telnyx_sim import Signer, dumps, envelope
+
+__all__ = ["T0", "ClientSigner", "call_life", "dumps", "envelope"]
 
 
-@dataclass
-class Signer:
-    key: SigningKey = field(default_factory=SigningKey.generate)
-
-    @property
-    def public_key(self) -> str:
-        return base64.b64encode(bytes(self.key.verify_key)).decode()
+class ClientSigner(Signer):
+    """The simulator's signer, with its headers keyed as Django's test client takes them."""
 
     def headers(self, body: bytes, timestamp: int | None = None) -> dict[str, str]:
-        ts = str(int(time.time()) if timestamp is None else timestamp)
-        signature = self.key.sign(ts.encode() + b"|" + body).signature
-        return {
-            "HTTP_TELNYX_SIGNATURE_ED25519": base64.b64encode(signature).decode(),
-            "HTTP_TELNYX_TIMESTAMP": ts,
-        }
-
-
-def envelope(
-    event_type: str,
-    call_control_id: str = "v3:call-1",
-    *,
-    occurred_at: datetime | None = None,
-    event_id: str | None = None,
-    attempt: int = 1,
-    **payload: object,
-) -> dict:
-    occurred_at = occurred_at or datetime.now(UTC)
-    body = {
-        "call_control_id": call_control_id,
-        "call_leg_id": f"leg-{call_control_id}",
-        "call_session_id": f"session-{call_control_id}",
-        "connection_id": "conn-1",
-        "client_state": None,
-        "from": "+15551230000",
-        "to": "+15559870000",
-    }
-    body.update(payload)
-    return {
-        "data": {
-            "record_type": "event",
-            "event_type": event_type,
-            "id": event_id or str(uuid.uuid4()),
-            "occurred_at": occurred_at.isoformat().replace("+00:00", "Z"),
-            "payload": body,
-        },
-        "meta": {"attempt": attempt, "delivered_to": "http://testserver/webhooks/telnyx/"},
-    }
-
-
-def dumps(event: dict) -> bytes:
-    return json.dumps(event).encode()
+        return self.wsgi_headers(body, timestamp)
 
 
 T0 = datetime(2026, 11, 25, 18, 0, 0, tzinfo=UTC)

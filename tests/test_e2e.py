@@ -25,7 +25,7 @@ from callops.models import (
     TranscriptSegment,
     WebhookEvent,
 )
-from callops.simulator import CallSimulator
+from telnyx_sim import CallSimulator
 from tests.conftest import closed_port, use_broker, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]

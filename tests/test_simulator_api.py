@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import telnyx
 
-from callops.simulator import TelnyxAPISimulator
+from telnyx_sim import TelnyxAPISimulator
 
 API_KEY = "KEY_TEST_SIMULATOR"
 CCID = "v3:call-1"

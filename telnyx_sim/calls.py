@@ -1,0 +1,606 @@
+"""Telnyx's side of a call: the lifecycle of calls that exist only here.
+
+`CallSimulator` places simulated inbound calls and tells a webhook URL about them the way Telnyx
+does (TELNYX.md sections 1 and 3): ``call.initiated``, ``call.answered``, later ``call.hangup``.
+Paired with a `TelnyxAPISimulator`, it reacts to the commands that simulator applies: a
+``streaming_start`` yields ``streaming.started`` and a real media WebSocket session to the
+``stream_url`` (`telnyx_sim.media`); ``fork_start`` yields ``call.fork.started``;
+``transcription_start`` yields interim and final ``call.transcription`` events until hang-up::
+
+    with TelnyxAPISimulator() as api, CallSimulator(webhook_url=url, api=api) as calls:
+        ccid = calls.place_call(duration=5)
+        # point callops at api.base_url and trust calls.public_key
+
+Webhooks go out through `telnyx_sim.delivery` (signed, retried, duplicated and reordered as
+Telnyx may). What the calls are like is a `CallPlan`; how their webhooks go, a `DeliveryPolicy`.
+
+No Django imports: any process can run one. Threads only: a timer thread for everything that
+happens later (answers, hang-ups, transcripts, retries), a small pool for webhook POSTs and one
+thread per live media stream; `stop` ends them all in bounded time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from nacl.signing import SigningKey
+
+from telnyx_sim.delivery import DeliveryPolicy, DeliveryRecord, Outbox, WebhookSender
+from telnyx_sim.envelopes import event, iso_time
+from telnyx_sim.media import FRAME_MS, MediaStream, MediaStreamRecord
+from telnyx_sim.signing import Signer
+from telnyx_sim.timers import Timer, Timers
+
+if TYPE_CHECKING:
+    from telnyx_sim.command_api import CommandRecord, TelnyxAPISimulator
+
+__all__ = ["CallPlan", "CallSimulator"]
+
+logger = logging.getLogger(__name__)
+
+# What the simulated parties say, in turn: (track, words).
+_SCRIPT = (
+    ("inbound", "hi I am calling about my order"),
+    ("outbound", "sure can I have the order number please"),
+    ("inbound", "it is four two seven one"),
+    ("outbound", "thanks I can see it here it ships tomorrow"),
+    ("inbound", "great thank you so much"),
+)
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What the simulated calls are like.
+
+    Args:
+        calls_per_minute: automatic placement rate once started; 0 places none.
+        call_duration: seconds from answer to hang-up, ± ``duration_jitter`` (a fraction).
+        answer_delay: seconds from ``call.initiated`` to ``call.answered``.
+        connection_id, from_number, to_number: payload values; ``from_number`` None gives
+            each call a random +1555 number.
+        transcription_interval: seconds between ``call.transcription`` events.
+        media: open media WebSockets on ``streaming_start`` (False: webhooks only).
+        media_connect_timeout: budget for connecting and the WebSocket handshake.
+    """
+
+    calls_per_minute: float = 0.0
+    call_duration: float = 30.0
+    duration_jitter: float = 0.2
+    answer_delay: float = 1.0
+    connection_id: str = "sim-conn"
+    from_number: str | None = None
+    to_number: str = "+15550100000"
+    transcription_interval: float = 1.0
+    media: bool = True
+    media_connect_timeout: float = 2.0
+
+
+_PLAN_FIELDS = frozenset(f.name for f in dataclasses.fields(CallPlan))
+_DELIVERY_FIELDS = frozenset(f.name for f in dataclasses.fields(DeliveryPolicy))
+
+
+def _configure(
+    plan: CallPlan | None, delivery: DeliveryPolicy | None, shorthands: dict[str, Any]
+) -> tuple[CallPlan, DeliveryPolicy]:
+    """Apply each keyword shorthand to the field of that name in the plan or the policy."""
+    unknown = shorthands.keys() - _PLAN_FIELDS - _DELIVERY_FIELDS
+    if unknown:
+        raise TypeError(f"CallSimulator() got unexpected keyword arguments {sorted(unknown)}")
+    plan = dataclasses.replace(
+        plan or CallPlan(), **{k: v for k, v in shorthands.items() if k in _PLAN_FIELDS}
+    )
+    delivery = dataclasses.replace(
+        delivery or DeliveryPolicy(),
+        **{k: v for k, v in shorthands.items() if k in _DELIVERY_FIELDS},
+    )
+    return plan, delivery
+
+
+@dataclass
+class _Call:
+    call_control_id: str
+    call_leg_id: str
+    call_session_id: str
+    connection_id: str
+    from_number: str
+    to_number: str
+    started_at: datetime
+    duration: float
+    outbox: Outbox
+    client_state: str | None = None
+    answered: bool = False
+    ended: bool = False
+    last_occurred: datetime | None = None
+    stream: MediaStream | None = None
+    fork_type: str | None = None
+    # Bumped by every transcription start/stop, so a stale tick knows to stop.
+    transcription_generation: int = 0
+    transcript_position: int = 0
+    timers: list[Timer] = field(default_factory=list)
+
+    def payload(self, **extra: Any) -> dict[str, Any]:
+        """The keys every webhook of this call carries, then ``extra``."""
+        return {
+            "call_leg_id": self.call_leg_id,
+            "call_session_id": self.call_session_id,
+            "connection_id": self.connection_id,
+            "client_state": self.client_state,
+            "from": self.from_number,
+            "to": self.to_number,
+            **extra,
+        }
+
+
+# --- The simulator ----------------------------------------------------------------------------
+
+
+class CallSimulator:
+    """Simulated Telnyx calls: signed webhooks to ``webhook_url`` and media WebSockets.
+
+    Args:
+        webhook_url: where webhooks are POSTed (callops: ``.../webhooks/telnyx/``).
+        api: a running `TelnyxAPISimulator`; calls are registered there and its applied
+            commands drive events. Without one, calls only produce lifecycle webhooks.
+        signing_key: the Ed25519 key webhooks are signed with (generated when None).
+        plan: what the calls are like (`CallPlan`).
+        delivery: how their webhooks go out (`DeliveryPolicy`).
+        on_delivery: called with each `DeliveryRecord`, on a delivery thread; exceptions are
+            logged and swallowed.
+        log_size: how many events, deliveries and media streams the logs keep.
+        seed: seeds the random choices (jitter, duplicates, shuffles, confidences).
+        **shorthands: single fields of the plan or the policy, by name:
+            ``CallSimulator(webhook_url=url, answer_delay=0.05, reorder=True)``.
+
+    `start` chains onto ``api.on_command`` (the hook already there is still called) and `stop`
+    restores it. ``api.reset()`` puts back the API simulator's constructor hook, unhooking this
+    simulator: reset the API simulator before starting this one, not while it runs.
+    """
+
+    def __init__(
+        self,
+        *,
+        webhook_url: str,
+        api: TelnyxAPISimulator | None = None,
+        signing_key: SigningKey | None = None,
+        plan: CallPlan | None = None,
+        delivery: DeliveryPolicy | None = None,
+        on_delivery: Callable[[DeliveryRecord], None] | None = None,
+        log_size: int = 10_000,
+        seed: int | None = None,
+        **shorthands: Any,
+    ) -> None:
+        parts = urlsplit(webhook_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"webhook_url must be an http(s) URL, not {webhook_url!r}")
+        self.plan, self.delivery = _configure(plan, delivery, shorthands)
+        self.webhook_url = webhook_url
+        self.api = api
+        self.signer = Signer(signing_key or SigningKey.generate())
+        self._random = random.Random(seed)  # noqa: S311 - simulation, not security
+        # One re-entrant lock for calls, queues and logs: an event's occurred_at, its place in
+        # the log and its place in the call's delivery queue are decided together.
+        self._lock = threading.RLock()
+        self._webhooks = WebhookSender(
+            webhook_url,
+            self.signer,
+            self.delivery,
+            lock=self._lock,
+            rng=self._random,
+            log_size=log_size,
+            on_delivery=on_delivery,
+        )
+        self._calls: dict[str, _Call] = {}
+        self._events: deque[dict[str, Any]] = deque(maxlen=log_size)
+        self._sessions: deque[MediaStreamRecord] = deque(maxlen=log_size)
+        self._streams: set[MediaStream] = set()
+        self._timers: Timers | None = None
+        self._placer: Timer | None = None
+        self._placing = False
+        self._previous_hook: Callable[[CommandRecord], None] | None = None
+        self._closing = False
+
+    # -- keys --
+
+    @property
+    def public_key(self) -> str:
+        """Base64 of the raw 32-byte verify key: callops' ``TELNYX_PUBLIC_KEY``."""
+        return self.signer.public_key
+
+    def write_public_key(self, path: str | os.PathLike[str]) -> Path:
+        return self.signer.write_public_key(path)
+
+    # -- lifecycle --
+
+    @property
+    def running(self) -> bool:
+        return self._timers is not None and not self._closing
+
+    def start(self) -> CallSimulator:
+        if self._timers is not None:
+            raise RuntimeError("The call simulator is already running.")
+        self._closing = False
+        self._timers = Timers()
+        self._webhooks.start(self._timers)
+        if self.api is not None:
+            # Chained, so whoever hooked the API simulator first still hears every command.
+            self._previous_hook = self.api.on_command
+            self.api.on_command = self._on_command
+        self._placing = True
+        self._placer = self._timers.call_later(0, self._place_tick)
+        return self
+
+    def stop(self, *, hangup: bool = True, timeout: float = 10.0) -> None:
+        """Stop placing calls; hang up live ones first (``hangup``); end every thread.
+
+        Waits up to ``timeout`` seconds for outstanding webhooks (retries included), then
+        abandons the rest. Media streams get their ``stop`` frame.
+        """
+        if self._timers is None:
+            return
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._placing = False
+            if self._placer is not None:
+                self._placer.cancel()
+        if hangup:
+            for ccid in list(self._calls):
+                self.hangup(ccid)
+        self.wait_idle(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closing = True
+            self._webhooks.close()
+            streams = list(self._streams)
+        self._timers.close(timeout=1.0)
+        for stream in streams:
+            stream.stop()
+        for stream in streams:
+            stream.join(min(1.5, max(0.1, deadline - time.monotonic())))
+            if stream.alive:
+                # Stuck sending to a peer that stopped reading: cut the connection.
+                stream.abort()
+                stream.join(0.5)
+        self._webhooks.shutdown()
+        if self.api is not None and self.api.on_command == self._on_command:
+            self.api.on_command = self._previous_hook
+        with self._lock:
+            self._calls.clear()
+        self._timers = self._placer = None
+
+    def __enter__(self) -> CallSimulator:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until no webhook is waiting for delivery or retry; False on timeout."""
+        return self._webhooks.wait_idle(timeout)
+
+    # -- logs --
+
+    def events(
+        self, call_control_id: str | None = None, event_type: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The ``data`` of every event emitted, in the order they happened (copies)."""
+        with self._lock:
+            events = list(self._events)
+        return [
+            json.loads(json.dumps(data))
+            for data in events
+            if (call_control_id is None or data["payload"]["call_control_id"] == call_control_id)
+            and (event_type is None or data["event_type"] == event_type)
+        ]
+
+    def deliveries(
+        self, call_control_id: str | None = None, event_type: str | None = None
+    ) -> list[DeliveryRecord]:
+        """Every POST attempt, in the order the attempts finished."""
+        return self._webhooks.records(call_control_id, event_type)
+
+    def media_sessions(self, call_control_id: str | None = None) -> list[MediaStreamRecord]:
+        """What happened on each media WebSocket, in the order they opened (snapshots)."""
+        with self._lock:
+            records = [dataclasses.replace(record) for record in self._sessions]
+        return [r for r in records if call_control_id in (None, r.call_control_id)]
+
+    @property
+    def live_calls(self) -> list[str]:
+        with self._lock:
+            return list(self._calls)
+
+    # -- calls --
+
+    def place_call(
+        self,
+        *,
+        duration: float | None = None,
+        answer_delay: float | None = None,
+        connection_id: str | None = None,
+        from_number: str | None = None,
+        to_number: str | None = None,
+    ) -> str:
+        """Start one inbound call now; returns its ``call_control_id``.
+
+        ``duration`` (seconds from answer to hang-up) defaults to ``call_duration`` with jitter;
+        ``float("inf")`` keeps the call up until `hangup` or `stop`.
+        """
+        if not self.running:
+            raise RuntimeError("Start the call simulator before placing calls.")
+        rng, plan = self._random, self.plan
+        if duration is None:
+            spread = plan.call_duration * plan.duration_jitter
+            duration = max(0.0, plan.call_duration + rng.uniform(-spread, spread))
+        if answer_delay is None:
+            answer_delay = plan.answer_delay * rng.uniform(0.8, 1.2)
+        number = from_number or plan.from_number or f"+1555{rng.randrange(10**7):07d}"
+        call_control_id = f"v3:sim-{uuid.uuid4()}"
+        call = _Call(
+            call_control_id=call_control_id,
+            call_leg_id=str(uuid.uuid4()),
+            call_session_id=str(uuid.uuid4()),
+            connection_id=connection_id or plan.connection_id,
+            from_number=number,
+            to_number=to_number or plan.to_number,
+            started_at=datetime.now(UTC),
+            duration=duration,
+            outbox=Outbox(call_control_id),
+        )
+        with self._lock:
+            self._calls[call.call_control_id] = call
+            if self.api is not None:
+                self.api.add_call(call.call_control_id)
+            self._emit(
+                call,
+                "call.initiated",
+                direction="incoming",
+                state="parked",
+                start_time=iso_time(call.started_at),
+            )
+            self._later(call, answer_delay, self._answer, call)
+            if math.isfinite(duration):
+                self._later(call, answer_delay + duration, self._hangup_due, call)
+        logger.info(
+            "call %s placed: %s -> %s", call.call_control_id, call.from_number, call.to_number
+        )
+        return call.call_control_id
+
+    def hangup(
+        self,
+        call_control_id: str,
+        *,
+        cause: str | None = None,
+        source: str = "caller",
+        sip_cause: str | None = None,
+    ) -> bool:
+        """End a live call now: stop its media, then ``call.hangup``. False if not live.
+
+        By default the caller hangs up: ``normal_clearing`` / SIP 200 once answered,
+        ``originator_cancel`` / SIP 487 while still ringing.
+        """
+        with self._lock:
+            call = self._calls.pop(call_control_id, None)
+            if call is None or call.ended:
+                return False
+            call.ended = True
+            if cause is None:
+                cause = "normal_clearing" if call.answered else "originator_cancel"
+            if sip_cause is None:
+                sip_cause = "200" if call.answered else "487"
+            for timer in call.timers:
+                timer.cancel()
+            call.transcription_generation += 1
+            if self.api is not None:
+                self.api.end_call(call_control_id)
+            self._stop_stream(call)
+            self._stop_fork(call)
+            elapsed = (datetime.now(UTC) - call.started_at).total_seconds()
+            packets = str(max(0, int(elapsed * 1000 / FRAME_MS)))
+            self._emit(
+                call,
+                "call.hangup",
+                state="hangup",
+                hangup_cause=cause,
+                hangup_source=source,
+                sip_hangup_cause=sip_cause,
+                start_time=iso_time(call.started_at),
+                call_quality_stats={
+                    "inbound": {"mos": "4.50", "packet_count": packets, "skip_packet_count": "0"},
+                    "outbound": {"packet_count": packets, "skip_packet_count": "0"},
+                },
+            )
+            # Held (reordered) events go out now rather than after the call is gone.
+            self._webhooks.flush(call.outbox)
+        logger.info("call %s hung up (%s)", call_control_id, cause)
+        return True
+
+    def _answer(self, call: _Call) -> None:
+        with self._lock:
+            if call.ended or call.answered:
+                return
+            call.answered = True
+            self._emit(
+                call, "call.answered", state="answered", start_time=iso_time(call.started_at)
+            )
+
+    def _hangup_due(self, call: _Call) -> None:
+        self.hangup(call.call_control_id)
+
+    def _place_tick(self) -> None:
+        """Place a call if the rate asks for one; look again after one interval (or 1 s)."""
+        with self._lock:
+            if not self._placing or self._timers is None:
+                return
+            rate = self.plan.calls_per_minute
+            if rate > 0:
+                self.place_call()
+            self._placer = self._timers.call_later(
+                60.0 / rate if rate > 0 else 1.0, self._place_tick
+            )
+
+    def _later(self, call: _Call, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        if self._timers is not None:
+            call.timers.append(self._timers.call_later(delay, fn, *args))
+
+    # -- commands (API simulator threads) --
+
+    def _on_command(self, record: CommandRecord) -> None:
+        if self._previous_hook is not None:
+            try:
+                self._previous_hook(record)
+            except Exception:
+                logger.exception("chained on_command hook failed")
+        # ``applied`` is false for errors and ignored repeats. It is true with a non-200 status
+        # only for inject(apply=True): the command took effect though the client never heard,
+        # and Telnyx would send its webhooks all the same.
+        if not record.applied or record.duplicate or not isinstance(record.body, dict):
+            return
+        handler = self._COMMAND_HANDLERS.get(record.action or "")
+        with self._lock:
+            call = self._calls.get(record.call_control_id or "")
+            if handler is None or call is None or call.ended or self._closing:
+                return
+            client_state = record.body.get("client_state")
+            if isinstance(client_state, str):
+                # Telnyx echoes it in this and every later webhook of the call.
+                call.client_state = client_state
+            handler(self, call, record.body)
+
+    def _streaming_start(self, call: _Call, body: dict[str, Any]) -> None:
+        # One stream or fork per call (as in the API simulator): a new one replaces the old.
+        self._stop_stream(call)
+        self._stop_fork(call)
+        stream = MediaStream(
+            call,
+            body,
+            connect_timeout=self.plan.media_connect_timeout,
+            lock=self._lock,
+            on_end=self._stream_ended,
+        )
+        call.stream = stream
+        self._emit(call, "streaming.started", stream_url=stream.url)
+        if self.plan.media and not self._closing:
+            self._streams.add(stream)
+            with self._lock:
+                self._sessions.append(stream.record)
+            stream.start()
+
+    def _streaming_stop(self, call: _Call, body: dict[str, Any]) -> None:
+        stream_id = body.get("stream_id")
+        if call.stream is not None and stream_id in (None, call.stream.stream_id):
+            self._stop_stream(call)
+
+    def _fork_start(self, call: _Call, body: dict[str, Any]) -> None:
+        self._stop_stream(call)
+        self._stop_fork(call)
+        call.fork_type = body.get("stream_type") or "raw"
+        self._emit(call, "call.fork.started", stream_type=call.fork_type)
+
+    def _fork_stop(self, call: _Call, body: dict[str, Any]) -> None:
+        self._stop_fork(call)
+
+    def _transcription_start(self, call: _Call, body: dict[str, Any]) -> None:
+        call.transcription_generation += 1
+        tracks = body.get("transcription_tracks") or "inbound"
+        self._later(
+            call,
+            self.plan.transcription_interval,
+            self._transcribe,
+            call,
+            call.transcription_generation,
+            tracks,
+        )
+
+    def _transcription_stop(self, call: _Call, body: dict[str, Any]) -> None:
+        call.transcription_generation += 1
+
+    _COMMAND_HANDLERS: dict[str, Callable[[CallSimulator, _Call, dict[str, Any]], None]] = {
+        "streaming_start": _streaming_start,
+        "streaming_stop": _streaming_stop,
+        "fork_start": _fork_start,
+        "fork_stop": _fork_stop,
+        "transcription_start": _transcription_start,
+        "transcription_stop": _transcription_stop,
+    }
+
+    def _stop_stream(self, call: _Call) -> None:
+        stream, call.stream = call.stream, None
+        if stream is not None:
+            stream.stop()
+            self._emit(call, "streaming.stopped", stream_url=stream.url)
+
+    def _stop_fork(self, call: _Call) -> None:
+        fork_type, call.fork_type = call.fork_type, None
+        if fork_type is not None:
+            self._emit(call, "call.fork.stopped", stream_type=fork_type)
+
+    def _stream_ended(self, stream: MediaStream, reason: str | None) -> None:
+        """Called from a media thread; ``reason`` says why the stream failed (None: it did not)."""
+        call = stream.call
+        with self._lock:
+            self._streams.discard(stream)
+            if reason is None or call.ended or call.stream is not stream or self._closing:
+                return
+            call.stream = None
+            self._emit(
+                call,
+                "streaming.failed",
+                failure_reason=reason,
+                stream_id=stream.stream_id,
+                stream_type="websocket",
+                stream_params={"stream_url": stream.url, "track": stream.track},
+            )
+
+    def _transcribe(self, call: _Call, generation: int, tracks: str) -> None:
+        with self._lock:
+            if call.ended or generation != call.transcription_generation:
+                return
+            lines = [line for line in _SCRIPT if tracks == "both" or line[0] == tracks] or _SCRIPT
+            # Each line is heard twice: first half as an interim result, then the final one.
+            position = call.transcript_position
+            call.transcript_position += 1
+            track, text = lines[(position // 2) % len(lines)]
+            final = position % 2 == 1
+            words = text.split()
+            transcript = text if final else " ".join(words[: max(1, len(words) // 2)])
+            low, high = (0.85, 0.99) if final else (0.5, 0.8)
+            self._emit(
+                call,
+                "call.transcription",
+                transcription_data={
+                    "transcript": transcript,
+                    "confidence": round(self._random.uniform(low, high), 3),
+                    "is_final": final,
+                    "transcription_track": track,
+                },
+            )
+            self._later(
+                call, self.plan.transcription_interval, self._transcribe, call, generation, tracks
+            )
+
+    # -- events --
+
+    def _emit(self, call: _Call, event_type: str, **payload: Any) -> None:
+        """Record one event of ``call`` and queue its delivery. Called with the lock held."""
+        now = datetime.now(UTC)
+        if call.last_occurred is not None and now <= call.last_occurred:
+            # Two events in the same clock tick still get strictly increasing times.
+            now = call.last_occurred + timedelta(microseconds=1)
+        call.last_occurred = now
+        data = event(event_type, call.call_control_id, occurred_at=now, **call.payload(**payload))
+        self._events.append(data)
+        self._webhooks.send(call.outbox, data)
