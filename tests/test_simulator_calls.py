@@ -26,7 +26,13 @@ from nacl.signing import SigningKey, VerifyKey
 from websockets.sync.server import serve
 
 from callops.webhooks import verify_signature
-from telnyx_sim import CallSimulator, TelnyxAPISimulator, load_signing_key
+from telnyx_sim import (
+    CallPlan,
+    CallSimulator,
+    DeliveryPolicy,
+    TelnyxAPISimulator,
+    load_signing_key,
+)
 from tests.conftest import wait_for
 
 API_KEY = "KEY_TEST_CALLS"
@@ -304,6 +310,23 @@ def test_it_keeps_its_signing_key_in_a_file(tmp_path):
     assert len(base64.b64decode(sim.public_key)) == 32
     with pytest.raises(FileNotFoundError):
         load_signing_key(tmp_path / "missing", create=False)
+
+
+def test_its_settings_are_a_call_plan_and_a_delivery_policy():
+    plan = CallPlan(answer_delay=0.5, connection_id="c-1")
+    sim = CallSimulator(
+        webhook_url="http://127.0.0.1:9/", plan=plan, answer_delay=0.05, reorder=True
+    )
+    assert sim.plan == CallPlan(answer_delay=0.05, connection_id="c-1")
+    assert sim.delivery == DeliveryPolicy(reorder=True)
+    with pytest.raises(TypeError, match="answer_dealy"):
+        CallSimulator(webhook_url="http://127.0.0.1:9/", answer_dealy=1)
+    with pytest.raises(ValueError, match="duplicate_rate"):
+        CallSimulator(webhook_url="http://127.0.0.1:9/", duplicate_rate=1.5)
+    with pytest.raises(ValueError, match="max_attempts"):
+        CallSimulator(webhook_url="http://127.0.0.1:9/", max_attempts=0)
+    with pytest.raises(ValueError, match="webhook_url"):
+        CallSimulator(webhook_url="ftp://127.0.0.1/")
 
 
 # --- Commands drive events --------------------------------------------------------------------
