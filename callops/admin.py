@@ -7,8 +7,9 @@ from django.db import transaction
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 
-from callops import commands, events
-from callops.api.authentication import api_key_create, api_key_revoke
+from callops import commands, drain, events
+from callops.actions import STOPS, TelnyxAction
+from callops.api_keys import api_key_create, api_key_revoke
 from callops.commands import CallEnded
 from callops.models import (
     ApiKey,
@@ -24,7 +25,6 @@ from callops.models import (
     TranscriptSegment,
     WebhookEvent,
 )
-from callops.tasks import request_event_drain
 from callops.telnyx_params import ParamsInvalid
 
 
@@ -85,6 +85,16 @@ class CommandInline(ReadOnlyInline):
     ordering = ("-created_at",)
 
 
+def stop_action(stop: TelnyxAction):
+    """The admin action sending ``stop`` for each selected call ("Stop streaming")."""
+
+    def act(modeladmin: CallAdmin, request: HttpRequest, queryset: QuerySet[Call]) -> None:
+        modeladmin.command_each(request, queryset, stop.name)
+
+    act.__name__ = stop.summary.lower().replace(" ", "_")
+    return admin.action(description=stop.summary, permissions=["view"])(act)
+
+
 class PartnerFilter(admin.SimpleListFilter):
     title = "partner"
     parameter_name = "partner"
@@ -129,7 +139,7 @@ class CallAdmin(admin.ModelAdmin):
         CommandInline,
     ]
     readonly_fields = [f.name for f in Call._meta.fields]
-    actions = ["stop_streaming", "stop_forking", "stop_transcription"]
+    actions = [stop_action(stop) for stop in STOPS.values()]
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -152,7 +162,7 @@ class CallAdmin(admin.ModelAdmin):
     def partner(self, call) -> str:
         return call.partner_name or "-"
 
-    def _command_each(self, request, queryset, action: str) -> None:
+    def command_each(self, request, queryset, action: str) -> None:
         sent, refused = 0, []
         for call in queryset:
             try:
@@ -166,18 +176,6 @@ class CallAdmin(admin.ModelAdmin):
             self.message_user(request, f"Queued {action} for {sent} call(s).", messages.SUCCESS)
         for reason in refused:
             self.message_user(request, f"Did not send {action}: {reason}", messages.WARNING)
-
-    @admin.action(description="Stop streaming", permissions=["view"])
-    def stop_streaming(self, request, queryset):
-        self._command_each(request, queryset, Command.Action.STREAMING_STOP)
-
-    @admin.action(description="Stop forking", permissions=["view"])
-    def stop_forking(self, request, queryset):
-        self._command_each(request, queryset, Command.Action.FORK_STOP)
-
-    @admin.action(description="Stop transcription", permissions=["view"])
-    def stop_transcription(self, request, queryset):
-        self._command_each(request, queryset, Command.Action.TRANSCRIPTION_STOP)
 
 
 @admin.register(WebhookEvent)
@@ -212,7 +210,7 @@ class WebhookEventAdmin(admin.ModelAdmin):
     def replay(self, request: HttpRequest, queryset: QuerySet[WebhookEvent]) -> None:
         with transaction.atomic():
             count = events.events_replay(event_ids=queryset.values_list("pk", flat=True))
-            transaction.on_commit(request_event_drain)
+            transaction.on_commit(drain.request)
         self.message_user(request, f"{count} event(s) queued for replay.", messages.SUCCESS)
 
 

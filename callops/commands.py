@@ -24,22 +24,13 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from callops import events, telnyx_params
+from callops import actions, queue, state
 from callops.exceptions import CallopsError
-from callops.models import Call, CallSession, Command, Fork, MediaStream, Transcription
+from callops.models import Call, CallSession, Command
 from callops.ratelimit import get_limiter
 
 logger = logging.getLogger("callops.commands")
 
-# Our action names, Telnyx's URL names, map to the SDK's method names.
-SDK_METHODS = {
-    Command.Action.STREAMING_START: "start_streaming",
-    Command.Action.STREAMING_STOP: "stop_streaming",
-    Command.Action.FORK_START: "start_forking",
-    Command.Action.FORK_STOP: "stop_forking",
-    Command.Action.TRANSCRIPTION_START: "start_transcription",
-    Command.Action.TRANSCRIPTION_STOP: "stop_transcription",
-}
 CALL_ENDED_CODE = "90018"
 RETRYABLE_STATUSES = {408, 409}
 MAX_SERVER_WAIT = 300.0  # never believe a rate-limit reset further away than this
@@ -53,7 +44,9 @@ class CommandConflict(CallopsError):
     """The same stop is already in flight for this stream, fork or transcription."""
 
 
-TARGET_FIELDS = {MediaStream: "stream", Fork: "fork", Transcription: "transcription"}
+def record_model(action: actions.TelnyxAction) -> type[CallSession]:
+    """The model of the record an action creates or targets (``Command.stream`` -> MediaStream)."""
+    return Command._meta.get_field(action.record).related_model
 
 
 # --- Creating -------------------------------------------------------------------------------
@@ -73,7 +66,8 @@ def command_create(
 
     ``target``: the stream, fork or transcription a stop command is about (so only one stop for
     it can be in flight)."""
-    cleaned = telnyx_params.validate(action, params or {}, client_state)
+    cleaned = actions.validate(action, params or {}, client_state)
+    spec = actions.get(action)
     with transaction.atomic():
         call = Call.objects.select_for_update().get(pk=call.pk)
         if call.is_ended:
@@ -81,7 +75,7 @@ def command_create(
         now = timezone.now()
         command = _new_command(call, action, cleaned, requested_by, now, client_state or "")
         if target is not None:
-            setattr(command, TARGET_FIELDS[type(target)], target)
+            setattr(command, spec.record, target)
         _record_intent(command, now)
         try:
             with transaction.atomic():
@@ -114,12 +108,13 @@ def commands_create_stops(
     message. A target whose stop is already in flight is skipped by the database (the partial
     unique constraint), not by a race-prone check. Returns how many stops were created."""
     now = timezone.now()
+    spec = actions.get(action)
     rows = []
     for session, params in targets:
         command = _new_command(
-            session.call, action, telnyx_params.validate(action, params), requested_by, now
+            session.call, action, actions.validate(action, params), requested_by, now
         )
-        setattr(command, TARGET_FIELDS[type(session)], session)
+        setattr(command, spec.record, session)
         rows.append(command)
     if not rows:
         return 0
@@ -137,10 +132,8 @@ def commands_create_stops(
 
 def commands_enqueue(*, command_pks: list[int]) -> None:
     """One message for many commands; a worker fans it out (see tasks.send_commands)."""
-    from callops.tasks import send_commands
-
     try:
-        send_commands.apply_async((command_pks,), retry=False)
+        queue.publish(queue.SEND_COMMANDS, command_pks)
     except Exception:
         logger.warning(
             "%d commands not enqueued (broker unavailable); repair will", len(command_pks)
@@ -148,47 +141,27 @@ def commands_enqueue(*, command_pks: list[int]) -> None:
 
 
 def _record_intent(command: Command, now: datetime) -> None:
-    """A start command creates the record its webhook will find, in ``requested``."""
-    params, call = command.params, command.call
-    if command.action == Command.Action.STREAMING_START:
-        command.stream = MediaStream.objects.create(
-            call=call,
-            stream_url=params["stream_url"],
-            track=params.get("stream_track", ""),
-            codec=params.get("stream_codec", ""),
-            requested_at=now,
-        )
-    elif command.action == Command.Action.FORK_START:
-        command.fork = Fork.objects.create(
-            call=call,
-            rx=params.get("rx", ""),
-            tx=params.get("tx", ""),
-            target=params.get("target", ""),
-            stream_type=params.get("stream_type", ""),
-            requested_at=now,
-        )
-    elif command.action == Command.Action.TRANSCRIPTION_START:
-        command.transcription = Transcription.objects.create(
-            call=call,
-            engine=params.get("transcription_engine", ""),
-            tracks=params.get("transcription_tracks", ""),
-            engine_config=params.get("transcription_engine_config", {}),
-            requested_at=now,
-        )
-    elif command.action == Command.Action.STREAMING_STOP and params.get("stream_id"):
-        command.stream = MediaStream.objects.filter(
-            call=call, stream_id=params["stream_id"]
-        ).first()
+    """A start creates the record its webhook will find, in ``requested``; a stop that names
+    its record by a parameter (``stream_id``) is tied to it."""
+    spec, params = actions.get(command.action), command.params
+    if spec.record is None:
+        return
+    model = record_model(spec)
+    if spec.starts:
+        fields = {name: params.get(param, empty) for name, (param, empty) in spec.intent.items()}
+        record = model.objects.create(call=command.call, requested_at=now, **fields)
+        setattr(command, spec.record, record)
+    elif spec.target_by and all(params.get(param) for param in spec.target_by):
+        lookup = {field: params[param] for param, field in spec.target_by.items()}
+        setattr(command, spec.record, model.objects.filter(call=command.call, **lookup).first())
 
 
 def command_enqueue(*, command_pk: int, countdown: float = 0, reserved_at: float | None = None):
     """Hand a command to a worker. Never raises: if the broker is down the command stays
     queued and ``commands_repair`` enqueues it again."""
-    from callops.tasks import send_command
-
     kwargs = {} if reserved_at is None else {"reserved_at": reserved_at}
     try:
-        send_command.apply_async((command_pk,), kwargs, countdown=max(0.0, countdown), retry=False)
+        queue.publish(queue.SEND_COMMAND, command_pk, countdown=countdown, **kwargs)
     except Exception:
         logger.warning("command %s not enqueued (broker unavailable); repair will", command_pk)
 
@@ -309,7 +282,7 @@ def telnyx_client():
 
 
 def _sdk_call(command: Command) -> None:
-    method = getattr(telnyx_client().calls.actions, SDK_METHODS[command.action])
+    method = getattr(telnyx_client().calls.actions, actions.get(command.action).sdk_method)
     accepted = inspect.signature(method).parameters
     kwargs: dict[str, Any] = {"command_id": str(command.command_id)}
     extra: dict[str, Any] = {}
@@ -443,11 +416,12 @@ def _error_fields(outcome: Outcome, reason: str | None = None) -> dict[str, Any]
 
 def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | None = None):
     now = timezone.now()
-    session = command.stream_id or command.fork_id or command.transcription_id
+    spec = actions.get(command.action)
+    session = getattr(command, spec.record) if spec.record else None
     touches_call = (
         outcome.kind == "call_ended"
-        or (failed and session and command.action.endswith("_start"))
-        or (not failed and command.action == Command.Action.TRANSCRIPTION_STOP)
+        or (failed and session is not None and spec.starts)
+        or (not failed and spec.record is not None and not spec.confirmed_by and spec.is_stop)
     )
     with transaction.atomic():
         updated = Command.objects.filter(
@@ -462,26 +436,13 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
             return  # cancelled meanwhile, recorded by another worker, or nothing else to do
         call = Call.objects.select_for_update().get(pk=command.call_id)
         if outcome.kind == "call_ended":
-            events.call_mark_ended(call=call, at=now)
+            state.call_mark_ended(call=call, at=now)
             call.save()
         elif failed:
-            target = command.stream or command.fork or command.transcription
-            _fail_session(call, target, f"{reason or outcome.reason}: {outcome.title}", now)
+            state.session_fail(session, f"{reason or outcome.reason}: {outcome.title}", now)
         else:
-            # Telnyx sends no webhook when transcription stops: the 200 is the evidence.
-            for transcription in call.transcriptions.all():
-                if transcription.is_open:
-                    transcription.record_stop(now)
-                    transcription.refresh_status()
-                    transcription.save()
-
-
-def _fail_session(call: Call, session: CallSession, reason: str, at: datetime) -> None:
-    session.refresh_from_db()
-    session.failure_reason = session.failure_reason or reason.strip(": ")[:2000]
-    session.record_stop(at)
-    session.refresh_status()
-    session.save()
+            # A stop no webhook confirms (transcription_stop): Telnyx's 200 is the evidence.
+            state.sessions_stop(record_model(spec).objects.filter(call=call), now)
 
 
 # --- Operators and repair -------------------------------------------------------------------
@@ -501,7 +462,7 @@ def command_retry(*, command: Command) -> bool:
         )
         if retried:
             command.refresh_from_db()
-            if command.action.endswith("_start"):
+            if actions.get(command.action).starts:
                 # The refused start left its record failed; the new attempt gets a new one.
                 command.stream = command.fork = command.transcription = None
                 _record_intent(command, now)
@@ -516,10 +477,11 @@ def command_cancel(*, command: Command) -> bool:
         cancelled = Command.objects.filter(pk=command.pk, status=Command.Status.QUEUED).update(
             status=Command.Status.CANCELLED, finished_at=timezone.now()
         )
-        session = command.stream or command.fork or command.transcription
-        if cancelled and session is not None and command.action.endswith("_start"):
-            call = Call.objects.select_for_update().get(pk=command.call_id)
-            _fail_session(call, session, "command cancelled", timezone.now())
+        spec = actions.get(command.action)
+        session = getattr(command, spec.record) if spec.record else None
+        if cancelled and session is not None and spec.starts:
+            Call.objects.select_for_update().get(pk=command.call_id)  # the lock, as for events
+            state.session_fail(session, "command cancelled", timezone.now())
     return bool(cancelled)
 
 

@@ -1,10 +1,9 @@
 """Apply stored Telnyx events to Call, MediaStream, Fork and Transcription records.
 
 Telnyx delivers events late, twice, concurrently and out of order. Every handler therefore only
-*adds facts* and every fact is merged as a join: start times take the minimum, stop times take
-the minimum of every stop evidence (explicit stop, failure, hang-up), statuses only climb their
-rank, and last-writer-wins fields compare ``occurred_at``. The final records are then the same
-for any permutation of a call's events with any duplicates.
+*adds facts*, merged by ``callops.state`` as joins, so the final records are the same for any
+permutation of a call's events with any duplicates. What is decided here is which record an
+event is about: the stream a ``streaming.stopped`` ends, the transcription a segment belongs to.
 
 All writes for one call happen under a row lock on the ``Call`` (``SELECT ... FOR UPDATE``), so two
 workers applying events of the same call serialise instead of losing an update. Lock order is
@@ -15,26 +14,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import TypeVar
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
 from django.utils import timezone
 
-from callops import webhooks
+from callops import state
 from callops.exceptions import EventError
 from callops.models import (
     Call,
     CallSession,
-    DrainFlag,
     Fork,
     MediaStream,
     Transcription,
     TranscriptSegment,
     WebhookEvent,
 )
+from callops.policies import call_answered_policy
 from callops.webhooks import parse_time
 
 logger = logging.getLogger("callops.events")
@@ -73,17 +71,6 @@ def event_process(*, event: WebhookEvent) -> str:
     return event.status
 
 
-def event_process_by_id(*, event_id: int) -> str | None:
-    """Apply one event if it is still pending (a task may be delivered more than once)."""
-    with transaction.atomic():
-        event = (
-            WebhookEvent.objects.select_for_update()
-            .filter(pk=event_id, status=WebhookEvent.Status.PENDING)
-            .first()
-        )
-        return event_process(event=event) if event else None
-
-
 def events_drain(*, limit: int | None = None) -> int:
     """Apply pending events, oldest first, until none is left or ``limit`` were applied.
 
@@ -118,30 +105,7 @@ def has_handler(event_type: str) -> bool:
     return event_type in HANDLERS
 
 
-def drain_flag_raise() -> bool:
-    """Raise the drain flag unless it is up. True if this call raised it: the caller must then
-    enqueue a drain. (The webhook does the same inside its INSERT on PostgreSQL.)"""
-    now = timezone.now()
-    due = Q(requested_at__isnull=True) | Q(requested_at__lt=now - webhooks.DRAIN_FLAG_TTL)
-    if DrainFlag.objects.filter(due, pk=1).update(requested_at=now):
-        return True
-    _, created = DrainFlag.objects.get_or_create(pk=1, defaults={"requested_at": now})
-    return created
-
-
-def drain_flag_lower() -> None:
-    DrainFlag.objects.filter(pk=1).update(requested_at=None)
-
-
 # --- The call -------------------------------------------------------------------------------
-
-_CALL_FIELDS = (
-    ("call_leg_id", "call_leg_id"),
-    ("call_session_id", "call_session_id"),
-    ("connection_id", "connection_id"),
-    ("from_number", "from"),
-    ("to_number", "to"),
-)
 
 
 def _lock_call(event: WebhookEvent) -> Call:
@@ -150,74 +114,32 @@ def _lock_call(event: WebhookEvent) -> Call:
         raise EventError("event has no data.payload.call_control_id")
     Call.objects.bulk_create([Call(call_control_id=event.call_control_id)], ignore_conflicts=True)
     call = Call.objects.select_for_update().get(call_control_id=event.call_control_id)
-    body, at = event.body, event.occurred_at
-    for field, key in _CALL_FIELDS:
-        value = body.get(key)
-        if not getattr(call, field) and isinstance(value, str):
-            setattr(call, field, value[: Call._meta.get_field(field).max_length])
-    client_state = body.get("client_state")
-    # Last writer wins; on equal times the larger value, so the outcome never depends on order.
-    if (
-        isinstance(client_state, str)
-        and client_state
-        and (
-            call.client_state_at is None
-            or (at, client_state) > (call.client_state_at, call.client_state)
-        )
-    ):
-        call.client_state, call.client_state_at = client_state, at
-    start_time = parse_time(body.get("start_time"))
-    if start_time is not None:
-        call.started_at = _earliest(call.started_at, start_time)
-    call.last_event_at = max(filter(None, (call.last_event_at, at)))
+    body = event.body
+    state.call_merge_payload(call, body, event.occurred_at, parse_time(body.get("start_time")))
     return call
-
-
-def _earliest(current: datetime | None, candidate: datetime) -> datetime:
-    return candidate if current is None or candidate < current else current
-
-
-def _raise_status(call: Call, status: str) -> None:
-    if Call.STATUS_RANK[status] > Call.STATUS_RANK[call.status]:
-        call.status = status
 
 
 def on_call_initiated(call: Call, event: WebhookEvent) -> None:
     direction = event.body.get("direction")
     if isinstance(direction, str) and direction:
         call.direction = direction[:32]
-    call.started_at = _earliest(call.started_at, event.occurred_at)
+    call.started_at = state.earliest(call.started_at, event.occurred_at)
 
 
 def on_call_answered(call: Call, event: WebhookEvent) -> None:
-    from callops.policies import call_answered_policy
-
-    call.answered_at = _earliest(call.answered_at, event.occurred_at)
-    _raise_status(call, Call.Status.ANSWERED)
+    state.call_record_answer(call, event.occurred_at)
     call_answered_policy(call=call)
 
 
 def on_call_hangup(call: Call, event: WebhookEvent) -> None:
-    body, at = event.body, event.occurred_at
-    if call.ended_at is None or at <= call.ended_at:
-        call.ended_at = at
-        call.hangup_cause = _text(body.get("hangup_cause"), 64)
-        call.hangup_source = _text(body.get("hangup_source"), 32)
-        call.sip_hangup_cause = _text(body.get("sip_hangup_cause"), 16)
-    call_mark_ended(call=call, at=at)
-
-
-def call_mark_ended(*, call: Call, at: datetime) -> None:
-    """End a locked call at ``at`` (or earlier, if that is already known) and close every
-    stream, fork and transcription on it. Used by the hang-up and by a command that Telnyx
-    refused because the call had ended; the hang-up's own time wins whenever it arrives."""
-    call.ended_at = _earliest(call.ended_at, at)
-    _raise_status(call, Call.Status.ENDED)
-    sessions = [*call.streams.all(), *call.forks.all(), *call.transcriptions.all()]
-    # The call's duration limit, looked up once rather than once per session.
-    limit = max_duration(call) if any(s.started_at for s in sessions) else None
-    for session in sessions:
-        _save_session(call, session, at, limit=limit)
+    body = event.body
+    state.call_record_hangup(
+        call,
+        event.occurred_at,
+        cause=_text(body.get("hangup_cause"), 64),
+        source=_text(body.get("hangup_source"), 32),
+        sip_cause=_text(body.get("sip_hangup_cause"), 16),
+    )
 
 
 def _text(value: object, length: int) -> str:
@@ -225,34 +147,6 @@ def _text(value: object, length: int) -> str:
 
 
 # --- Streams, forks and transcriptions -------------------------------------------------------
-
-
-def _save_session(call: Call, session: S, at: datetime, *, limit: timedelta | None = None) -> S:
-    """Merge what every session shares, derive its status and save it.
-
-    A session on a call that has ended is closed at the hang-up: whether the hang-up was applied
-    before or after this event, the result is the same. ``limit`` is ``max_duration(call)``
-    when the caller already has it.
-    """
-    if session.requested_at is None or at < session.requested_at:
-        session.requested_at = at
-    if call.ended_at is not None:
-        session.record_stop(call.ended_at)
-    if session.started_at is not None:
-        session.stop_after = session.started_at + (limit or max_duration(call))
-    session.refresh_status()
-    session.save()
-    return session
-
-
-def max_duration(call: Call) -> timedelta:
-    """How long a stream, fork or transcription of this call may run: the partner's profile
-    for its connection, else ``CALLOPS_MAX_STREAM_DURATION``."""
-    from callops.models import StreamingProfile
-
-    profile = StreamingProfile.for_call(call)
-    seconds = profile.max_stream_duration if profile and profile.max_stream_duration else None
-    return timedelta(seconds=seconds or settings.CALLOPS_MAX_STREAM_DURATION)
 
 
 def _for_start(sessions: list[S], at: datetime) -> S | None:
@@ -300,16 +194,16 @@ def on_streaming_started(call: Call, event: WebhookEvent) -> None:
     stream = _matching(
         MediaStream, call, event.occurred_at, _for_start, stream_url=_stream_url(event.body)
     )
-    stream.record_start(event.occurred_at)
-    _save_session(call, stream, event.occurred_at)
+    state.session_record_start(stream, event.occurred_at)
+    state.session_save(call, stream, event.occurred_at)
 
 
 def on_streaming_stopped(call: Call, event: WebhookEvent) -> None:
     stream = _matching(
         MediaStream, call, event.occurred_at, _for_stop, stream_url=_stream_url(event.body)
     )
-    stream.record_stop(event.occurred_at)
-    _save_session(call, stream, event.occurred_at)
+    state.session_record_stop(stream, event.occurred_at)
+    state.session_save(call, stream, event.occurred_at)
 
 
 def on_streaming_failed(call: Call, event: WebhookEvent) -> None:
@@ -326,22 +220,22 @@ def on_streaming_failed(call: Call, event: WebhookEvent) -> None:
     stream.failure_reason = (
         stream.failure_reason or _text(body.get("failure_reason"), 2000) or ("streaming failed")
     )
-    stream.record_stop(at)
-    _save_session(call, stream, at)
+    state.session_record_stop(stream, at)
+    state.session_save(call, stream, at)
 
 
 def on_fork_started(call: Call, event: WebhookEvent) -> None:
     fork = _matching(Fork, call, event.occurred_at, _for_start)
     fork.stream_type = fork.stream_type or _text(event.body.get("stream_type"), 16)
-    fork.record_start(event.occurred_at)
-    _save_session(call, fork, event.occurred_at)
+    state.session_record_start(fork, event.occurred_at)
+    state.session_save(call, fork, event.occurred_at)
 
 
 def on_fork_stopped(call: Call, event: WebhookEvent) -> None:
     fork = _matching(Fork, call, event.occurred_at, _for_stop)
     fork.stream_type = fork.stream_type or _text(event.body.get("stream_type"), 16)
-    fork.record_stop(event.occurred_at)
-    _save_session(call, fork, event.occurred_at)
+    state.session_record_stop(fork, event.occurred_at)
+    state.session_save(call, fork, event.occurred_at)
 
 
 def _for_segment(sessions: list[Transcription], at: datetime) -> Transcription | None:
@@ -359,8 +253,8 @@ def on_call_transcription(call: Call, event: WebhookEvent) -> None:
         raise EventError("call.transcription has no transcription_data object")
     at = event.occurred_at
     transcription = _matching(Transcription, call, at, _for_segment)
-    transcription.record_start(at)
-    _save_session(call, transcription, at)
+    state.session_record_start(transcription, at)
+    state.session_save(call, transcription, at)
     confidence = data.get("confidence")
     TranscriptSegment.objects.update_or_create(
         event=event,

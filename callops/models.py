@@ -1,7 +1,7 @@
 """What callops knows about Telnyx calls, and every authentic webhook it was told.
 
 The records are derived from events that may arrive late, twice or out of order, so every field
-that events set is written as a join in a small lattice (see ``callops.events``): times are
+that events set is written as a join in a small lattice (see ``callops.state``): times are
 ``min``/``max`` of what was reported, statuses only move up their rank, and last-writer-wins
 fields carry the ``occurred_at`` that set them.
 """
@@ -9,11 +9,12 @@ fields carry the ``occurred_at`` that set them.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 
 from django.db import models
 from django.db.models.functions import Now
 from django.utils import timezone
+
+from callops.actions import ACTIONS, STOPS
 
 
 class WebhookEvent(models.Model):
@@ -125,7 +126,7 @@ class Call(models.Model):
 class CallSession(models.Model):
     """What a media stream, a fork and a transcription share: a lifecycle on one call.
 
-    ``status`` is never set by hand: ``refresh_status`` derives it from the facts (started,
+    ``status`` is never set by hand: ``callops.state`` derives it from the facts (started,
     stopped, failed), so applying the same facts in any order gives the same status, and a
     terminal status cannot go back because facts are only ever added.
     """
@@ -164,25 +165,6 @@ class CallSession(models.Model):
                 name=f"{prefix}_unstarted_idx",
             ),
         ]
-
-    def refresh_status(self) -> None:
-        if self.failure_reason:
-            self.status = self.Status.FAILED
-        elif self.stopped_at is not None:
-            self.status = self.Status.STOPPED
-        elif self.started_at is not None:
-            self.status = self.Status.ACTIVE
-        else:
-            self.status = self.Status.REQUESTED
-
-    def record_stop(self, at: datetime) -> None:
-        """The earliest evidence of a stop wins: an explicit stop, a failure or the hang-up."""
-        if self.stopped_at is None or at < self.stopped_at:
-            self.stopped_at = at
-
-    def record_start(self, at: datetime) -> None:
-        if self.started_at is None or at < self.started_at:
-            self.started_at = at
 
     @property
     def is_open(self) -> bool:
@@ -284,13 +266,8 @@ class Command(models.Model):
     claimed again.
     """
 
-    class Action(models.TextChoices):
-        STREAMING_START = "streaming_start"
-        STREAMING_STOP = "streaming_stop"
-        FORK_START = "fork_start"
-        FORK_STOP = "fork_stop"
-        TRANSCRIPTION_START = "transcription_start"
-        TRANSCRIPTION_STOP = "transcription_stop"
+    # Declared in callops.actions: one entry per Telnyx action.
+    Action = models.TextChoices("Action", [(name.upper(), name) for name in ACTIONS])
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -352,15 +329,11 @@ class Command(models.Model):
         # operators and partners ask at once: the database refuses the second.
         constraints = [
             models.UniqueConstraint(
-                fields=[target],
-                condition=models.Q(action=action, status__in=["queued", "sending"]),
-                name=f"one_open_{action}",
+                fields=[record],
+                condition=models.Q(action=stop.name, status__in=["queued", "sending"]),
+                name=f"one_open_{stop.name}",
             )
-            for target, action in (
-                ("stream", "streaming_stop"),
-                ("fork", "fork_stop"),
-                ("transcription", "transcription_stop"),
-            )
+            for record, stop in STOPS.items()
         ]
 
     def __str__(self) -> str:

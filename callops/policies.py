@@ -6,7 +6,9 @@ import logging
 
 from django.utils import timezone
 
+from callops import commands
 from callops.models import Call, Command, StreamingProfile
+from callops.telnyx_params import ParamsInvalid
 
 logger = logging.getLogger("callops.policies")
 
@@ -15,8 +17,6 @@ def call_answered_policy(*, call: Call) -> list[Command]:
     """Start streaming (and transcription, if asked) on an answered call whose connection has an
     auto-start profile. Once per call: the caller holds the call's row lock, and
     ``autostarted_at`` is set in the same transaction, however often call.answered arrives."""
-    from callops import commands  # commands imports events, which calls this module
-
     if call.autostarted_at is not None or call.is_ended:
         return []
     profile = StreamingProfile.for_call(call)
@@ -34,6 +34,6 @@ def call_answered_policy(*, call: Call) -> list[Command]:
                     call=call, action=action, params=params, requested_by=Command.RequestedBy.POLICY
                 )
             )
-        except (commands.CallEnded, commands.telnyx_params.ParamsInvalid) as exc:
+        except (commands.CallEnded, ParamsInvalid) as exc:
             logger.warning("auto-start %s on %s not sent: %s", action, call.call_control_id, exc)
     return created

@@ -1,11 +1,8 @@
 """Celery tasks: thin entry points that take ids, call a service and decide what comes next.
 
-Webhook events are not sent to the broker one task each. The webhook view stores the event as
-``pending`` (the database is the queue) and rings a doorbell: a one-row flag, raised inside the
-event's own INSERT statement on PostgreSQL, and only the request that raises it publishes a
-``drain_webhook_events`` task. A Celery publish costs ~1 ms of CPU on the request path; the
-doorbell costs nothing beyond the INSERT's round trip, and one publish per burst
-(see benchmarks/webhook_throughput.py).
+Services publish these by name through ``callops.queue`` (they never import this module); the
+names are declared there. How webhook events reach ``drain_webhook_events`` is the drain flag's
+business (``callops.drain``).
 """
 
 from __future__ import annotations
@@ -18,44 +15,13 @@ from datetime import timedelta
 from celery import shared_task
 from celery.signals import worker_process_init
 from django.conf import settings
-from django.db import DatabaseError
 from django.db.models import F
 from django.utils import timezone
 
-from callops import commands, events, maintenance
+from callops import commands, drain, events, maintenance, queue
 from callops.models import TaskRun, WebhookEvent
 
 logger = logging.getLogger("callops.tasks")
-
-
-def request_event_drain() -> bool:
-    """Make sure a drain task will look at the pending events. Never raises.
-
-    Correctness: the flag is lowered only by a drain task, *before* its last look for pending
-    events, so an event stored while the flag was up is either drained by that task or seen by
-    its last look. If the broker is down the event stays pending and the periodic sweeper
-    drains it once it is back; a flag whose drain was lost counts as lowered after 30 s.
-    """
-    try:
-        rung = events.drain_flag_raise()
-    except DatabaseError:
-        logger.warning("doorbell: database unavailable; the sweeper will drain pending events")
-        return False
-    return rung and publish_drain()
-
-
-def publish_drain() -> bool:
-    """Enqueue a drain for a flag just raised; lower it again if the broker is unreachable."""
-    try:
-        drain_webhook_events.apply_async(retry=False)
-    except Exception:
-        logger.warning("doorbell: broker unavailable; the sweeper will drain pending events")
-        try:
-            events.drain_flag_lower()
-        except DatabaseError:
-            logger.debug("doorbell: could not lower the flag; it expires on its own")
-        return False
-    return True
 
 
 def recorded(func):
@@ -81,16 +47,11 @@ def recorded(func):
     return wrapper
 
 
-@shared_task(ignore_result=True)
+@shared_task(name=queue.DRAIN_WEBHOOK_EVENTS, ignore_result=True)
 def drain_webhook_events() -> int:
     """Apply pending events in a batch; hand the rest to a fresh task so others can interleave."""
     applied = events.events_drain()
-    if applied >= settings.CALLOPS_DRAIN_BATCH:
-        drain_webhook_events.apply_async()
-        return applied
-    events.drain_flag_lower()
-    if WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING).exists():
-        request_event_drain()
+    drain.after_batch(applied=applied)
     return applied
 
 
@@ -112,7 +73,9 @@ def sweep_pending_webhook_events() -> int:
     return events.events_drain()
 
 
-@shared_task(ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+@shared_task(
+    name=queue.SEND_COMMAND, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+)
 def send_command(command_pk: int, reserved_at: float | None = None) -> str | None:
     """Send one outbox command. ``acks_late`` with ``reject_on_worker_lost``: a worker killed
     mid-send leaves the message to be delivered again, and the claim's lease decides who sends."""
@@ -124,7 +87,7 @@ def send_command(command_pk: int, reserved_at: float | None = None) -> str | Non
     return step.outcome.kind if step.outcome else None
 
 
-@shared_task(ignore_result=True)
+@shared_task(name=queue.SEND_COMMANDS, ignore_result=True)
 def send_commands(command_pks: list[int]) -> int:
     """Fan a batch out to one send_command message each, so every worker can take a share."""
     for pk in command_pks:

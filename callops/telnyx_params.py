@@ -1,8 +1,10 @@
-"""Telnyx's rules for call-control command parameters, checked before anything is stored.
+"""The vocabulary of Telnyx's parameter rules: what a value of each kind must look like.
 
-One table per action names each parameter and its rule; a few rules span several parameters
-(fork targets, bidirectional codecs, Azure's region). A violation raises ``ParamsInvalid`` with
-the field and a message, which the admin, the API and the policy code all surface as they are.
+``callops.actions`` says which rule applies to which parameter of which action, and a few
+rules span several parameters (fork targets, bidirectional codecs, Azure's region). A violation
+raises ``ParamsInvalid`` with the field and a message, which the admin, the API and the policy
+code all surface as they are. Rules carry what the API needs to describe them (``choices``,
+``max_length``), so its serializers are built from the same rules.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def one_of(*choices: object) -> Rule:
             return f"must be one of {', '.join(map(str, choices))}"
         return None
 
+    rule.choices = choices
     return rule
 
 
@@ -58,6 +61,7 @@ def text(max_length: int) -> Rule:
             return f"must be at most {max_length} characters"
         return None
 
+    rule.max_length = max_length
     return rule
 
 
@@ -123,7 +127,7 @@ def client_state(value: Any) -> str | None:
     return None
 
 
-def _fork_targets(params: dict) -> dict[str, str]:
+def fork_targets(params: dict) -> dict[str, str]:
     has_target = "target" in params
     has_rx, has_tx = "rx" in params, "tx" in params
     if has_target and (has_rx or has_tx):
@@ -135,87 +139,14 @@ def _fork_targets(params: dict) -> dict[str, str]:
     return {}
 
 
-def _bidirectional(params: dict) -> dict[str, str]:
+def bidirectional(params: dict) -> dict[str, str]:
     if "stream_bidirectional_codec" in params and params.get("stream_bidirectional_mode") != "rtp":
         return {"stream_bidirectional_codec": "is used only with stream_bidirectional_mode rtp"}
     return {}
 
 
-def _azure_region(params: dict) -> dict[str, str]:
+def azure_region(params: dict) -> dict[str, str]:
     config = params.get("transcription_engine_config") or {}
     if params.get("transcription_engine") == "Azure" and not config.get("region"):
         return {"transcription_engine_config": "Azure needs a region"}
     return {}
-
-
-ACTIONS: dict[str, dict[str, Any]] = {
-    "streaming_start": {
-        "required": ("stream_url",),
-        "rules": {
-            "stream_url": websocket_url,
-            "stream_track": one_of(*STREAM_TRACKS),
-            "stream_codec": one_of(*STREAM_CODECS),
-            "stream_auth_token": text(MAX_AUTH_TOKEN),
-            "custom_parameters": custom_parameters,
-            "stream_bidirectional_mode": one_of(*BIDIRECTIONAL_MODES),
-            "stream_bidirectional_codec": one_of(*BIDIRECTIONAL_CODECS),
-            "stream_bidirectional_sampling_rate": one_of(*SAMPLING_RATES),
-            "stream_bidirectional_target_legs": one_of(*TARGET_LEGS),
-            "enable_dialogflow": boolean,
-            "dialogflow_config": mapping,
-        },
-        "checks": (_bidirectional,),
-    },
-    "streaming_stop": {"rules": {"stream_id": text(255)}},
-    "fork_start": {
-        "rules": {
-            "target": udp_target,
-            "rx": udp_target,
-            "tx": udp_target,
-            "stream_type": one_of(*FORK_STREAM_TYPES),
-        },
-        "checks": (_fork_targets,),
-    },
-    "fork_stop": {"rules": {"stream_type": one_of(*FORK_STREAM_TYPES)}},
-    "transcription_start": {
-        "rules": {
-            "transcription_engine": transcription_engine,
-            "transcription_engine_config": mapping,
-            "transcription_tracks": one_of(*TRANSCRIPTION_TRACKS),
-        },
-        "checks": (_azure_region,),
-    },
-    "transcription_stop": {"rules": {}},
-}
-
-
-def validate(action: str, params: Mapping[str, Any], state: str | None = None) -> dict[str, Any]:
-    """Return the parameters to send, or raise ``ParamsInvalid`` naming every bad field.
-
-    ``None`` values count as absent. ``client_state`` and ``command_id`` are not parameters:
-    callops sets the command_id, and client_state is validated here but stored on the command.
-    """
-    spec = ACTIONS.get(action)
-    if spec is None:
-        raise ParamsInvalid({"action": f"must be one of {', '.join(ACTIONS)}"})
-    if not isinstance(params, Mapping):
-        raise ParamsInvalid({"params": "must be an object"})
-    cleaned = {k: v for k, v in params.items() if v is not None}
-    errors: dict[str, str] = {}
-    for name in cleaned.keys() - spec["rules"].keys():
-        errors[name] = f"is not a parameter of {action}"
-    for name in spec.get("required", ()):
-        if name not in cleaned:
-            errors[name] = "is required"
-    for name, value in cleaned.items():
-        rule = spec["rules"].get(name)
-        if rule and (message := rule(value)):
-            errors[name] = message
-    if state is not None and (message := client_state(state)):
-        errors["client_state"] = message
-    if not errors:
-        for check in spec.get("checks", ()):
-            errors.update(check(cleaned))
-    if errors:
-        raise ParamsInvalid(errors)
-    return cleaned

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
 from django.http import HttpRequest, JsonResponse
+from django.utils import timezone
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from callops import events, webhooks
-from callops.tasks import publish_drain, request_event_drain
+from callops import drain, events, webhooks
+from callops.models import TaskRun
+from config.celery_app import app
 
 logger = logging.getLogger("callops.webhooks")
 
@@ -51,7 +53,7 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
 
     handled = events.has_handler(event.event_type)
     try:
-        status, created, rung = webhooks.store_event(event, handled=handled)
+        status, created, raised = webhooks.store_event(event, handled=handled)
     except (OperationalError, InterfaceError) as exc:
         # Telnyx retries a non-2xx delivery: nothing is lost while the database is down.
         logger.error("webhook not stored, database unavailable: %s", exc)
@@ -60,10 +62,7 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
         logger.error("webhook %s not stored: %s", event.event_id, exc)
         return JsonResponse({"error": "event could not be stored"}, status=503)
 
-    if rung:
-        publish_drain()
-    elif rung is None and status == "pending":
-        request_event_drain()
+    drain.after_store(status=status, raised=raised)
     return JsonResponse({"status": status, "duplicate": not created})
 
 
@@ -82,12 +81,6 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 def readyz(request: HttpRequest) -> JsonResponse:
     """Readiness: the database, the broker, and a beat heartbeat younger than the limit."""
-    from django.db import connection
-    from django.utils import timezone
-
-    from callops.models import TaskRun
-    from config.celery_app import app
-
     checks: dict[str, str] = {}
     try:
         with connection.cursor() as cursor:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 
 import psycopg
@@ -24,12 +24,10 @@ from django.utils import timezone
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from callops.models import DrainFlag, WebhookEvent
+from callops import drain
+from callops.models import WebhookEvent
 
 logger = logging.getLogger("callops.webhooks")
-
-# A raised drain flag older than this counts as lowered: its drain task was lost.
-DRAIN_FLAG_TTL = timedelta(seconds=30)
 
 SIGNATURE_HEADER = "HTTP_TELNYX_SIGNATURE_ED25519"
 TIMESTAMP_HEADER = "HTTP_TELNYX_TIMESTAMP"
@@ -158,7 +156,6 @@ def parse_time(value: object) -> datetime | None:
 def _insert_sql(vendor: str) -> str:
     # Only table names and a cast are formatted in; every value is a bound parameter.
     table = WebhookEvent._meta.db_table
-    flag = DrainFlag._meta.db_table
     insert = (
         f"INSERT INTO {table} (event_id, event_type, occurred_at, call_control_id, payload,"  # noqa: S608
         " received_at, delivery_count, last_attempt, status, error, processed_at)"
@@ -170,31 +167,16 @@ def _insert_sql(vendor: str) -> str:
         f" last_attempt = COALESCE(EXCLUDED.last_attempt, {table}.last_attempt)"
         " RETURNING status, delivery_count"
     )
-    if vendor != "postgresql":
-        return insert
-    # PostgreSQL: raise the drain flag in the same statement (see events.drain_flag_raise).
-    # A plain UPDATE takes no lock when the flag is already up, so concurrent webhooks do not
-    # queue on the flag row; the INSERT covers a missing row (a fresh or truncated table).
-    return (
-        f"WITH stored AS ({insert}),"  # noqa: S608
-        " pending AS (SELECT 1 FROM stored WHERE status = 'pending'),"
-        f" raised AS (UPDATE {flag} SET requested_at = %(now)s WHERE id = 1"
-        " AND (requested_at IS NULL OR requested_at < %(stale)s)"
-        " AND EXISTS (SELECT 1 FROM pending) RETURNING 1),"
-        f" created AS (INSERT INTO {flag} (id, requested_at) SELECT 1, %(now)s"
-        f" WHERE EXISTS (SELECT 1 FROM pending) AND NOT EXISTS (SELECT 1 FROM {flag} WHERE id = 1)"
-        " ON CONFLICT (id) DO NOTHING RETURNING 1)"
-        " SELECT status, delivery_count,"
-        " EXISTS (SELECT 1 FROM raised) OR EXISTS (SELECT 1 FROM created) FROM stored"
-    )
+    # PostgreSQL raises the drain flag in the same statement; elsewhere the caller does.
+    return drain.raise_in(insert) if vendor == "postgresql" else insert
 
 
 def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool, bool | None]:
     """Insert the event, or count one more delivery of it.
 
-    Returns ``(status, created, rung)``: ``rung`` is whether this statement raised the drain
-    flag (so the caller must enqueue a drain), or None where the database cannot do it in the
-    same statement (SQLite: the caller raises it with ``events.drain_flag_raise``).
+    Returns ``(status, created, raised)``: ``raised`` is whether this statement raised the
+    drain flag, or None where the database cannot do it in the same statement (SQLite); the
+    caller hands both to ``drain.after_store``.
 
     One statement in autocommit: it is the whole transaction, so the row is committed (and safe
     to hand to a worker) when it returns, and two concurrent deliveries of one event cannot both
@@ -210,8 +192,8 @@ def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool, bool |
             cursor.execute(sql, params)
             row = cursor.fetchone()
     stored_status, deliveries = row[0], row[1]
-    rung = bool(row[2]) if len(row) > 2 else None
-    return stored_status, deliveries == 1, rung
+    raised = bool(row[2]) if len(row) > 2 else None
+    return stored_status, deliveries == 1, raised
 
 
 def insert_params(db: BaseDatabaseWrapper, event: ParsedEvent, *, handled: bool) -> dict:
@@ -228,7 +210,7 @@ def insert_params(db: BaseDatabaseWrapper, event: ParsedEvent, *, handled: bool)
         "attempt": event.attempt,
         "status": WebhookEvent.Status.PENDING if handled else WebhookEvent.Status.IGNORED,
         "processed_at": None if handled else adapt(now),
-        "stale": adapt(now - DRAIN_FLAG_TTL),
+        "stale": adapt(now - drain.FLAG_TTL),
     }
 
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from callops import events
-from callops.api.authentication import api_key_create, api_key_revoke
+from callops.api_keys import api_key_create, api_key_revoke
 from callops.models import (
     Call,
     Command,

@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import secrets
 from datetime import timedelta
 
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
-from callops.models import ApiKey, Partner
+from callops.api_keys import KEY_PREFIX, hash_key
+from callops.models import ApiKey
 
-KEY_PREFIX = "cok_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-def api_key_create(*, partner: Partner, name: str = "") -> tuple[ApiKey, str]:
-    """Create a key and return it with its plain text, which is never stored or shown again."""
-    prefix = secrets.token_hex(6)
-    plain = f"{KEY_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
-    key = ApiKey.objects.create(
-        partner=partner, name=name, prefix=prefix, hashed_key=hash_key(plain)
-    )
-    return key, plain
-
-
-def api_key_revoke(*, key: ApiKey) -> None:
-    ApiKey.objects.filter(pk=key.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
 
 
 class PartnerKeyAuthentication(authentication.BaseAuthentication):

@@ -1,11 +1,12 @@
-"""What partners send and get back. Thin: rules live in callops.telnyx_params and validators."""
+"""What partners send and get back. Thin: the command bodies are built from callops.actions,
+whose rules (callops.telnyx_params) and the address guard (validators) do the checking."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from rest_framework import serializers
 
-from callops import telnyx_params
+from callops import actions, telnyx_params
 from callops.api.validators import UnsafeTarget, check_stream_url, check_udp_target
 from callops.models import (
     Call,
@@ -178,6 +179,46 @@ class ErrorSerializer(serializers.Serializer):
 
 # --- Commands ---------------------------------------------------------------------------------
 
+# How the API describes a parameter whose rule is not a choice or a bounded string.
+RULE_FIELDS = {
+    telnyx_params.websocket_url: lambda **kw: serializers.CharField(max_length=2048, **kw),
+    telnyx_params.udp_target: lambda **kw: serializers.CharField(max_length=64, **kw),
+    telnyx_params.boolean: serializers.BooleanField,
+    telnyx_params.mapping: serializers.DictField,
+    telnyx_params.custom_parameters: lambda **kw: serializers.ListField(
+        child=serializers.DictField(child=serializers.CharField(max_length=256)),
+        max_length=20,
+        **kw,
+    ),
+    telnyx_params.transcription_engine: lambda **kw: serializers.ChoiceField(
+        choices=list(settings.TELNYX_TRANSCRIPTION_ENGINES), **kw
+    ),
+}
+HELP = {
+    "stream_url": "wss:// URL; the profile's when omitted.",
+    "target": "udp:<ip>:<port>",
+    "rx": "udp:<ip>:<port>",
+    "tx": "udp:<ip>:<port>",
+}
+# Rules whose values name a host Telnyx will connect to: partners may name public hosts only.
+TARGET_CHECKS = {
+    telnyx_params.websocket_url: check_stream_url,
+    telnyx_params.udp_target: check_udp_target,
+}
+
+
+def param_field(name: str, rule: telnyx_params.Rule) -> serializers.Field:
+    """The API field of one Telnyx parameter, from its rule. Every one is optional here: the
+    profile may fill it in, and ``actions.validate`` says what is still missing."""
+    options = {"help_text": HELP[name]} if name in HELP else {}
+    if name in SECRET_PARAMS:
+        options["write_only"] = True
+    if choices := getattr(rule, "choices", None):
+        return serializers.ChoiceField(choices=list(choices), required=False, **options)
+    if max_length := getattr(rule, "max_length", None):
+        return serializers.CharField(required=False, max_length=max_length, **options)
+    return RULE_FIELDS[rule](required=False, **options)
+
 
 class CommandInput(serializers.Serializer):
     """Base of every command body: its Telnyx parameters, and an optional ``client_state``."""
@@ -190,13 +231,15 @@ class CommandInput(serializers.Serializer):
     )
 
     def profile_defaults(self) -> dict:
-        return {}
+        profile = self.context.get("profile")
+        kind = actions.get(self.action).profile_defaults
+        return getattr(profile, f"{kind}_params")() if profile and kind else {}
 
     def validate(self, attrs: dict) -> dict:
         client_state = attrs.pop("client_state", None)
         params = {**self.profile_defaults(), **attrs}
         try:
-            params = telnyx_params.validate(self.action, params, client_state)
+            params = actions.validate(self.action, params, client_state)
         except telnyx_params.ParamsInvalid as exc:
             raise_params_invalid(exc)
         self.check_targets(params)
@@ -204,75 +247,22 @@ class CommandInput(serializers.Serializer):
 
     def check_targets(self, params: dict) -> None:
         """Partner input goes through the public-address guard."""
-
-
-class StreamingStartInput(CommandInput):
-    action = Command.Action.STREAMING_START
-    stream_url = serializers.CharField(
-        required=False, max_length=2048, help_text="wss:// URL; the profile's when omitted."
-    )
-    stream_track = choice(telnyx_params.STREAM_TRACKS)
-    stream_codec = choice(telnyx_params.STREAM_CODECS)
-    stream_auth_token = serializers.CharField(
-        required=False, max_length=telnyx_params.MAX_AUTH_TOKEN, write_only=True
-    )
-    custom_parameters = serializers.ListField(
-        child=serializers.DictField(child=serializers.CharField(max_length=256)),
-        required=False,
-        max_length=20,
-    )
-    stream_bidirectional_mode = choice(telnyx_params.BIDIRECTIONAL_MODES)
-    stream_bidirectional_codec = choice(telnyx_params.BIDIRECTIONAL_CODECS)
-    stream_bidirectional_sampling_rate = choice(telnyx_params.SAMPLING_RATES)
-    stream_bidirectional_target_legs = choice(telnyx_params.TARGET_LEGS)
-
-    def profile_defaults(self) -> dict:
-        profile = self.context.get("profile")
-        return profile.streaming_params() if profile else {}
-
-    def check_targets(self, params: dict) -> None:
-        public_stream_url(params["stream_url"])
-
-
-class StreamingStopInput(CommandInput):
-    action = Command.Action.STREAMING_STOP
-    stream_id = serializers.CharField(required=False, max_length=255)
-
-
-class ForkStartInput(CommandInput):
-    action = Command.Action.FORK_START
-    target = serializers.CharField(required=False, max_length=64, help_text="udp:<ip>:<port>")
-    rx = serializers.CharField(required=False, max_length=64, help_text="udp:<ip>:<port>")
-    tx = serializers.CharField(required=False, max_length=64, help_text="udp:<ip>:<port>")
-    stream_type = choice(telnyx_params.FORK_STREAM_TYPES)
-
-    def check_targets(self, params: dict) -> None:
-        for name in ("target", "rx", "tx"):
-            if name in params:
+        for name, rule in actions.get(self.action).rules.items():
+            if name in params and (check := TARGET_CHECKS.get(rule)):
                 try:
-                    check_udp_target(params[name])
+                    check(params[name])
                 except UnsafeTarget as exc:
                     raise serializers.ValidationError({name: [str(exc)]}) from None
 
 
-class ForkStopInput(CommandInput):
-    action = Command.Action.FORK_STOP
-    stream_type = choice(telnyx_params.FORK_STREAM_TYPES)
+def command_input(action: actions.TelnyxAction) -> type[CommandInput]:
+    """The body of one action's endpoint, e.g. ``StreamingStartInput`` for streaming_start."""
+    name = "".join(part.title() for part in action.name.split("_")) + "Input"
+    fields = {param: param_field(param, rule) for param, rule in action.rules.items()}
+    return type(name, (CommandInput,), {"action": action.name, **fields})
 
 
-class TranscriptionStartInput(CommandInput):
-    action = Command.Action.TRANSCRIPTION_START
-    transcription_engine = choice(settings.TELNYX_TRANSCRIPTION_ENGINES)
-    transcription_engine_config = serializers.DictField(required=False)
-    transcription_tracks = choice(telnyx_params.TRANSCRIPTION_TRACKS)
-
-    def profile_defaults(self) -> dict:
-        profile = self.context.get("profile")
-        return profile.transcription_params() if profile else {}
-
-
-class TranscriptionStopInput(CommandInput):
-    action = Command.Action.TRANSCRIPTION_STOP
+COMMAND_INPUTS = {a.name: command_input(a) for a in actions.ACTIONS.values() if a.api_path}
 
 
 # --- Streaming profiles -----------------------------------------------------------------------
@@ -346,9 +336,9 @@ class StreamingProfileSerializer(serializers.ModelSerializer):
             )
         candidate = StreamingProfile(partner=partner, **merged)
         try:
-            telnyx_params.validate("streaming_start", candidate.streaming_params())
+            actions.validate("streaming_start", candidate.streaming_params())
             if candidate.transcribe:
-                telnyx_params.validate("transcription_start", candidate.transcription_params())
+                actions.validate("transcription_start", candidate.transcription_params())
         except telnyx_params.ParamsInvalid as exc:
             raise_params_invalid(exc)
         public_stream_url(candidate.stream_url)

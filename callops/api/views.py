@@ -3,6 +3,7 @@ service, answer. Another partner's call is a 404, exactly like a call that does 
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC
 
 from django import forms
@@ -22,7 +23,7 @@ from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from callops import commands
+from callops import actions, commands
 from callops.api import schema  # noqa: F401  (registers the auth scheme and throttle)
 from callops.api import serializers as s
 from callops.api.idempotency import idempotent
@@ -207,16 +208,13 @@ def command_view(name: str, input_class: type[s.CommandInput], summary: str) -> 
     )(view)
 
 
-StreamingStart = command_view("StreamingStart", s.StreamingStartInput, "Start streaming")
-StreamingStop = command_view("StreamingStop", s.StreamingStopInput, "Stop streaming")
-ForkingStart = command_view("ForkingStart", s.ForkStartInput, "Start forking")
-ForkingStop = command_view("ForkingStop", s.ForkStopInput, "Stop forking")
-TranscriptionStart = command_view(
-    "TranscriptionStart", s.TranscriptionStartInput, "Start transcription"
-)
-TranscriptionStop = command_view(
-    "TranscriptionStop", s.TranscriptionStopInput, "Stop transcription"
-)
+# One endpoint per action the table gives a path: POST /calls/{id}/<api_path>.
+COMMAND_VIEWS = {
+    name: command_view(
+        input_class.__name__.removesuffix("Input"), input_class, actions.get(name).summary
+    )
+    for name, input_class in s.COMMAND_INPUTS.items()
+}
 
 
 @extend_schema(tags=["commands"], responses={200: s.CommandSerializer, **ERRORS})
@@ -235,8 +233,6 @@ class CommandDetail(APIView):
 
 
 def _uuid_or_none(value: str):
-    import uuid
-
     try:
         return uuid.UUID(value)
     except ValueError:

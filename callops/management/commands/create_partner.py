@@ -3,7 +3,7 @@
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
-from callops.api.authentication import api_key_create
+from callops.api_keys import api_key_create
 from callops.models import Partner, PartnerConnection
 
 

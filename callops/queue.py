@@ -1,0 +1,25 @@
+"""The broker boundary: services hand work to Celery here, by task name.
+
+Services never import ``callops.tasks`` (the entry points import the services, not the other
+way round). A task is published by its registered name, through the task object when this
+process has it, so its options apply exactly as ``task.apply_async`` would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import current_app
+
+SEND_COMMAND = "callops.tasks.send_command"
+SEND_COMMANDS = "callops.tasks.send_commands"
+DRAIN_WEBHOOK_EVENTS = "callops.tasks.drain_webhook_events"
+
+
+def publish(name: str, *args: Any, countdown: float = 0.0, **kwargs: Any) -> None:
+    """Publish one task message. Raises whatever the broker raised: callers decide what a
+    broker outage means for them (every caller here has a database-side fallback)."""
+    options: dict[str, Any] = {"retry": False}
+    if countdown > 0:
+        options["countdown"] = countdown
+    current_app.signature(name, args=args, kwargs=kwargs).apply_async(**options)
