@@ -222,6 +222,8 @@ def _number(value: str, per: float = 1.0) -> float | None:
 
 def classify(exc: BaseException | None, *, attempt: int) -> Outcome:
     """Decide what one attempt's result means. ``exc`` is what the SDK raised, or None."""
+    # Imported here, not at the top: the web process imports this module to create commands and
+    # must not pay the SDK's import (over a second and ~40 MiB); only workers send.
     import telnyx
 
     if exc is None:
@@ -269,7 +271,7 @@ def telnyx_client():
     key = (os.getpid(), settings.TELNYX_API_KEY, settings.TELNYX_BASE_URL, settings.TELNYX_TIMEOUT)
     client = _client_cache.get(key)
     if client is None:
-        import telnyx
+        import telnyx  # only workers get here; see classify() for why not at the top
 
         _client_cache.clear()
         client = _client_cache[key] = telnyx.Telnyx(

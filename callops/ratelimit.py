@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import redis
 from django.conf import settings
 
 # KEYS: sends (zset of actual send times), paused-until, queue tail (next ticket to hand out)
@@ -112,8 +113,6 @@ class RedisRateLimiter:
     def __init__(
         self, url: str, rate: float, guard: float, horizon: float, prefix: str = "callops:telnyx"
     ) -> None:
-        import redis
-
         self.client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
         self.limit, self.window = _shape(rate, guard)
         self.horizon = horizon * 1000
