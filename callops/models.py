@@ -166,10 +166,6 @@ class CallSession(models.Model):
             ),
         ]
 
-    @property
-    def is_open(self) -> bool:
-        return self.status in (self.Status.REQUESTED, self.Status.ACTIVE)
-
 
 class MediaStream(CallSession):
     call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="streams")
@@ -399,10 +395,6 @@ class ApiKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.partner})"
-
-    @property
-    def is_active(self) -> bool:
-        return self.revoked_at is None
 
 
 class StreamingProfile(models.Model):

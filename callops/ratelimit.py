@@ -145,9 +145,6 @@ class RedisRateLimiter:
     def pause(self, seconds: float) -> None:
         self._pause(keys=self.keys[1:2], args=[max(0.0, seconds) * 1000])
 
-    def reset(self) -> None:
-        self.client.delete(*self.keys)
-
 
 class FileRateLimiter:
     """The same algorithm under an exclusive file lock: for the embedded default on one machine."""
@@ -216,9 +213,6 @@ class FileRateLimiter:
             state["pause"] = max(state.get("pause", 0.0), now + max(0.0, seconds) * 1000)
 
         self._locked(change)
-
-    def reset(self) -> None:
-        self.path.unlink(missing_ok=True)
 
 
 RateLimiter = RedisRateLimiter | FileRateLimiter
