@@ -7,8 +7,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
-from callops import events
-from callops.tasks import request_event_drain
+from callops import drain
 from config.urls import urlpatterns as project_urlpatterns
 
 
@@ -26,8 +25,8 @@ def warm(request: HttpRequest) -> HttpResponse:
     benchmark calls this until every worker has answered, so the phases measure steady state.
     """
     connection.ensure_connection()
-    events.drain_flag_lower()
-    request_event_drain()
+    drain.flag_lower()
+    drain.request()
     return HttpResponse(str(os.getpid()).encode())
 
 

@@ -70,7 +70,7 @@ from harness import (
 )
 from harness import percentile as pct
 
-from callops.simulator import CommandRecord, TelnyxAPISimulator
+from telnyx_sim import CommandRecord, TelnyxAPISimulator
 
 TARGET_P99_MS = 100.0
 TARGET_RATE = 0.95

@@ -299,11 +299,12 @@ class CpuMeter:
         others: Counter[str] = Counter()
         for key, (role, name, user, system) in after.processes.items():
             _, _, user0, system0 = before.processes.get(key, (role, name, 0.0, 0.0))
+            used = max(0.0, user + system - user0 - system0)  # not -1e-16 from float seconds
             if role:
-                roles[role] += user + system - user0 - system0
-                kernel[role] += system - system0
+                roles[role] += used
+                kernel[role] += max(0.0, system - system0)
             else:
-                others[name] += user + system - user0 - system0
+                others[name] += used
         return CpuUse(
             seconds=after.at - before.at,
             roles=roles,

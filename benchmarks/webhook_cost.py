@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness import add_scratch_options, print_table, scratch
-from nacl.signing import SigningKey
 from webhook_throughput import BARE_PATH, WEBHOOK_PATH, production_env, signed_events
+
+from telnyx_sim.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, Signer, wsgi_name
 
 
 def timed(name: str, n: int, step: Callable[[int], object], rows: list) -> None:
@@ -44,16 +45,16 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the webhook loop")
     args = parser.parse_args()
 
-    key = SigningKey.generate()
+    signer = Signer()
     with (
         tempfile.TemporaryDirectory(prefix="webhook-cost-") as work,
         scratch(args.database, redis_db=args.redis_db, pg=args.pg) as run,
     ):
-        env = production_env(run, args.settings, key, Path(work))
+        env = production_env(run, args.settings, signer, Path(work))
         env["LOG_LEVEL"] = "WARNING"
         run.migrate(env)
         os.environ.update(env)
-        rows = measure(args.requests, key, args.profile)
+        rows = measure(args.requests, signer, args.profile)
 
     print()
     print_table(
@@ -62,7 +63,7 @@ def main() -> int:
     return 0
 
 
-def measure(n: int, key: SigningKey, profile: bool) -> list:
+def measure(n: int, signer: Signer, profile: bool) -> list:
     import django
 
     django.setup()
@@ -70,12 +71,10 @@ def measure(n: int, key: SigningKey, profile: bool) -> list:
     from django.db import close_old_connections, connection
     from django.http import JsonResponse
 
-    from callops import events as callops_events
-    from callops import webhooks
-    from callops.tasks import request_event_drain
+    from callops import drain, webhooks
 
     handler = WSGIHandler()
-    events = signed_events(key, 3 * n + 3)
+    events = signed_events(signer, 3 * n + 3)
     parsed = [webhooks.parse_event(body) for _, _, body in events[n + 1 : 2 * n + 2]]
 
     def environ(path: str, event: tuple[str, str, bytes]) -> dict:
@@ -92,8 +91,8 @@ def measure(n: int, key: SigningKey, profile: bool) -> list:
             "HTTP_HOST": "127.0.0.1:8000",
             "CONTENT_TYPE": "application/json",
             "CONTENT_LENGTH": str(len(body)),
-            "HTTP_TELNYX_TIMESTAMP": ts,
-            "HTTP_TELNYX_SIGNATURE_ED25519": signature,
+            wsgi_name(TIMESTAMP_HEADER): ts,
+            wsgi_name(SIGNATURE_HEADER): signature,
             "wsgi.input": io.BytesIO(body),
             "wsgi.url_scheme": "http",
             "wsgi.errors": sys.stderr,
@@ -110,8 +109,8 @@ def measure(n: int, key: SigningKey, profile: bool) -> list:
         b"".join(response)
         response.close()  # sends request_finished, as gunicorn does
 
-    callops_events.drain_flag_lower()
-    request_event_drain()  # first publish of this process: broker connection (~100 ms)
+    drain.flag_lower()
+    drain.request()  # first publish of this process: broker connection (~100 ms)
     rows: list = []
     timed("whole request: bare view", n, lambda i: request(BARE_PATH, events[i]), rows)
     timed("whole request: webhook", n, lambda i: request(WEBHOOK_PATH, events[n + 1 + i]), rows)
@@ -146,9 +145,7 @@ def measure(n: int, key: SigningKey, profile: bool) -> list:
             cursor.fetchone()
 
     timed("  the same INSERT, not prepared (Django's cursor)", n, store_client_bound, rows)
-    timed(
-        "  request_event_drain, flag already up (UPDATE)", n, lambda i: request_event_drain(), rows
-    )
+    timed("  drain.request, flag already up (UPDATE)", n, lambda i: drain.request(), rows)
     timed(
         "  JsonResponse", n, lambda i: JsonResponse({"status": "pending", "duplicate": False}), rows
     )
@@ -168,7 +165,7 @@ def measure(n: int, key: SigningKey, profile: bool) -> list:
     )
 
     if profile:
-        more = signed_events(key, n)
+        more = signed_events(signer, n)
         profiler = cProfile.Profile()
         profiler.enable()
         for event in more:

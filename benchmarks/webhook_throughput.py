@@ -79,9 +79,9 @@ from harness import (
     start_process,
     stop_processes,
 )
-from nacl.signing import SigningKey
 
-from tests.telnyx_events import envelope
+from telnyx_sim.envelopes import envelope
+from telnyx_sim.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, Signer
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -190,7 +190,7 @@ def _call_events(now: datetime) -> list[dict]:
     return events
 
 
-def signed_events(key: SigningKey, count: int) -> list[tuple[str, str, bytes]]:
+def signed_events(signer: Signer, count: int) -> list[tuple[str, str, bytes]]:
     """``count`` distinct events as (timestamp, base64 signature, body), signed now."""
     now = datetime.now(UTC)
     ts = str(int(time.time()))
@@ -198,8 +198,8 @@ def signed_events(key: SigningKey, count: int) -> list[tuple[str, str, bytes]]:
     while len(out) < count:
         for event in _call_events(now):
             body = json.dumps(event).encode()
-            signature = key.sign(ts.encode() + b"|" + body).signature
-            out.append((ts, base64.b64encode(signature).decode(), body))
+            signature, _ = signer.sign(body, int(ts))
+            out.append((ts, signature, body))
     return out[:count]
 
 
@@ -216,7 +216,7 @@ def raw_request(port: int, path: str, event: tuple[str, str, bytes]) -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        f"telnyx-timestamp: {ts}\r\ntelnyx-signature-ed25519: {signature}\r\n"
+        f"{TIMESTAMP_HEADER}: {ts}\r\n{SIGNATURE_HEADER}: {signature}\r\n"
         "Connection: close\r\n\r\n"
     ).encode() + body
 
@@ -535,7 +535,7 @@ def wait_until_serving(port: int, server: subprocess.Popen, timeout: float = 60)
     raise RuntimeError("gunicorn did not answer 200 on the bare view in time")
 
 
-def production_env(run: Scratch, settings: str, key: SigningKey, static_root: Path) -> dict:
+def production_env(run: Scratch, settings: str, signer: Signer, static_root: Path) -> dict:
     """Production settings on the scratch services, with a throw-away secret and signing key."""
     return run.env(
         settings,
@@ -544,16 +544,16 @@ def production_env(run: Scratch, settings: str, key: SigningKey, static_root: Pa
         DJANGO_SECURE_SSL_REDIRECT="false",
         DJANGO_STATIC_ROOT=str(static_root),
         TELNYX_API_KEY="bench-unused",
-        TELNYX_PUBLIC_KEY=base64.b64encode(bytes(key.verify_key)).decode(),
+        TELNYX_PUBLIC_KEY=signer.public_key,
     )
 
 
 def measure(
-    args: argparse.Namespace, run: Scratch, key: SigningKey, work: Path, use_wrk: bool
+    args: argparse.Namespace, run: Scratch, signer: Signer, work: Path, use_wrk: bool
 ) -> tuple[dict[str, Phase], int]:
     """Start gunicorn, warm it up and run the phases: (phases by name, events stored twice)."""
     (work / "static").mkdir()
-    env = production_env(run, args.settings, key, work / "static")
+    env = production_env(run, args.settings, signer, work / "static")
     run.migrate(env)
     port = free_port()
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
@@ -578,8 +578,8 @@ def measure(
         print(f"gunicorn serving on 127.0.0.1:{port}; warming up", flush=True)
 
         # Warm-up: every worker imports its views, opens its database and Redis connections.
-        warm = [raw_request(port, WEBHOOK_PATH, e) for e in signed_events(key, 200)]
-        warm += [raw_request(port, BARE_PATH, e) for e in signed_events(key, 200)]
+        warm = [raw_request(port, WEBHOOK_PATH, e) for e in signed_events(signer, 200)]
+        warm += [raw_request(port, BARE_PATH, e) for e in signed_events(signer, 200)]
         warmed = python_load(port, warm, duration=10, connections=4)
         if warmed.non2xx or warmed.completed != len(warm):
             raise RuntimeError(
@@ -591,7 +591,7 @@ def measure(
         phases: dict[str, Phase] = {}
 
         def attempt(phase: Phase, count: int) -> Phase:
-            events = signed_events(key, count)  # signed now: the timestamps are fresh
+            events = signed_events(signer, count)  # signed now: the timestamps are fresh
             rows_before = count_rows(run.database_url)[0]
             if phase.target_rate is None and use_wrk:
                 prefix = work / "events"  # one file per wrk thread: events.0, events.1
@@ -713,11 +713,11 @@ def main() -> int:
             "generator, whose own CPU lowers the figures\n"
         )
 
-    key = SigningKey.generate()
+    signer = Signer()
     work = Path(tempfile.mkdtemp(prefix="webhook-bench-"))
     try:
         with scratch(args.database, redis_db=args.redis_db, pg=args.pg) as run:
-            phases, redelivered = measure(args, run, key, work, use_wrk)
+            phases, redelivered = measure(args, run, signer, work, use_wrk)
     except subprocess.CalledProcessError as exc:
         print(f"failed: {exc}", file=sys.stderr)
         if exc.stdout:
