@@ -19,6 +19,7 @@ from typing import Any
 from django.conf import settings
 
 from callops.exceptions import CallopsError
+from callops.telnyx_spec import PARAMETERS as SDK
 
 
 class ParamsInvalid(CallopsError):
@@ -31,13 +32,17 @@ class ParamsInvalid(CallopsError):
 
 Rule = Callable[[Any], str | None]  # returns an error message, or None when the value is fine
 
-STREAM_TRACKS = ("inbound_track", "outbound_track", "both_tracks")
-STREAM_CODECS = ("PCMU", "PCMA", "G722", "OPUS", "AMR-WB", "L16", "default")
-BIDIRECTIONAL_CODECS = ("PCMU", "PCMA", "G722", "OPUS", "AMR-WB", "L16")
-BIDIRECTIONAL_MODES = ("mp3", "rtp")
-SAMPLING_RATES = (8000, 16000, 22050, 24000, 48000)
-TARGET_LEGS = ("both", "self", "opposite")
-FORK_STREAM_TYPES = ("raw", "decrypted")
+# Enums as the SDK declares them (callops/telnyx_spec.py, generated from Telnyx's OpenAPI).
+_STREAMING = SDK["streaming_start"]
+STREAM_TRACKS = _STREAMING["stream_track"]
+STREAM_CODECS = _STREAMING["stream_codec"]
+BIDIRECTIONAL_CODECS = _STREAMING["stream_bidirectional_codec"]
+BIDIRECTIONAL_MODES = _STREAMING["stream_bidirectional_mode"]
+SAMPLING_RATES = _STREAMING["stream_bidirectional_sampling_rate"]
+TARGET_LEGS = _STREAMING["stream_bidirectional_target_legs"]
+FORK_STREAM_TYPES = SDK["fork_stop"]["stream_type"]  # what a fork may be
+FORK_START_STREAM_TYPES = SDK["fork_start"]["stream_type"]  # what fork_start may ask for
+# The SDK types this one as a plain string; Telnyx documents these three values.
 TRANSCRIPTION_TRACKS = ("inbound", "outbound", "both")
 MAX_CLIENT_STATE = 4096
 MAX_AUTH_TOKEN = 4000
