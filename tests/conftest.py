@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from contextlib import contextmanager
 from urllib.parse import urlparse
 
 import pytest
@@ -16,6 +15,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.test import Client
 
+from tests import helpers
 from tests.telnyx_events import ClientSigner, dumps
 
 
@@ -88,19 +88,6 @@ def celery_worker(transactional_db):
         yield worker
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
-    """Poll until ``predicate()`` is truthy; fail the test with a clear message otherwise."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
-
-
 @pytest.fixture(scope="session")
 def telnyx_sim():
     """The project's Telnyx simulator (command API), shared by the session; reset per test."""
@@ -136,7 +123,6 @@ def worker_processes(transactional_db, settings):
     import os
     import subprocess
     import sys
-    import threading
     from pathlib import Path
 
     from django.db import connection
@@ -218,72 +204,26 @@ def worker_processes(transactional_db, settings):
             proc.kill()
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def database_down():
-    """Django's connection points at a closed port until the block ends, then reconnects."""
-    from django.db import connection
-
-    connection.close()
-    real_port = connection.settings_dict["PORT"]
-    connection.settings_dict["PORT"] = closed_port()
-    try:
-        yield
-    finally:
-        connection.close()
-        connection.settings_dict["PORT"] = real_port
-
-
-def run_concurrently(*calls) -> tuple[list, list[Exception]]:
-    """Run each callable in its own thread, all released together by a barrier.
-
-    Returns ``(results, errors)``. Each thread closes its own database connection, as a worker
-    process would.
-    """
-    from django.db import connection
-
-    barrier = threading.Barrier(len(calls))
-    results: list = []
-    errors: list[Exception] = []
-
-    def run(call) -> None:
-        try:
-            barrier.wait()
-            results.append(call())
-        except Exception as exc:  # reported to the caller
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results, errors
-
-
-def use_broker(url: str) -> None:
-    """Point the Celery app at ``url`` and drop every pooled connection to the old one."""
-    from kombu import pools
-
-    from config.celery_app import app
-
-    app.conf.broker_url = url
-    app.pool.force_close_all()
-    app._pool = None
-    app.amqp._producer_pool = None
-    pools.reset()
-
-
 @pytest.fixture
 def broker_down(settings):
     """The broker is unreachable: the app points at a port where nothing listens."""
-    use_broker(f"redis://127.0.0.1:{closed_port()}/0")
+    helpers.use_broker(f"redis://127.0.0.1:{helpers.closed_port()}/0")
     yield
-    use_broker(settings.CELERY_BROKER_URL)
+    helpers.use_broker(settings.CELERY_BROKER_URL)
+
+
+@pytest.fixture
+def fake_dns(monkeypatch):
+    """The internet's DNS is outside: a small table stands in for it."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host in helpers.PUBLIC_DNS:
+            address = helpers.PUBLIC_DNS[host]
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return [(family, socket.SOCK_STREAM, 6, "", (address, 0))]
+        if host in ("localhost", "127.0.0.1"):
+            return real(host, *args, **kwargs)
+        raise socket.gaierror(f"{host} not found")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)

@@ -6,7 +6,7 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from callops.models import Call, WebhookEvent
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 from tests.telnyx_events import call_life, envelope
 
 
@@ -49,7 +49,7 @@ def test_events_are_read_only(operator, post_event):
 
 @pytest.mark.django_db
 def test_calls_are_searchable_and_show_their_streams_and_transcript(operator):
-    from tests.test_events import deliver
+    from tests.helpers import deliver
 
     for event in call_life("v3:shown"):
         deliver(event)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import timedelta
 
 import pytest
@@ -11,53 +10,20 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from callops import events
-from callops.api_keys import api_key_create, api_key_revoke
+from callops.api_keys import api_key_revoke
 from callops.models import (
     Call,
     Command,
     MediaStream,
     Partner,
-    PartnerConnection,
     StreamingProfile,
     TranscriptSegment,
     WebhookEvent,
 )
+from tests.helpers import make_call, partner_with_key
 from tests.telnyx_events import T0, envelope
 
-pytestmark = pytest.mark.django_db
-
-PUBLIC_DNS = {
-    "media.example.com": "93.184.216.34",
-    "evil.example.com": "10.0.0.1",
-    "sneaky.example.com": "::1",
-}
-
-
-@pytest.fixture(autouse=True)
-def fake_dns(monkeypatch):
-    """The internet's DNS is outside: a small table stands in for it."""
-    real = socket.getaddrinfo
-
-    def getaddrinfo(host, *args, **kwargs):
-        if host in PUBLIC_DNS:
-            address = PUBLIC_DNS[host]
-            family = socket.AF_INET6 if ":" in address else socket.AF_INET
-            return [(family, socket.SOCK_STREAM, 6, "", (address, 0))]
-        if host in ("localhost", "127.0.0.1"):
-            return real(host, *args, **kwargs)
-        raise socket.gaierror(f"{host} not found")
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-
-
-def partner_with_key(name: str, connection_id: str) -> tuple[Partner, APIClient]:
-    partner = Partner.objects.create(name=name)
-    PartnerConnection.objects.create(partner=partner, connection_id=connection_id)
-    _, key = api_key_create(partner=partner)
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Bearer {key}")
-    client.key = key
-    return partner, client
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fake_dns")]
 
 
 @pytest.fixture
@@ -68,12 +34,6 @@ def alice():
 @pytest.fixture
 def bob():
     return partner_with_key("bob", "conn-bob")
-
-
-def make_call(ccid: str, connection_id: str, **fields) -> Call:
-    fields.setdefault("status", "answered")
-    fields.setdefault("started_at", T0)
-    return Call.objects.create(call_control_id=ccid, connection_id=connection_id, **fields)
 
 
 @pytest.fixture
@@ -476,7 +436,7 @@ def test_one_profile_per_connection(alice):
 
 
 def deliver(event: dict) -> None:
-    from tests.test_events import deliver as deliver_event
+    from tests.helpers import deliver as deliver_event
 
     deliver_event(event)
 
@@ -560,7 +520,7 @@ def test_the_schema_and_docs_are_public():
 
 @pytest.mark.django_db(transaction=True)
 def test_the_api_answers_503_when_the_database_is_down(alice):
-    from tests.conftest import database_down
+    from tests.helpers import database_down
 
     _, client = alice
     with database_down():

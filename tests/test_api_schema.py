@@ -19,10 +19,11 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from config.wsgi import application
-from tests.test_api import fake_dns, make_call, partner_with_key  # noqa: F401
+from tests.helpers import make_call, partner_with_key
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "callops/api/openapi.yaml"
 schema = schemathesis.openapi.from_path(SCHEMA_PATH)
+pytestmark = pytest.mark.usefixtures("fake_dns")  # the internet's DNS is outside
 
 
 @pytest.mark.django_db

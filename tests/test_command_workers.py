@@ -11,7 +11,7 @@ import pytest
 
 from callops.commands import command_create
 from callops.models import Call, Command
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -296,7 +296,7 @@ def test_a_500_is_retried_with_the_same_command_id(telnyx, live_call, settings):
 
 
 def test_a_refused_connection_is_retried(telnyx, live_call, settings):
-    from tests.conftest import closed_port
+    from tests.helpers import closed_port
 
     settings.TELNYX_BACKOFF_BASE = 0.01
     real_url = settings.TELNYX_BASE_URL

@@ -26,7 +26,7 @@ from callops.models import (
     WebhookEvent,
 )
 from telnyx_sim import CallSimulator
-from tests.conftest import closed_port, use_broker, wait_for
+from tests.helpers import closed_port, use_broker, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 

@@ -15,15 +15,8 @@ from hypothesis import strategies as st
 
 from callops import events, webhooks
 from callops.models import Call, MediaStream, WebhookEvent
-from tests.conftest import run_concurrently
+from tests.helpers import deliver, run_concurrently
 from tests.telnyx_events import T0, call_life, dumps, envelope
-
-
-def deliver(event: dict) -> None:
-    """What the webhook view does, then what a drain task does."""
-    parsed = webhooks.parse_event(dumps(event))
-    webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
-    events.events_drain()
 
 
 def snapshot(call_control_id: str) -> dict:
@@ -202,9 +195,7 @@ def test_concurrent_workers_lose_no_update_on_postgresql():
             webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
             stored_ids.append(WebhookEvent.objects.get(event_id=parsed.event_id).pk)
 
-        _, errors = run_concurrently(
-            *(partial(apply_by_id, pk) for pk in stored_ids)
-        )
+        _, errors = run_concurrently(*(partial(apply_by_id, pk) for pk in stored_ids))
         assert errors == []
         assert not WebhookEvent.objects.filter(pk__in=stored_ids, status="failed").exists()
         assert Call.objects.filter(call_control_id=racing).count() == 1

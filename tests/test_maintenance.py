@@ -26,9 +26,8 @@ from callops.models import (
     WebhookEvent,
 )
 from config.celery_app import app
-from tests.conftest import run_concurrently
+from tests.helpers import deliver, run_concurrently
 from tests.telnyx_events import T0, envelope
-from tests.test_events import deliver
 
 HOUR = timedelta(hours=1)
 
@@ -284,7 +283,7 @@ def test_beat_runs_the_schedules_from_the_database(worker_processes, settings):
 
     from django_celery_beat.models import IntervalSchedule
 
-    from tests.conftest import wait_for
+    from tests.helpers import wait_for
 
     every_second, _ = IntervalSchedule.objects.get_or_create(every=1, period="seconds")
     PeriodicTask.objects.update_or_create(

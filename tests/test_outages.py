@@ -8,7 +8,7 @@ import pytest
 
 from callops import tasks
 from callops.models import Call, WebhookEvent
-from tests.conftest import database_down, use_broker, wait_for
+from tests.helpers import database_down, use_broker, wait_for
 from tests.telnyx_events import envelope
 
 

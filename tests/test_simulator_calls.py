@@ -33,7 +33,7 @@ from telnyx_sim import (
     TelnyxAPISimulator,
     load_signing_key,
 )
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 API_KEY = "KEY_TEST_CALLS"
 STATE = base64.b64encode(b'{"tenant": 7}').decode()
