@@ -6,6 +6,14 @@ from Telnyx's OpenAPI). Do not edit: regenerate. A test fails when this drifts f
 ``PARAMETERS[action][name]`` is a tuple of the allowed values for an enum, else the name of the
 value's type (a TypedDict's own name for an object of a known shape). ``REQUIRED[action]``
 lists what Telnyx requires.
+
+``TRANSCRIPTION_ENGINES[engine]`` names the config types that may follow that
+``transcription_engine`` value as its ``transcription_engine_config``; where there are several,
+``TRANSCRIPTION_CONFIG_SELECTOR[engine]`` is the config key whose value says which applies.
+``TRANSCRIPTION_CONFIGS[type][key]`` is a tuple of the allowed values for an enum, else
+``"bool"``, ``"int"``, ``"float"``, ``"str"``, ``"list[X]"``, ``"dict[str, X]"`` or the name of
+a nested object's own entry in ``TRANSCRIPTION_CONFIGS``; ``TRANSCRIPTION_CONFIG_REQUIRED[type]``
+lists what the SDK marks ``Required``.
 """
 
 SDK_VERSION = "4.189.0"
@@ -179,4 +187,158 @@ REQUIRED = {
     "fork_stop": (),
     "transcription_start": (),
     "transcription_stop": (),
+}
+
+TRANSCRIPTION_ENGINES = {
+    "Google": ("TranscriptionEngineGoogleConfigParam",),
+    "Telnyx": ("TranscriptionEngineTelnyxConfigParam",),
+    "Deepgram": ("DeepgramNova2ConfigParam", "DeepgramNova3ConfigParam"),
+    "Azure": ("TranscriptionEngineAzureConfigParam",),
+    "xAI": ("TranscriptionEngineXaiConfigParam",),
+    "AssemblyAI": ("TranscriptionEngineAssemblyaiConfigParam",),
+    "Speechmatics": ("TranscriptionEngineSpeechmaticsConfigParam",),
+    "Soniox": ("TranscriptionEngineSonioxConfigParam",),
+    "Parakeet": ("TranscriptionEngineParakeetConfigParam",),
+    "Humain": ("TranscriptionEngineHumainConfigParam",),
+    "Reson8": ("TranscriptionEngineReson8ConfigParam",),
+    "Cohere": ("TranscriptionEngineCohereConfigParam",),
+    "A": ("TranscriptionEngineAConfigParam",),
+    "B": ("TranscriptionEngineBConfigParam",),
+}
+
+TRANSCRIPTION_CONFIG_SELECTOR = {
+    "Deepgram": "transcription_model",
+}
+
+TRANSCRIPTION_CONFIGS = {
+    "TranscriptionEngineGoogleConfigParam": {
+        "enable_speaker_diarization": "bool",
+        "hints": "list[str]",
+        "interim_results": "bool",
+        "language": ("af", "sq", "am", "ar", "hy", "az", "eu", "bn", "bs", "bg", "my", "ca", "yue", "zh", "hr", "cs", "da", "nl", "en", "et", "fil", "fi", "fr", "gl", "ka", "de", "el", "gu", "iw", "hi", "hu", "is", "id", "it", "ja", "jv", "kn", "kk", "km", "ko", "lo", "lv", "lt", "mk", "ms", "ml", "mr", "mn", "ne", "no", "fa", "pl", "pt", "pa", "ro", "ru", "rw", "sr", "si", "sk", "sl", "ss", "st", "es", "su", "sw", "sv", "ta", "te", "th", "tn", "tr", "ts", "uk", "ur", "uz", "ve", "vi", "xh", "zu"),
+        "max_speaker_count": "int",
+        "min_speaker_count": "int",
+        "model": ("latest_long", "latest_short", "command_and_search", "phone_call", "video", "default", "medical_conversation", "medical_dictation"),
+        "profanity_filter": "bool",
+        "speech_context": "list[SpeechContext]",
+        "transcription_engine": ("Google",),
+        "use_enhanced": "bool",
+    },
+    "TranscriptionEngineTelnyxConfigParam": {
+        "language": ("en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id", "hi", "fi", "vi", "he", "uk", "el", "ms", "cs", "ro", "da", "hu", "ta", "no", "th", "ur", "hr", "bg", "lt", "la", "mi", "ml", "cy", "sk", "te", "fa", "lv", "bn", "sr", "az", "sl", "kn", "et", "mk", "br", "eu", "is", "hy", "ne", "mn", "bs", "kk", "sq", "sw", "gl", "mr", "pa", "si", "km", "sn", "yo", "so", "af", "oc", "ka", "be", "tg", "sd", "gu", "am", "yi", "lo", "uz", "fo", "ht", "ps", "tk", "nn", "mt", "sa", "lb", "my", "bo", "tl", "mg", "as", "tt", "haw", "ln", "ha", "ba", "jw", "su", "auto_detect"),
+        "transcription_engine": ("Telnyx",),
+        "transcription_model": ("openai/whisper-tiny", "openai/whisper-large-v3-turbo"),
+    },
+    "DeepgramNova2ConfigParam": {
+        "hints": "list[str]",
+        "interim_results": "bool",
+        "keywords_boosting": "dict[str, float]",
+        "language": ("bg", "ca", "zh-CN", "zh-Hans", "zh-TW", "zh-Hant", "zh-HK", "cs", "da-DK", "nl-BE", "en-US", "en-AU", "en-GB", "en-NZ", "en-IN", "et", "fi", "fr", "fr-CA", "de-CH", "el", "hi", "hu", "id", "it", "ja", "ko-KR", "lv", "lt", "ms", "no", "pl", "pt-BR", "pt-PT", "ro", "ru", "sk", "es-419", "sv-SE", "th-TH", "tr", "uk", "vi", "auto_detect"),
+        "smart_format": "bool",
+        "transcription_engine": ("deepgram/nova-2",),
+        "transcription_model": ("deepgram/nova-2",),
+        "utterance_end_ms": "int",
+    },
+    "DeepgramNova3ConfigParam": {
+        "interim_results": "bool",
+        "keyterms": "list[str]",
+        "keywords_boosting": "dict[str, float]",
+        "language": ("en-US", "en-AU", "en-GB", "en-IN", "en-NZ", "de", "nl", "sv-SE", "da-DK", "es", "es-419", "fr", "fr-CA", "pt-BR", "pt-PT", "auto_detect"),
+        "smart_format": "bool",
+        "transcription_engine": ("deepgram/nova-3",),
+        "transcription_model": ("deepgram/nova-3",),
+        "utterance_end_ms": "int",
+    },
+    "TranscriptionEngineAzureConfigParam": {
+        "api_key_ref": "str",
+        "language": ("af", "am", "ar", "bg", "bn", "bs", "ca", "cs", "cy", "da", "de", "el", "en", "es", "et", "eu", "fa", "fi", "fr", "ga", "gl", "gu", "he", "hi", "hr", "hu", "hy", "id", "is", "it", "ja", "ka", "kk", "km", "kn", "ko", "lo", "lt", "lv", "mk", "ml", "mn", "mr", "ms", "mt", "my", "nb", "ne", "nl", "pl", "ps", "pt", "ro", "ru", "si", "sk", "sl", "so", "sq", "sr", "sv", "sw", "ta", "te", "th", "tr", "uk", "ur", "uz", "vi", "wuu", "yue", "zh", "zu", "auto"),
+        "region": ("australiaeast", "centralindia", "eastus", "northcentralus", "westeurope", "westus2"),
+        "transcription_engine": ("Azure",),
+    },
+    "TranscriptionEngineXaiConfigParam": {
+        "interim_results": "bool",
+        "language": ("ar", "cs", "da", "de", "en", "es", "fa", "fil", "fr", "hi", "id", "it", "ja", "ko", "mk", "ms", "nl", "pl", "pt", "ro", "ru", "sv", "th", "tr", "vi"),
+        "transcription_engine": ("xAI",),
+        "transcription_model": ("xai/grok-stt",),
+    },
+    "TranscriptionEngineAssemblyaiConfigParam": {
+        "interim_results": "bool",
+        "transcription_engine": ("AssemblyAI",),
+        "transcription_model": ("assemblyai/universal-3-5-pro", "assemblyai/universal-streaming"),
+    },
+    "TranscriptionEngineSpeechmaticsConfigParam": {
+        "interim_results": "bool",
+        "language": ("en", "ba", "eu", "gl", "ga", "mt", "mn", "sw", "ug", "cy", "ar_en", "cmn_en", "en_ms", "en_ta", "tl", "es-bilingual-en", "cmn_en_ms_ta", "ar", "be", "bg", "bn", "ca", "cmn", "cs", "da", "de", "el", "eo", "es", "et", "fa", "fi", "fr", "he", "hi", "hr", "hu", "ia", "id", "it", "ja", "ko", "lt", "lv", "mr", "ms", "nl", "no", "pl", "pt", "ro", "ru", "sk", "sl", "sv", "ta", "th", "tr", "uk", "ur", "vi", "yue", "en-US", "en-GB", "en-AU", "cmn-Hans", "cmn-Hant"),
+        "transcription_engine": ("Speechmatics",),
+        "transcription_model": ("speechmatics/standard", "speechmatics/linden-1"),
+    },
+    "TranscriptionEngineSonioxConfigParam": {
+        "enable_endpoint_detection": "bool",
+        "interim_results": "bool",
+        "language": "str",
+        "max_endpoint_delay_ms": "int",
+        "transcription_engine": ("Soniox",),
+        "transcription_model": ("soniox/stt-rt-v4",),
+    },
+    "TranscriptionEngineParakeetConfigParam": {
+        "interim_results": "bool",
+        "transcription_engine": ("Parakeet",),
+        "transcription_model": ("nvidia/parakeet-v3", "omi-health/omi-med-stt-v1"),
+    },
+    "TranscriptionEngineHumainConfigParam": {
+        "language": ("ar", "en", "codeswitch", "auto"),
+        "transcription_engine": ("Humain",),
+        "transcription_model": ("humain/realtime",),
+    },
+    "TranscriptionEngineReson8ConfigParam": {
+        "language": ("auto", "nl", "en", "fr", "fy", "de", "it", "pl", "pt", "es", "sv"),
+        "transcription_engine": ("Reson8",),
+        "transcription_model": ("reson8/turns",),
+    },
+    "TranscriptionEngineCohereConfigParam": {
+        "language": ("ar", "en"),
+        "transcription_engine": ("Cohere",),
+        "transcription_model": ("cohere/ar-stt",),
+    },
+    "TranscriptionEngineAConfigParam": {
+        "enable_speaker_diarization": "bool",
+        "hints": "list[str]",
+        "interim_results": "bool",
+        "language": ("af", "sq", "am", "ar", "hy", "az", "eu", "bn", "bs", "bg", "my", "ca", "yue", "zh", "hr", "cs", "da", "nl", "en", "et", "fil", "fi", "fr", "gl", "ka", "de", "el", "gu", "iw", "hi", "hu", "is", "id", "it", "ja", "jv", "kn", "kk", "km", "ko", "lo", "lv", "lt", "mk", "ms", "ml", "mr", "mn", "ne", "no", "fa", "pl", "pt", "pa", "ro", "ru", "rw", "sr", "si", "sk", "sl", "ss", "st", "es", "su", "sw", "sv", "ta", "te", "th", "tn", "tr", "ts", "uk", "ur", "uz", "ve", "vi", "xh", "zu"),
+        "max_speaker_count": "int",
+        "min_speaker_count": "int",
+        "model": ("latest_long", "latest_short", "command_and_search", "phone_call", "video", "default", "medical_conversation", "medical_dictation"),
+        "profanity_filter": "bool",
+        "speech_context": "list[SpeechContext]",
+        "transcription_engine": ("A",),
+        "use_enhanced": "bool",
+    },
+    "TranscriptionEngineBConfigParam": {
+        "language": ("en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id", "hi", "fi", "vi", "he", "uk", "el", "ms", "cs", "ro", "da", "hu", "ta", "no", "th", "ur", "hr", "bg", "lt", "la", "mi", "ml", "cy", "sk", "te", "fa", "lv", "bn", "sr", "az", "sl", "kn", "et", "mk", "br", "eu", "is", "hy", "ne", "mn", "bs", "kk", "sq", "sw", "gl", "mr", "pa", "si", "km", "sn", "yo", "so", "af", "oc", "ka", "be", "tg", "sd", "gu", "am", "yi", "lo", "uz", "fo", "ht", "ps", "tk", "nn", "mt", "sa", "lb", "my", "bo", "tl", "mg", "as", "tt", "haw", "ln", "ha", "ba", "jw", "su", "auto_detect"),
+        "transcription_engine": ("B",),
+        "transcription_model": ("openai/whisper-tiny", "openai/whisper-large-v3-turbo"),
+    },
+    "SpeechContext": {
+        "boost": "float",
+        "phrases": "list[str]",
+    },
+}
+
+TRANSCRIPTION_CONFIG_REQUIRED = {
+    "TranscriptionEngineGoogleConfigParam": (),
+    "TranscriptionEngineTelnyxConfigParam": (),
+    "DeepgramNova2ConfigParam": ("transcription_engine", "transcription_model"),
+    "DeepgramNova3ConfigParam": ("transcription_engine", "transcription_model"),
+    "TranscriptionEngineAzureConfigParam": ("region", "transcription_engine"),
+    "TranscriptionEngineXaiConfigParam": (),
+    "TranscriptionEngineAssemblyaiConfigParam": (),
+    "TranscriptionEngineSpeechmaticsConfigParam": (),
+    "TranscriptionEngineSonioxConfigParam": ("transcription_engine",),
+    "TranscriptionEngineParakeetConfigParam": (),
+    "TranscriptionEngineHumainConfigParam": (),
+    "TranscriptionEngineReson8ConfigParam": (),
+    "TranscriptionEngineCohereConfigParam": (),
+    "TranscriptionEngineAConfigParam": (),
+    "TranscriptionEngineBConfigParam": (),
+    "SpeechContext": (),
 }

@@ -5,10 +5,17 @@ The SDK's TypedDicts are generated from Telnyx's OpenAPI and are the most precis
 parameter names and enums available offline (TELNYX.md section 5). callops reads the generated
 table, never the SDK, so the web process still does not import ``telnyx``; a test runs this
 command with ``--check`` and fails when the table drifts from the installed SDK.
+
+It also writes the shape of each transcription engine's ``transcription_engine_config``: which
+config TypedDict follows which ``transcription_engine`` value, and each one's fields. The SDK
+says so only through the ``transcription_engine`` literal inside each config type ("Azure", or
+"deepgram/nova-2" for one of Deepgram's two): the generator fails rather than guess when an SDK
+upgrade brings a config type it cannot place, or an engine without one.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import json
 import types
@@ -54,6 +61,14 @@ from Telnyx's OpenAPI). Do not edit: regenerate. A test fails when this drifts f
 ``PARAMETERS[action][name]`` is a tuple of the allowed values for an enum, else the name of the
 value's type (a TypedDict's own name for an object of a known shape). ``REQUIRED[action]``
 lists what Telnyx requires.
+
+``TRANSCRIPTION_ENGINES[engine]`` names the config types that may follow that
+``transcription_engine`` value as its ``transcription_engine_config``; where there are several,
+``TRANSCRIPTION_CONFIG_SELECTOR[engine]`` is the config key whose value says which applies.
+``TRANSCRIPTION_CONFIGS[type][key]`` is a tuple of the allowed values for an enum, else
+``"bool"``, ``"int"``, ``"float"``, ``"str"``, ``"list[X]"``, ``"dict[str, X]"`` or the name of
+a nested object's own entry in ``TRANSCRIPTION_CONFIGS``; ``TRANSCRIPTION_CONFIG_REQUIRED[type]``
+lists what the SDK marks ``Required``.
 """
 
 '''
@@ -92,6 +107,115 @@ def _unwrap(hint: object) -> tuple[object, bool, str | None]:
             return hint, required, alias
 
 
+# Where the transcription engines' config types are declared: transcription_start's own body,
+# and the inline transcription_config of answer and dial. Both must name the same union.
+TRANSCRIPTION_SOURCES = (
+    ("telnyx.types.calls.action_start_transcription_params", "ActionStartTranscriptionParams"),
+    ("telnyx.types.calls.transcription_start_request_param", "TranscriptionStartRequestParam"),
+)
+DISCRIMINATOR = "transcription_engine"  # inside each config type: which engine it is for
+SCALARS = (bool, int, float, str)
+
+
+def _config_kind(hint: object, shapes: dict[str, dict]) -> object:
+    """A config field's description; a nested TypedDict is added to ``shapes`` under its name.
+
+    Unlike ``_describe`` this keeps what the items of a list or the values of a dict must be,
+    and refuses a type it does not know: better a failing generator than a check that passes
+    anything.
+    """
+    hint, _, _ = _unwrap(hint)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Literal, typing_extensions.Literal):
+        return tuple(args)
+    if hint in SCALARS:
+        return hint.__name__
+    if origin in (list, collections.abc.Sequence, collections.abc.Iterable) and len(args) == 1:
+        return f"list[{_config_kind(args[0], shapes)}]"
+    if origin is dict and args[0] is str:
+        return f"dict[str, {_config_kind(args[1], shapes)}]"
+    if typing_extensions.is_typeddict(hint):
+        _add_shape(hint, shapes)
+        return hint.__name__
+    raise CommandError(f"telnyx_spec does not know how to describe {hint!r}")
+
+
+def _add_shape(typed_dict: type, shapes: dict[str, dict]) -> None:
+    fields, required = {}, []
+    for name, hint in typing_extensions.get_type_hints(typed_dict, include_extras=True).items():
+        value, needed, alias = _unwrap(hint)
+        fields[alias or name] = _config_kind(value, shapes)
+        if needed:
+            required.append(alias or name)
+    shape = {"fields": dict(sorted(fields.items())), "required": tuple(sorted(required))}
+    # Google's and A's configs each declare their own, identical, SpeechContext.
+    if shapes.setdefault(typed_dict.__name__, shape) != shape:
+        raise CommandError(f"two different config types are both named {typed_dict.__name__}")
+
+
+def _config_union() -> tuple[type, ...]:
+    unions = []
+    for module_name, class_name in TRANSCRIPTION_SOURCES:
+        typed_dict = getattr(importlib.import_module(module_name), class_name)
+        hints = typing_extensions.get_type_hints(typed_dict, include_extras=True)
+        unions.append(typing.get_args(_unwrap(hints["transcription_engine_config"])[0]))
+    names = [tuple(sorted(c.__name__ for c in union)) for union in unions]
+    if len(set(names)) != 1:
+        raise CommandError("transcription_start and transcription_config name different configs")
+    return unions[0]
+
+
+def _engine_of(config: type, engines: tuple[str, ...]) -> str:
+    """The ``transcription_engine`` a config type belongs to, read from its own discriminator:
+    the engine's name itself ("Azure"), or "<engine>/<model>" ("deepgram/nova-2")."""
+    hint = typing_extensions.get_type_hints(config, include_extras=True).get(DISCRIMINATOR)
+    values = typing.get_args(_unwrap(hint)[0]) if hint is not None else ()
+    by_name = {engine.lower(): engine for engine in engines}
+    found = {by_name.get(str(value).split("/")[0].lower()) for value in values}
+    if len(found) != 1 or None in found:
+        raise CommandError(f"cannot tell which transcription_engine {config.__name__} is for")
+    return found.pop()
+
+
+def _selector(engine: str, names: tuple[str, ...], shapes: dict[str, dict]) -> str:
+    """The config key that tells an engine's several config types apart: required in each, with
+    values no two of them share. ``transcription_engine`` itself is not it: the call's own
+    ``transcription_engine`` already names the engine, so inside the config it only agrees."""
+    keys = []
+    for key in sorted(set.intersection(*(set(shapes[n]["required"]) for n in names))):
+        enums = [shapes[n]["fields"][key] for n in names]
+        if key == DISCRIMINATOR or not all(isinstance(enum, tuple) for enum in enums):
+            continue
+        values = [value for enum in enums for value in enum]
+        if len(values) == len(set(values)):
+            keys.append(key)
+    if len(keys) != 1:
+        raise CommandError(f"cannot tell {engine}'s config types apart: {', '.join(names)}")
+    return keys[0]
+
+
+def transcription_tables(engines: tuple[str, ...]) -> tuple[dict, dict, dict]:
+    """(engine -> its config types, engine -> the key choosing among several, shapes)."""
+    shapes: dict[str, dict] = {}
+    by_engine: dict[str, list[str]] = {engine: [] for engine in engines}
+    for config in _config_union():
+        _add_shape(config, shapes)
+        by_engine[_engine_of(config, engines)].append(config.__name__)
+    if missing := [engine for engine, names in by_engine.items() if not names]:
+        raise CommandError(f"no config type for transcription_engine {', '.join(missing)}")
+    configs = {engine: tuple(names) for engine, names in by_engine.items()}
+    selectors = {
+        engine: _selector(engine, names, shapes)
+        for engine, names in configs.items()
+        if len(names) > 1
+    }
+    # Each engine's types in the engines' order, then the nested objects they use.
+    order = [name for names in configs.values() for name in names]
+    order += sorted(set(shapes) - set(order))
+    return configs, selectors, {name: shapes[name] for name in order}
+
+
 def build() -> str:
     import telnyx  # the generator's own process only; callops reads the file it writes
 
@@ -112,6 +236,25 @@ def build() -> str:
         lines.append("    },")
     lines += ["}", "", "REQUIRED = {"]
     lines += [f"    {_literal(action)}: {_literal(names)}," for action, names in required.items()]
+    lines.append("}")
+    engines, selectors, shapes = transcription_tables(
+        parameters["transcription_start"]["transcription_engine"]
+    )
+    lines += ["", "TRANSCRIPTION_ENGINES = {"]
+    lines += [f"    {_literal(engine)}: {_literal(names)}," for engine, names in engines.items()]
+    lines += ["}", "", "TRANSCRIPTION_CONFIG_SELECTOR = {"]
+    lines += [f"    {_literal(engine)}: {_literal(key)}," for engine, key in selectors.items()]
+    lines += ["}", "", "TRANSCRIPTION_CONFIGS = {"]
+    for name, shape in shapes.items():
+        lines.append(f"    {_literal(name)}: {{")
+        lines += [
+            f"        {_literal(k)}: {_literal(kind)}," for k, kind in shape["fields"].items()
+        ]
+        lines.append("    },")
+    lines += ["}", "", "TRANSCRIPTION_CONFIG_REQUIRED = {"]
+    lines += [
+        f"    {_literal(name)}: {_literal(shape['required'])}," for name, shape in shapes.items()
+    ]
     lines.append("}")
     return HEADER + "\n".join(lines) + "\n"
 
