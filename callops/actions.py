@@ -143,7 +143,7 @@ ACTIONS: dict[str, TelnyxAction] = {
                 "transcription_engine_config": p.mapping,
                 "transcription_tracks": p.one_of(*p.TRANSCRIPTION_TRACKS),
             },
-            checks=(p.azure_region,),
+            checks=(p.transcription_config,),
             record="transcription",
             starts=True,
             stop="transcription_stop",

@@ -1,7 +1,7 @@
 """The vocabulary of Telnyx's parameter rules: what a value of each kind must look like.
 
 ``callops.actions`` says which rule applies to which parameter of which action, and a few
-rules span several parameters (fork targets, bidirectional codecs, Azure's region). A violation
+rules span several parameters (fork targets, bidirectional codecs, an engine's config). A violation
 raises ``ParamsInvalid`` with the field and a message, which the admin, the API and the policy
 code all surface as they are. Rules carry what the API needs to describe them (``choices``,
 ``max_length``), so its serializers are built from the same rules.
@@ -20,6 +20,12 @@ from django.conf import settings
 
 from callops.exceptions import CallopsError
 from callops.telnyx_spec import PARAMETERS as SDK
+from callops.telnyx_spec import (
+    TRANSCRIPTION_CONFIG_REQUIRED,
+    TRANSCRIPTION_CONFIG_SELECTOR,
+    TRANSCRIPTION_CONFIGS,
+    TRANSCRIPTION_ENGINES,
+)
 
 
 class ParamsInvalid(CallopsError):
@@ -150,8 +156,111 @@ def bidirectional(params: dict) -> dict[str, str]:
     return {}
 
 
-def azure_region(params: dict) -> dict[str, str]:
-    config = params.get("transcription_engine_config") or {}
-    if params.get("transcription_engine") == "Azure" and not config.get("region"):
-        return {"transcription_engine_config": "Azure needs a region"}
-    return {}
+# Telnyx's speech-to-text guide names Google the default engine (the SDK's docstrings do not
+# say): a config sent without a transcription_engine is checked as Google's.
+DEFAULT_TRANSCRIPTION_ENGINE = "Google"
+CONFIG = "transcription_engine_config"
+# Inside a config, the key that restates which engine (or Deepgram model) it is for.
+CONFIG_ENGINE = "transcription_engine"
+SCALARS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "bool": (lambda v: isinstance(v, bool), "must be true or false"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "must be a whole number"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "must be a number"),
+    "str": (lambda v: isinstance(v, str), "must be a string"),
+}
+
+
+def transcription_config(params: dict) -> dict[str, str]:
+    """``transcription_engine_config`` against the config type of the chosen engine, as the
+    SDK declares it (``TRANSCRIPTION_CONFIGS``): every key known, of its type or enum, and
+    present where the SDK requires it. Errors name the key: ``transcription_engine_config.foo``;
+    a missing key is reported on ``transcription_engine_config`` itself.
+
+    Two of the SDK's required keys are not required here. ``transcription_engine`` inside the
+    config only restates the call's own transcription_engine, so it may be left out but must
+    agree. The key that picks one of an engine's several config types (Deepgram's
+    ``transcription_model``) is needed once there is a config to check, not before: without a
+    config (or with an empty one) Telnyx uses the engine's defaults, unless the engine cannot
+    work without a setting, as Azure cannot without its region.
+    """
+    named = "transcription_engine" in params
+    engine = params.get("transcription_engine", DEFAULT_TRANSCRIPTION_ENGINE)
+    owner = engine if named else f"{engine} (Telnyx's default engine)"
+    types = TRANSCRIPTION_ENGINES.get(engine)
+    if types is None:  # TELNYX_TRANSCRIPTION_ENGINES may name one; callops.checks warns of it
+        return {"transcription_engine": "is not an engine the telnyx SDK lists"}
+    config = params.get(CONFIG) or {}
+    if not isinstance(config, dict):
+        return {CONFIG: "must be an object"}
+    selector = TRANSCRIPTION_CONFIG_SELECTOR.get(engine)
+    if not config:
+        needed = set.intersection(*(set(TRANSCRIPTION_CONFIG_REQUIRED[t]) for t in types))
+        return _missing(types[0], config, needed - {CONFIG_ENGINE, selector}, CONFIG, owner)
+    shape = types[0]
+    if selector is not None:
+        by_value = {value: t for t in types for value in TRANSCRIPTION_CONFIGS[t][selector]}
+        chosen = config.get(selector)
+        if chosen is None:
+            return {CONFIG: f"{owner} needs a {selector} (one of {', '.join(by_value)})"}
+        if not isinstance(chosen, str) or chosen not in by_value:
+            return {f"{CONFIG}.{selector}": f"must be one of {', '.join(by_value)}"}
+        shape, owner = by_value[chosen], f"{owner} {chosen}"
+    errors = _config_errors(shape, config, CONFIG, owner, implied={CONFIG_ENGINE})
+    agree = TRANSCRIPTION_CONFIGS[shape][CONFIG_ENGINE]
+    if CONFIG_ENGINE in config and config[CONFIG_ENGINE] not in agree:
+        errors[f"{CONFIG}.{CONFIG_ENGINE}"] = (
+            f"must be {' or '.join(agree)} to agree with transcription_engine {owner}"
+            + ("" if named else "; give transcription_engine to choose another")
+        )
+    return errors
+
+
+def _config_errors(
+    kind: object, value: Any, path: str, owner: str, implied: frozenset | set = frozenset()
+) -> dict[str, str]:
+    """What is wrong with ``value`` for its description in ``TRANSCRIPTION_CONFIGS`` (an enum,
+    a scalar's name, ``list[X]``, ``dict[str, X]`` or an object's name), by the path of each
+    bad part: ``transcription_engine_config.speech_context[0].boost``. ``implied``: required
+    keys of the object that may be left out."""
+    if isinstance(kind, tuple):
+        if any(type(value) is type(choice) and value == choice for choice in kind):
+            return {}
+        return {path: f"must be one of {', '.join(map(str, kind))}"}
+    if kind in SCALARS:
+        fits, message = SCALARS[kind]
+        return {} if fits(value) else {path: message}
+    errors: dict[str, str] = {}
+    if kind.startswith("list["):
+        if not isinstance(value, list):
+            return {path: "must be a list"}
+        for i, item in enumerate(value):
+            errors.update(_config_errors(kind[5:-1], item, f"{path}[{i}]", owner))
+        return errors
+    if kind.startswith("dict[str, "):
+        if not isinstance(value, dict):
+            return {path: "must be an object"}
+        for key, item in value.items():
+            errors.update(_config_errors(kind[10:-1], item, f"{path}.{key}", owner))
+        return errors
+    if not isinstance(value, dict):  # an object of a known shape
+        return {path: "must be an object"}
+    required = set(TRANSCRIPTION_CONFIG_REQUIRED[kind]) - set(implied)
+    errors.update(_missing(kind, value, required, path, owner))
+    fields = TRANSCRIPTION_CONFIGS[kind]
+    for key, item in value.items():
+        if key not in fields:
+            errors[f"{path}.{key}"] = f"is not a setting of {owner}"
+        else:
+            errors.update(_config_errors(fields[key], item, f"{path}.{key}", owner))
+    return errors
+
+
+def _missing(kind: str, value: dict, keys: set, path: str, owner: str) -> dict[str, str]:
+    """The ``keys`` of object ``kind`` that ``value`` lacks, in one message on the object."""
+    fields = TRANSCRIPTION_CONFIGS[kind]
+    needs = [
+        f"a {key}"
+        + (f" (one of {', '.join(fields[key])})" if isinstance(fields[key], tuple) else "")
+        for key in sorted(keys - value.keys())
+    ]
+    return {path: f"{owner} needs {' and '.join(needs)}"} if needs else {}
