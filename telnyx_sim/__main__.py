@@ -5,7 +5,11 @@ For demos and local development without a Telnyx account. Start callops, then::
     python -m telnyx_sim --webhook-url http://127.0.0.1:8000/webhooks/telnyx/
 
 and give callops the printed ``TELNYX_BASE_URL``, ``TELNYX_API_KEY`` and ``TELNYX_PUBLIC_KEY``
-(``manage.py runstack`` does all of this itself). The signing key is kept in
+(``manage.py runstack`` does all of this itself). Calls are strict like Telnyx's: each rings,
+parked, until callops answers it, and the caller gives up after ``--ring-timeout``; with
+``--answered-elsewhere`` another application answers them instead. Dials from callops meet a
+far end that answers, is busy or never answers by ``--dial-shares``, and answering machine
+detection reports human / machine / not sure by ``--machine-shares``. The signing key is kept in
 ``--signing-key-file``, so the public key survives restarts; ``--print-public-key`` prints it
 and exits. Ctrl-C (or SIGTERM) hangs up the live calls, waits briefly for their webhooks and
 exits.
@@ -29,6 +33,17 @@ from telnyx_sim.signing import Signer, load_signing_key
 
 # Relative to the working directory: callops' own var/ when run from the repository root.
 VAR_DIR = "var"
+
+
+def _shares(text: str) -> tuple[float, float, float]:
+    """``A,B,C``: three non-negative weights."""
+    try:
+        shares = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        shares = ()
+    if len(shares) != 3 or min(shares) < 0 or sum(shares) <= 0:
+        raise argparse.ArgumentTypeError(f"expected three weights like 0.8,0.1,0.1, not {text!r}")
+    return shares  # type: ignore[return-value]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +70,49 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--duration-jitter", type=float, default=0.2, help="± fraction of the duration"
+    )
+    parser.add_argument(
+        "--ring-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an unanswered incoming call rings before the caller hangs up",
+    )
+    parser.add_argument(
+        "--answered-elsewhere",
+        action="store_true",
+        help="another application answers incoming calls (callops' answer policy 'none')",
+    )
+    parser.add_argument(
+        "--answer-delay",
+        type=float,
+        default=1.0,
+        help="with --answered-elsewhere: seconds until that answer",
+    )
+    parser.add_argument(
+        "--dial-shares",
+        type=_shares,
+        default=(0.8, 0.1, 0.1),
+        metavar="ANSWERED,BUSY,NO_ANSWER",
+        help="how dialled far ends behave, as weights (default 0.8,0.1,0.1)",
+    )
+    parser.add_argument(
+        "--dial-answer-delay",
+        type=float,
+        default=2.0,
+        help="seconds until a dialled far end answers or is busy",
+    )
+    parser.add_argument(
+        "--machine-shares",
+        type=_shares,
+        default=(0.7, 0.25, 0.05),
+        metavar="HUMAN,MACHINE,NOT_SURE",
+        help="answering machine detection results, as weights (default 0.7,0.25,0.05)",
+    )
+    parser.add_argument(
+        "--dtmf-interval",
+        type=float,
+        default=15.0,
+        help="mean seconds between a caller's key presses on an answered call (0: none)",
     )
     parser.add_argument("--connection-id", default="sim-conn")
     parser.add_argument("--from-number", default=None, help="default: random +1555 number")
@@ -139,6 +197,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             calls_per_minute=options.calls_per_minute,
             call_duration=options.call_duration,
             duration_jitter=options.duration_jitter,
+            ring_timeout=options.ring_timeout,
+            answered_elsewhere=options.answered_elsewhere,
+            answer_delay=options.answer_delay,
+            dial_answered_share=options.dial_shares[0],
+            dial_busy_share=options.dial_shares[1],
+            dial_no_answer_share=options.dial_shares[2],
+            dial_answer_delay=options.dial_answer_delay,
+            machine_human_share=options.machine_shares[0],
+            machine_machine_share=options.machine_shares[1],
+            machine_not_sure_share=options.machine_shares[2],
+            dtmf_interval=options.dtmf_interval,
             connection_id=options.connection_id,
             from_number=options.from_number,
             to_number=options.to_number,
@@ -169,7 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"TELNYX_PUBLIC_KEY={calls.public_key}"
         )
         calls.start()
-        say(f"placing {options.calls_per_minute:g} calls a minute; Ctrl-C stops")
+        answering = (
+            "answered elsewhere"
+            if options.answered_elsewhere
+            else f"parked until answered, {options.ring_timeout:g} s to answer"
+        )
+        say(f"placing {options.calls_per_minute:g} calls a minute ({answering}); Ctrl-C stops")
         while not stopping.wait(0.5):
             pass
         say("stopping: hanging up live calls")

@@ -1,8 +1,9 @@
 """A local stand-in for the Telnyx Call Control command API.
 
-`TelnyxAPISimulator` serves ``POST /v2/calls/{call_control_id}/actions/{action}`` for the six
-media actions callops sends, answering with Telnyx's success and error shapes (see
-the project's Telnyx notes, TELNYX.md section 2). Point the real SDK at it::
+`TelnyxAPISimulator` serves ``POST /v2/calls/{call_control_id}/actions/{action}`` for the
+actions callops sends (answer, reject, hangup and the six media actions) and ``POST /v2/calls``
+(dial), answering with Telnyx's success and error shapes (TELNYX.md sections 2 and 5). Point
+the real SDK at it::
 
     with TelnyxAPISimulator() as sim:
         client = telnyx.Telnyx(api_key=sim.api_key, base_url=sim.base_url, max_retries=0, timeout=5)
@@ -16,13 +17,32 @@ Request pipeline, first match answers:
 
 1. an injected fault (`inject`) matching the action / call;
 2. 401 without the right ``Authorization: Bearer <api_key>``;
-3. 404 for any other method or path, or an action outside the six;
+3. 404 for any other method or path, or an action the table does not have;
 4. 429 above `rate_limit` requests per `rate_window` seconds (all calls together);
 5. 400 for a body that is not a JSON object;
 6. 422 ``90015`` for an unknown call (unless `accept_unknown_calls`), ``90018`` for an ended one;
-7. 422 ``10015`` for invalid parameters (every problem found, one error each);
-8. 200; a `command_id` already applied to the same call within `command_id_ttl` seconds is
+7. 422 ``90019`` / ``90020`` for a command the call is not in a state to take (below);
+8. 422 ``10015`` for invalid parameters (every problem found, one error each);
+9. 200; a `command_id` already applied to the same call within `command_id_ttl` seconds is
    acknowledged but not applied again.
+
+An incoming call is parked until ``answer`` (TELNYX.md section 5); an outgoing one rings until
+the far end answers. Until then only answer, reject and hangup are accepted (hangup alone on
+an outgoing call), and anything else is refused. Telnyx documents the rule but not its error,
+so the simulator's choice is::
+
+    422 {"errors": [{"code": "90019", "title": "Call not answered",
+                     "detail": "streaming_start needs an answered call: until the call is
+                                answered only answer, reject and hangup are accepted."}]}
+
+and answer or reject on a call that is not a parked incoming one (already answered, or
+outgoing) gets 422 ``{"code": "90020", "title": "Call cannot be answered", "detail": ...}``.
+
+``POST /v2/calls`` answers ``{"data": {"call_control_id", "call_leg_id", "call_session_id",
+"is_alive": false, "record_type": "call"}}`` and registers the new outgoing call. A dial that
+repeats a ``command_id`` of the same ``connection_id`` within `command_id_ttl` places nothing
+and answers the first dial's call again (Telnyx does not say what it answers; this is the
+kinder reading, which lets a retry after a lost answer learn its call).
 
 Telnyx does not publish the order of its own checks; this one is chosen so a test can aim at
 exactly one failure. Every request, whatever its outcome, lands in the log (`requests`).
@@ -39,6 +59,7 @@ import math
 import socket
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,7 +68,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
-from telnyx_sim.actions import ACTIONS, problems
+from telnyx_sim.actions import ACTIONS, DIAL, problems
 
 __all__ = ["CallState", "CommandRecord", "Fault", "TelnyxAPISimulator"]
 
@@ -66,6 +87,8 @@ class CommandRecord:
     ``status`` is 0 when the connection was dropped without an answer. ``applied`` is true only
     when the command changed the call's state (so not for errors or duplicates); with
     ``inject(apply=True)`` a command can be applied although the client saw a fault.
+    ``result`` is the ``data`` of the success answer, whether or not the client got it: for
+    a dial, the new call's ids (``call_control_id`` names the call for every command).
     """
 
     monotonic: float
@@ -81,13 +104,22 @@ class CommandRecord:
     duplicate: bool = False
     applied: bool = False
     fault: bool = False
+    result: dict[str, Any] | None = None
 
 
 @dataclass
 class CallState:
-    """What Telnyx would know about one call: live or ended, and the media features on."""
+    """What Telnyx would know about one call: its direction, whether it has been answered or
+    has ended, and the media features on.
+
+    A call added with `TelnyxAPISimulator.add_call` is answered unless told otherwise, as is
+    an unknown call accepted with ``accept_unknown_calls`` (unless its first command is answer
+    or reject, which finds it parked): tests of one media command need no ceremony.
+    """
 
     call_control_id: str
+    direction: str = "incoming"
+    answered: bool = True
     ended: bool = False
     streaming: bool = False
     forking: bool = False
@@ -193,10 +225,13 @@ _OK = {"data": {"result": "ok"}}
 def _parse_path(method: str, raw_path: str) -> tuple[str | None, str | None]:
     """Return (action, call_control_id) for a command URL, else (None, None).
 
-    The action is returned even when it is not one of ours, so faults and the log can name it.
-    The SDK percent-encodes the call control id (``v3:...`` keeps its colon, a ``/`` would not).
+    ``POST /v2/calls`` is ``("dial", None)``. The action is returned even when it is not one of
+    ours, so faults and the log can name it. The SDK percent-encodes the call control id
+    (``v3:...`` keeps its colon, a ``/`` would not).
     """
-    parts = urlsplit(raw_path).path.split("/")
+    parts = urlsplit(raw_path).path.rstrip("/").split("/")
+    if method == "POST" and parts == ["", "v2", "calls"]:
+        return "dial", None
     if method != "POST" or len(parts) != 6 or parts[:3] != ["", "v2", "calls"]:
         return None, None
     if parts[4] != "actions" or not parts[3] or not parts[5]:
@@ -211,6 +246,7 @@ class _Verdict(NamedTuple):
     reply: _Reply
     duplicate: bool = False
     applied: bool = False
+    result: dict[str, Any] | None = None
 
 
 class _Outcome(NamedTuple):
@@ -281,6 +317,8 @@ class TelnyxAPISimulator:
         self._records: list[CommandRecord] = []
         self._calls: dict[str, CallState] = {}
         self._seen_command_ids: dict[tuple[str, str], float] = {}
+        # What each dial answered, by the key its command_id is deduped on.
+        self._dialled: dict[tuple[str, str], dict[str, Any]] = {}
         self._faults: list[Fault] = []
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -347,17 +385,48 @@ class TelnyxAPISimulator:
             # A new limit starts from an empty window, as if the limit had just been set.
             self._admitted.clear()
 
-    def add_call(self, call_control_id: str) -> None:
-        """Register a live call (replacing any earlier state for that id)."""
-        with self._lock:
-            self._calls[call_control_id] = CallState(call_control_id)
+    def add_call(
+        self, call_control_id: str, *, direction: str = "incoming", answered: bool = True
+    ) -> None:
+        """Register a live call (replacing any earlier state for that id).
 
-    def end_call(self, call_control_id: str) -> None:
-        """Hang the call up: later commands get 422 ``90018``; media features stop."""
+        The call simulator registers its incoming calls with ``answered=False``: parked.
+        """
         with self._lock:
-            state = self._calls.setdefault(call_control_id, CallState(call_control_id))
+            self._calls[call_control_id] = CallState(
+                call_control_id, direction=direction, answered=answered
+            )
+
+    def mark_answered(self, call_control_id: str) -> bool:
+        """Answered without a command: the far end of a dial, or another application.
+
+        A dialled call's inline stream and transcription count as started from now. False
+        if the call is unknown, ended or already answered.
+        """
+        with self._lock:
+            state = self._calls.get(call_control_id)
+            if state is None or state.ended or state.answered:
+                return False
+            dial = next((body for action, body in state.actions if action == "dial"), None)
+            for name, value in DIAL.effects(dial or {}).items():
+                setattr(state, name, value)
+            return True
+
+    def end_call(self, call_control_id: str, *, if_unanswered: bool = False) -> bool:
+        """Mark a call ended: later commands get 422 ``90018``. False if nothing changed.
+
+        ``if_unanswered`` ends it only while it is still unanswered: a caller giving up on a
+        ringing call loses the race to an answer already applied.
+        """
+        with self._lock:
+            state = self._calls.get(call_control_id)
+            if state is None:
+                state = self._calls[call_control_id] = CallState(call_control_id)
+            elif state.ended or (if_unanswered and state.answered):
+                return False
             state.ended = True
             state.streaming = state.forking = state.transcribing = False
+            return True
 
     def call(self, call_control_id: str) -> CallState | None:
         """A snapshot of the call's state, or None if the simulator does not know the call."""
@@ -383,9 +452,17 @@ class TelnyxAPISimulator:
         ``body``: None gives a Telnyx-shaped error for ``status``; a dict or list is sent as
         JSON; str or bytes are sent raw as text/plain. ``delay`` sleeps before answering (for
         timeout tests). ``drop`` closes the connection without answering. ``action`` and
-        ``call_control_id`` restrict which requests match. ``apply`` processes the request
-        normally first and only replaces its answer: the command takes effect but the client
-        never learns it, which is the case ``command_id`` exists for.
+        ``call_control_id`` restrict which requests match (a dial's action is ``"dial"``; it
+        has no call control id). ``apply`` processes the request normally first and only
+        replaces its answer: the command takes effect but the client never learns it, which
+        is the case ``command_id`` exists for (TELNYX.md section 6).
+
+        ``apply=True, drop=True`` is "applied but the answer was lost": the client sees a
+        connection error, and the call goes on as if the command had succeeded, for every
+        command alike. An answer answers (``call.answered``, its inline media), a reject or a
+        hangup ends the call, and a dial places a call whose ids the client never learnt
+        (`CommandRecord.result` has them; its webhooks carry the dial's ``client_state``).
+        A retry with the same ``command_id`` is then a duplicate: acknowledged, not applied.
 
         Faults are consulted before authentication, in the order they were injected.
         """
@@ -467,6 +544,7 @@ class TelnyxAPISimulator:
             self._records.clear()
             self._calls.clear()
             self._seen_command_ids.clear()
+            self._dialled.clear()
             self._faults.clear()
             self._admitted.clear()
 
@@ -483,6 +561,7 @@ class TelnyxAPISimulator:
         command_id = body.get("command_id") if isinstance(body, dict) else None
         authorized = self._authorized(authorization)
         duplicate = applied = False
+        result = None
         with self._lock:
             # Read the clock under the lock so the rate window and the log stay in time order.
             now, wall = self._clock(), time.time()
@@ -490,7 +569,9 @@ class TelnyxAPISimulator:
             if fault is not None and fault.remaining is not None:
                 fault.remaining -= 1
             if fault is None or fault.apply:
-                reply, duplicate, applied = self._answer(now, action, ccid, body, authorized)
+                reply, duplicate, applied, result = self._answer(
+                    now, action, ccid, body, authorized
+                )
             if fault is not None:
                 reply = _fault_reply(fault)
             record = CommandRecord(
@@ -507,6 +588,7 @@ class TelnyxAPISimulator:
                 duplicate=duplicate,
                 applied=applied,
                 fault=fault is not None,
+                result=result,
             )
             # Logged before the answer goes out, so a client that has its response can
             # already find the request in the log.
@@ -529,7 +611,7 @@ class TelnyxAPISimulator:
             return _Verdict(
                 _error(401, "10009", "Authentication failed", "The API key is missing or wrong.")
             )
-        if action not in ACTIONS or ccid is None:
+        if not (action == "dial" or (action in ACTIONS and ccid is not None)):
             return _Verdict(_error(404, "10005", "Resource not found", "No such route."))
         limited, headers = self._take_rate_slot(now)
         if limited:
@@ -538,7 +620,12 @@ class TelnyxAPISimulator:
         if not isinstance(body, dict):
             detail = "The body must be a JSON object."
             return _Verdict(_error(400, "10015", "Bad Request", detail, headers=headers))
+        if action == "dial":
+            return self._dial(now, body, headers)
 
+        # Both known here: the route check above let only dial through without them.
+        action, ccid = action or "", ccid or ""
+        spec = ACTIONS[action]
         state = self._calls.get(ccid)
         if state is None:
             if not self.accept_unknown_calls:
@@ -546,10 +633,14 @@ class TelnyxAPISimulator:
                 return _Verdict(
                     _error(422, "90015", "Invalid Call Control ID", detail, headers=headers)
                 )
-            state = self._calls[ccid] = CallState(ccid)
+            # Found in whatever state its first command needs (see CallState).
+            state = self._calls[ccid] = CallState(ccid, answered=spec.accepts != "parked")
         if state.ended:
             detail = "This call is no longer active and can't receive commands."
             return _Verdict(_error(422, "90018", "Call has already ended", detail, headers=headers))
+        refused = _refusal(action, spec.accepts, state)
+        if refused is not None:
+            return _Verdict(_error(422, *refused, headers=headers))
 
         found = problems(action, body)
         if found:
@@ -557,23 +648,50 @@ class TelnyxAPISimulator:
             return _Verdict(_errors(422, errors, headers))
 
         ok = _json_reply(200, _OK, headers)
-        command_id = body.get("command_id")
-        if command_id is not None:
-            key = (ccid, command_id)
-            first = self._seen_command_ids.get(key)
-            if first is not None and now - first < self.command_id_ttl:
-                # Telnyx acknowledges a repeat without doing it again.
-                return _Verdict(ok, duplicate=True)
-            self._seen_command_ids[key] = now
-
-        spec = ACTIONS[action]
-        setattr(state, spec.feature, spec.on)
-        if spec.on and spec.feature in ("streaming", "forking"):
-            # One stream or fork per call: starting one replaces the other.
-            other = "forking" if spec.feature == "streaming" else "streaming"
-            setattr(state, other, False)
+        if self._repeated(now, ccid, body.get("command_id")):
+            # Telnyx acknowledges a repeat without doing it again.
+            return _Verdict(ok, duplicate=True, result=dict(_OK["data"]))
+        for name, value in spec.effects(body).items():
+            setattr(state, name, value)
         state.actions.append((action, body))
-        return _Verdict(ok, applied=True)
+        return _Verdict(ok, applied=True, result=dict(_OK["data"]))
+
+    def _dial(self, now: float, body: dict[str, Any], headers: dict[str, str]) -> _Verdict:
+        """POST /v2/calls: register an outgoing call, ringing until the far end answers."""
+        found = problems("dial", body)
+        if found:
+            errors = [("10015", "Invalid parameter", detail, ptr) for ptr, detail in found]
+            return _Verdict(_errors(422, errors, headers))
+        # Dials share no call, so their command ids are deduped per connection.
+        key = (f"dial:{body['connection_id']}", body.get("command_id"))
+        if self._repeated(now, key[0], key[1]):
+            data = self._dialled[key]
+            return _Verdict(_json_reply(200, {"data": data}, headers), duplicate=True, result=data)
+        data = {
+            "call_control_id": f"v3:sim-{uuid.uuid4()}",
+            "call_leg_id": str(uuid.uuid4()),
+            "call_session_id": str(uuid.uuid4()),
+            # Dialling is asynchronous: Telnyx always answers false here.
+            "is_alive": False,
+            "record_type": "call",
+        }
+        if key[1] is not None:
+            self._dialled[key] = data
+        ccid = data["call_control_id"]
+        state = self._calls[ccid] = CallState(ccid, direction="outgoing", answered=False)
+        state.actions.append(("dial", body))
+        return _Verdict(_json_reply(200, {"data": data}, headers), applied=True, result=data)
+
+    def _repeated(self, now: float, scope: str, command_id: Any) -> bool:
+        """True if ``command_id`` was applied in ``scope`` within the TTL; else remember it."""
+        if command_id is None:
+            return False
+        key = (scope, command_id)
+        first = self._seen_command_ids.get(key)
+        if first is not None and now - first < self.command_id_ttl:
+            return True
+        self._seen_command_ids[key] = now
+        return False
 
     def _take_rate_slot(self, now: float) -> tuple[bool, dict[str, str]]:
         """Admit a request into the sliding window; returns (limited, x-ratelimit-* headers)."""
@@ -604,6 +722,22 @@ class TelnyxAPISimulator:
         except Exception:
             # The response is already out; a broken hook must not take the server down.
             logger.exception("on_command hook failed for %s", outcome.record.path)
+
+
+def _refusal(action: str, accepts: str, state: CallState) -> tuple[str, str, str] | None:
+    """(code, title, detail) if the call is not in a state to take ``action``; else None."""
+    parked = state.direction == "incoming" and not state.answered
+    if accepts == "parked" and not parked:
+        why = "already answered" if state.answered else "an outgoing call"
+        detail = f"{action} applies only to an incoming call not answered yet; this one is {why}."
+        return "90020", "Call cannot be answered", detail
+    if accepts == "answered" and not state.answered:
+        detail = (
+            f"{action} needs an answered call: until the call is answered only answer, "
+            "reject and hangup are accepted."
+        )
+        return "90019", "Call not answered", detail
+    return None
 
 
 # --- HTTP plumbing ----------------------------------------------------------------------------

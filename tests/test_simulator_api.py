@@ -250,12 +250,12 @@ def test_it_answers_400_to_a_body_that_is_not_json(sim):
 
 def test_it_answers_404_for_other_actions_and_paths(sim, client):
     with pytest.raises(telnyx.NotFoundError) as caught:
-        client.calls.actions.hangup(CCID)
+        client.calls.actions.send_dtmf(CCID, digits="1")
     assert error_code(caught.value) == "10005"
 
     headers = {"Authorization": f"Bearer {API_KEY}"}
     assert raw_request(sim, "GET", f"/v2/calls/{CCID}", headers=headers)[0] == 404
-    assert [r.action for r in sim.requests] == ["hangup", None]
+    assert [r.action for r in sim.requests] == ["send_dtmf", None]
 
 
 def test_it_rate_limits_with_telnyx_headers(sim, client, clock):

@@ -227,7 +227,7 @@ def occurred(envelope: dict) -> datetime:
 
 
 def test_it_sends_signed_envelopes_shaped_like_telnyx(make_sim, receiver, public_key):
-    sim = make_sim()
+    sim = make_sim(answered_elsewhere=True)
     ccid = sim.place_call(duration=0.1, from_number="+15551112222")
     wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
     assert sim.wait_idle(2)
@@ -270,7 +270,7 @@ def test_it_sends_signed_envelopes_shaped_like_telnyx(make_sim, receiver, public
 
 
 def test_a_call_hung_up_while_ringing_is_cancelled_by_the_caller(make_sim, receiver):
-    sim = make_sim()
+    sim = make_sim(answered_elsewhere=True)
     ringing = sim.place_call(answer_delay=10)
     answered = sim.place_call(duration=float("inf"))
     wait_for(lambda: "call.answered" in receiver.types(answered), timeout=3)
@@ -294,7 +294,7 @@ def test_a_call_hung_up_while_ringing_is_cancelled_by_the_caller(make_sim, recei
 
 def test_its_signatures_fail_against_another_key(make_sim, receiver):
     receiver.public_key = base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()
-    sim = make_sim()
+    sim = make_sim(answered_elsewhere=True)
     ccid = sim.place_call(duration=0.05)
     wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
     assert not any(item["verified"] for item in receiver.received)
@@ -334,7 +334,7 @@ def test_its_settings_are_a_call_plan_and_a_delivery_policy():
 
 @pytest.mark.slow
 def test_it_answers_sdk_commands_with_their_webhooks(make_sim, receiver, client, api):
-    sim = make_sim(media=False, transcription_interval=0.1)
+    sim = make_sim(media=False, transcription_interval=0.1, answered_elsewhere=True)
     ccid = sim.place_call(duration=float("inf"))
     wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=5)
     actions = client.calls.actions
@@ -401,6 +401,7 @@ def test_it_ignores_commands_that_failed_or_for_calls_it_did_not_place(
 ):
     sim = make_sim(media=False)
     ccid = sim.place_call(duration=float("inf"))
+    client.calls.actions.answer(ccid)
     fork = {"rx": "udp:1.2.3.4:5", "tx": "udp:1.2.3.4:6"}
     api.inject(500, action="fork_start")
     with pytest.raises(telnyx.InternalServerError):
@@ -425,6 +426,7 @@ def test_it_delivers_each_calls_webhooks_in_the_order_they_happened(make_sim, re
     sim = make_sim(media=False)
     calls = [sim.place_call(duration=float("inf")) for _ in range(4)]
     for ccid in calls:
+        client.calls.actions.answer(ccid)
         client.calls.actions.start_forking(
             ccid, rx="udp:127.0.0.1:4000", tx="udp:127.0.0.1:4001", stream_type="decrypted"
         )
@@ -460,7 +462,7 @@ def test_it_retries_errors_and_timeouts_with_backoff(make_sim, receiver):
         return 200, 0.0
 
     receiver.answer = answer
-    sim = make_sim(retry_backoff=0.1, delivery_timeout=0.3)
+    sim = make_sim(retry_backoff=0.1, delivery_timeout=0.3, answered_elsewhere=True)
     ccid = sim.place_call(duration=0.1)
     wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
     assert sim.wait_idle(2)
@@ -484,7 +486,7 @@ def test_it_retries_errors_and_timeouts_with_backoff(make_sim, receiver):
 
 def test_it_gives_up_after_max_attempts(make_sim, receiver):
     receiver.answer = lambda envelope, count: (503, 0.0)
-    sim = make_sim(max_attempts=3, retry_backoff=0.01)
+    sim = make_sim(max_attempts=3, retry_backoff=0.01, answered_elsewhere=True)
     ccid = sim.place_call(duration=0.05)
     wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
     assert sim.wait_idle(3)
@@ -494,7 +496,7 @@ def test_it_gives_up_after_max_attempts(make_sim, receiver):
 
 def test_it_counts_a_redirect_as_a_failure(make_sim, receiver):
     receiver.answer = lambda envelope, count: (302 if count == 1 else 204, 0.0)
-    sim = make_sim()
+    sim = make_sim(answered_elsewhere=True)
     ccid = sim.place_call(duration=0.05)
     wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=5)
     assert sim.wait_idle(3)
@@ -502,7 +504,7 @@ def test_it_counts_a_redirect_as_a_failure(make_sim, receiver):
 
 
 def test_it_sends_duplicates_when_asked(make_sim, receiver):
-    sim = make_sim(duplicate_rate=1.0)
+    sim = make_sim(duplicate_rate=1.0, answered_elsewhere=True)
     ccid = sim.place_call(duration=0.05)
     wait_for(lambda: receiver.types(ccid).count("call.hangup") == 2, timeout=5)
     assert sim.wait_idle(2)
@@ -513,7 +515,7 @@ def test_it_sends_duplicates_when_asked(make_sim, receiver):
 
 def test_it_reorders_a_calls_events_when_asked(make_sim, receiver):
     # One delivery thread makes the arrival order exactly the shuffled order.
-    sim = make_sim(reorder=True, reorder_window=2.0, delivery_workers=1)
+    sim = make_sim(reorder=True, reorder_window=2.0, delivery_workers=1, answered_elsewhere=True)
     ccid = sim.place_call(duration=0.1)
     wait_for(lambda: len(receiver.envelopes(ccid)) == 3, timeout=5)
     envelopes = receiver.envelopes(ccid)
@@ -524,7 +526,7 @@ def test_it_reorders_a_calls_events_when_asked(make_sim, receiver):
 
 def test_it_delivers_reordered_batches_concurrently(make_sim, receiver):
     receiver.answer = lambda envelope, count: (200, 0.3)
-    sim = make_sim(reorder=True, reorder_window=5.0)
+    sim = make_sim(reorder=True, reorder_window=5.0, answered_elsewhere=True)
     ccid = sim.place_call(duration=0.1)
     wait_for(lambda: len(receiver.envelopes(ccid)) == 3, timeout=5)
     arrivals = [item["at"] for item in receiver.received]
@@ -545,7 +547,7 @@ def media_server():
 
 @pytest.mark.slow
 def test_it_streams_media_frames_like_telnyx(make_sim, receiver, client, media_server):
-    sim = make_sim()
+    sim = make_sim(answered_elsewhere=True)
     ccid = sim.place_call(duration=float("inf"), from_number="+15553334444")
     wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=3)
     client.calls.actions.start_streaming(
@@ -621,6 +623,7 @@ def test_it_streams_media_frames_like_telnyx(make_sim, receiver, client, media_s
 def test_it_reports_an_unreachable_stream_as_failed(make_sim, receiver, client):
     sim = make_sim(media_connect_timeout=0.5)
     ccid = sim.place_call(duration=float("inf"))
+    client.calls.actions.answer(ccid)
     url = "ws://127.0.0.1:9/nobody-listens"
     client.calls.actions.start_streaming(ccid, stream_url=url, command_id=str(uuid.uuid4()))
     wait_for(lambda: "streaming.failed" in receiver.types(ccid), timeout=3)
@@ -641,6 +644,7 @@ def test_it_stops_quickly_hanging_up_live_calls(receiver, api, signing_key, medi
         webhook_url=receiver.url, api=api, signing_key=signing_key, answer_delay=0.05
     ).start()
     calls = [sim.place_call(duration=float("inf")) for _ in range(3)]
+    client.calls.actions.answer(calls[0])
     client.calls.actions.start_streaming(calls[0], stream_url=media_server.url)
     wait_for(lambda: media_server.sessions and media_server.sessions[0]["frames"], timeout=3)
     started = time.monotonic()
@@ -687,6 +691,7 @@ def test_the_cli_runs_until_sigterm(tmp_path, receiver):
             "600",
             "--call-duration",
             "0.2",
+            "--answered-elsewhere",
             "--signing-key-file",
             str(tmp_path / "sk"),
             "--public-key-file",
