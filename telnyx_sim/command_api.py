@@ -21,10 +21,12 @@ Request pipeline, first match answers:
 4. 429 above `rate_limit` requests per `rate_window` seconds (all calls together);
 5. 400 for a body that is not a JSON object;
 6. 422 ``90015`` for an unknown call (unless `accept_unknown_calls`), ``90018`` for an ended one;
-7. 422 ``90019`` / ``90020`` for a command the call is not in a state to take (below);
-8. 422 ``10015`` for invalid parameters (every problem found, one error each);
-9. 200; a `command_id` already applied to the same call within `command_id_ttl` seconds is
-   acknowledged but not applied again.
+7. 200 without applying it again for a `command_id` already applied to the same call within
+   `command_id_ttl` seconds, whatever the call's state now (the retry of an answer whose
+   answer was lost must not be told the call is answered);
+8. 422 ``90019`` / ``90020`` for a command the call is not in a state to take (below);
+9. 422 ``10015`` for invalid parameters (every problem found, one error each);
+10. 200, applied.
 
 An incoming call is parked until ``answer`` (TELNYX.md section 5); an outgoing one rings until
 the far end answers. Until then only answer, reject and hangup are accepted (hangup alone on
@@ -638,6 +640,12 @@ class TelnyxAPISimulator:
         if state.ended:
             detail = "This call is no longer active and can't receive commands."
             return _Verdict(_error(422, "90018", "Call has already ended", detail, headers=headers))
+        ok = _json_reply(200, _OK, headers)
+        command_id = body.get("command_id")
+        if self._repeated(now, ccid, command_id):
+            # Telnyx acknowledges a repeat without doing it again, whatever the call's state
+            # now: the retry of an answer whose answer was lost must not meet "answered".
+            return _Verdict(ok, duplicate=True, result=dict(_OK["data"]))
         refused = _refusal(action, spec.accepts, state)
         if refused is not None:
             return _Verdict(_error(422, *refused, headers=headers))
@@ -647,10 +655,7 @@ class TelnyxAPISimulator:
             errors = [("10015", "Invalid parameter", detail, ptr) for ptr, detail in found]
             return _Verdict(_errors(422, errors, headers))
 
-        ok = _json_reply(200, _OK, headers)
-        if self._repeated(now, ccid, body.get("command_id")):
-            # Telnyx acknowledges a repeat without doing it again.
-            return _Verdict(ok, duplicate=True, result=dict(_OK["data"]))
+        self._remember(now, ccid, command_id)
         for name, value in spec.effects(body).items():
             setattr(state, name, value)
         state.actions.append((action, body))
@@ -664,7 +669,7 @@ class TelnyxAPISimulator:
             return _Verdict(_errors(422, errors, headers))
         # Dials share no call, so their command ids are deduped per connection.
         key = (f"dial:{body['connection_id']}", body.get("command_id"))
-        if self._repeated(now, key[0], key[1]):
+        if self._repeated(now, *key):
             data = self._dialled[key]
             return _Verdict(_json_reply(200, {"data": data}, headers), duplicate=True, result=data)
         data = {
@@ -676,6 +681,7 @@ class TelnyxAPISimulator:
             "record_type": "call",
         }
         if key[1] is not None:
+            self._remember(now, *key)
             self._dialled[key] = data
         ccid = data["call_control_id"]
         state = self._calls[ccid] = CallState(ccid, direction="outgoing", answered=False)
@@ -683,15 +689,16 @@ class TelnyxAPISimulator:
         return _Verdict(_json_reply(200, {"data": data}, headers), applied=True, result=data)
 
     def _repeated(self, now: float, scope: str, command_id: Any) -> bool:
-        """True if ``command_id`` was applied in ``scope`` within the TTL; else remember it."""
-        if command_id is None:
+        """True if ``command_id`` was applied in ``scope`` (a call, a connection's dials)
+        within the TTL. Only applied commands count: a refused one may be sent again."""
+        if not isinstance(command_id, str):
             return False
-        key = (scope, command_id)
-        first = self._seen_command_ids.get(key)
-        if first is not None and now - first < self.command_id_ttl:
-            return True
-        self._seen_command_ids[key] = now
-        return False
+        first = self._seen_command_ids.get((scope, command_id))
+        return first is not None and now - first < self.command_id_ttl
+
+    def _remember(self, now: float, scope: str, command_id: Any) -> None:
+        if isinstance(command_id, str):
+            self._seen_command_ids[(scope, command_id)] = now
 
     def _take_rate_slot(self, now: float) -> tuple[bool, dict[str, str]]:
         """Admit a request into the sliding window; returns (limited, x-ratelimit-* headers)."""

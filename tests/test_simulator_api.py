@@ -502,3 +502,219 @@ def test_it_clears_the_log_but_keeps_state(sim, client):
     sim.reset()
     assert sim.call(CCID) is None
     assert (sim.rate_limit, sim.accept_unknown_calls) == (None, True)
+
+
+# --- Call control: answer, reject, hangup, dial -----------------------------------------------
+
+DIAL = {"connection_id": "conn-1", "to": "+15550001111", "from_": "+15550002222"}
+
+
+def test_it_refuses_media_commands_on_a_parked_call(sim, client):
+    sim.add_call(CCID, answered=False)
+
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.start_streaming(CCID, stream_url="wss://media.example/ws")
+
+    assert caught.value.body == {
+        "errors": [
+            {
+                "code": "90019",
+                "title": "Call not answered",
+                "detail": "streaming_start needs an answered call: until the call is answered "
+                "only answer, reject and hangup are accepted.",
+            }
+        ]
+    }
+    assert sim.commands(status=422)[0].applied is False
+    assert not sim.call(CCID).streaming
+
+    client.calls.actions.answer(CCID)
+    client.calls.actions.start_streaming(CCID, stream_url="wss://media.example/ws")
+    assert sim.call(CCID).answered and sim.call(CCID).streaming
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"), [("reject", {"cause": "USER_BUSY"}), ("hangup", {"reason": "done"})]
+)
+def test_it_ends_a_parked_call_on_reject_or_hangup(sim, client, method, kwargs):
+    sim.add_call(CCID, answered=False)
+
+    assert getattr(client.calls.actions, method)(CCID, **kwargs).data.result == "ok"
+
+    assert sim.call(CCID).ended
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.answer(CCID)
+    assert error_code(caught.value) == "90018"
+
+
+def test_it_answers_or_rejects_only_a_parked_incoming_call(sim, client):
+    sim.add_call(CCID)  # answered
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.answer(CCID)
+    assert (error_code(caught.value), caught.value.body["errors"][0]["title"]) == (
+        "90020",
+        "Call cannot be answered",
+    )
+
+    outgoing = client.calls.dial(**DIAL).data.call_control_id
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.reject(outgoing, cause="CALL_REJECTED")
+    assert error_code(caught.value) == "90020"
+    assert "outgoing" in caught.value.body["errors"][0]["detail"]
+    assert [name for name, _ in sim.call(outgoing).actions] == ["dial"]
+
+
+def test_it_finds_an_unknown_call_parked_when_its_first_command_answers(sim, client):
+    client.calls.actions.answer("v3:never-seen")
+
+    state = sim.call("v3:never-seen")
+    assert (state.direction, state.answered, state.ended) == ("incoming", True, False)
+
+
+def test_it_checks_reject_and_inline_media_bodies(sim, client):
+    path = f"/v2/calls/{CCID}/actions/reject"
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    sim.add_call(CCID, answered=False)
+
+    status, _, body = raw_request(sim, "POST", path, b"{}", headers)
+    assert status == 422
+    assert json.loads(body)["errors"][0]["source"] == {"pointer": "/cause"}
+
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.answer(
+            CCID,
+            stream_url="https://not-a-websocket",
+            transcription=True,
+            transcription_config={"transcription_tracks": "left"},
+        )
+    pointers = [error["source"]["pointer"] for error in caught.value.body["errors"]]
+    assert pointers == ["/stream_url", "/transcription_config/transcription_tracks"]
+    assert not sim.call(CCID).answered
+
+
+def test_an_answer_starts_its_inline_stream_and_transcription(sim, client):
+    sim.add_call(CCID, answered=False)
+
+    client.calls.actions.answer(
+        CCID,
+        stream_url="wss://media.example/ws",
+        stream_track="both_tracks",
+        transcription=True,
+        transcription_config={"transcription_engine": "Telnyx", "transcription_tracks": "both"},
+    )
+
+    state = sim.call(CCID)
+    assert (state.answered, state.streaming, state.transcribing) == (True, True, True)
+
+
+def test_it_dials_and_answers_the_new_calls_ids(sim, client):
+    response = client.calls.dial(**DIAL, client_state=STATE, timeout_secs=30)
+
+    data = response.data
+    assert data.call_control_id.startswith("v3:")
+    assert data.is_alive is False and data.record_type == "call"
+    assert len({data.call_control_id, data.call_leg_id, data.call_session_id}) == 3
+    [record] = sim.commands(action="dial")
+    assert record.path == "/v2/calls" and record.call_control_id is None
+    assert record.result == response.model_dump(exclude_none=True)["data"]
+    state = sim.call(data.call_control_id)
+    assert (state.direction, state.answered, state.ended) == ("outgoing", False, False)
+
+    # Ringing: media commands wait for the far end to answer; hangup does not.
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.start_transcription(data.call_control_id)
+    assert error_code(caught.value) == "90019"
+    client.calls.actions.hangup(data.call_control_id)
+    assert sim.call(data.call_control_id).ended
+
+
+def test_it_checks_a_dials_body(sim):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    body = json.dumps({"to": [], "timeout_secs": 2, "answering_machine_detection": "maybe"})
+
+    status, _, answer = raw_request(sim, "POST", "/v2/calls", body.encode(), headers)
+
+    assert status == 422
+    pointers = [error["source"]["pointer"] for error in json.loads(answer)["errors"]]
+    assert pointers == [
+        "/connection_id",
+        "/to",
+        "/from",
+        "/timeout_secs",
+        "/answering_machine_detection",
+    ]
+    assert sim.commands(action="dial", status=None)[0].applied is False
+
+
+def test_it_dedupes_a_dial_by_command_id_per_connection(sim, client, clock):
+    first = client.calls.dial(**DIAL, command_id="dial-1").data
+    again = client.calls.dial(**DIAL, command_id="dial-1").data
+    other = client.calls.dial(**{**DIAL, "connection_id": "conn-2"}, command_id="dial-1").data
+    clock.advance(60)
+    later = client.calls.dial(**DIAL, command_id="dial-1").data
+
+    assert again.call_control_id == first.call_control_id
+    assert len({first.call_control_id, other.call_control_id, later.call_control_id}) == 3
+    assert [(r.applied, r.duplicate) for r in sim.commands(action="dial")] == [
+        (True, False),
+        (False, True),
+        (True, False),
+        (True, False),
+    ]
+
+
+def test_a_lost_answer_to_answer_still_answers_the_call(sim, client):
+    sim.add_call(CCID, answered=False)
+    sim.inject(drop=True, apply=True, action="answer")
+
+    with pytest.raises(telnyx.APIConnectionError):
+        client.calls.actions.answer(CCID, command_id="answer-1")
+    assert sim.call(CCID).answered
+    # The retry is a repeat, not a second answer (which would be refused with 90020).
+    assert client.calls.actions.answer(CCID, command_id="answer-1").data.result == "ok"
+
+    assert [(r.status, r.applied, r.duplicate) for r in sim.requests] == [
+        (0, True, False),
+        (200, False, True),
+    ]
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("reject", {"cause": "NOT_FOUND"}), ("hangup", {})])
+def test_a_lost_answer_to_reject_or_hangup_still_ends_the_call(sim, client, method, kwargs):
+    sim.add_call(CCID, answered=False)
+    sim.inject(drop=True, apply=True, action=method)
+
+    with pytest.raises(telnyx.APIConnectionError):
+        getattr(client.calls.actions, method)(CCID, command_id="end-1", **kwargs)
+
+    assert sim.call(CCID).ended
+    assert sim.requests[0].applied
+
+
+def test_a_lost_answer_to_dial_still_places_the_call(sim, client):
+    sim.inject(drop=True, apply=True, action="dial")
+
+    with pytest.raises(telnyx.APIConnectionError):
+        client.calls.dial(**DIAL, command_id="dial-lost")
+    [lost] = sim.requests
+    assert (lost.status, lost.applied) == (0, True)
+    placed = lost.result["call_control_id"]
+    assert sim.call(placed).direction == "outgoing"
+
+    # Retried with the same command_id: the call already placed, not a second one.
+    assert client.calls.dial(**DIAL, command_id="dial-lost").data.call_control_id == placed
+    assert sim.requests[1].duplicate and not sim.requests[1].applied
+
+
+def test_the_far_end_answering_starts_a_dials_inline_media(sim, client):
+    ccid = client.calls.dial(**DIAL, stream_url="wss://media.example/ws", transcription=True)
+    ccid = ccid.data.call_control_id
+    assert not sim.call(ccid).streaming
+
+    assert sim.mark_answered(ccid)
+    assert not sim.mark_answered(ccid)
+
+    state = sim.call(ccid)
+    assert (state.answered, state.streaming, state.transcribing) == (True, True, True)
+    assert not sim.end_call(ccid, if_unanswered=True)
+    assert sim.end_call(ccid) and not sim.end_call(ccid)
