@@ -3,6 +3,8 @@
 from django.conf import settings
 from django.core import checks
 
+from callops.telnyx_spec import TRANSCRIPTION_ENGINES
+
 
 @checks.register(checks.Tags.security)
 def telnyx_keys(app_configs, **kwargs):
@@ -23,3 +25,20 @@ def telnyx_keys(app_configs, **kwargs):
             )
         )
     return messages
+
+
+@checks.register()
+def transcription_engines(app_configs, **kwargs):
+    unknown = [e for e in settings.TELNYX_TRANSCRIPTION_ENGINES if e not in TRANSCRIPTION_ENGINES]
+    if not unknown:
+        return []
+    return [
+        checks.Warning(
+            f"TELNYX_TRANSCRIPTION_ENGINES names engines the telnyx SDK does not list: "
+            f"{', '.join(unknown)}. transcription_start refuses them: callops cannot check "
+            "their config.",
+            hint=f"Choose among {', '.join(TRANSCRIPTION_ENGINES)}, or upgrade telnyx and run "
+            "manage.py telnyx_spec.",
+            id="callops.W003",
+        )
+    ]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import environ
 
+from callops import telnyx_spec
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
 env = environ.Env()
@@ -189,8 +191,11 @@ TELNYX_BACKOFF_CAP = env.float("TELNYX_BACKOFF_CAP", default=60.0)
 # A command is given up ("gave up") after this many attempts or this many seconds.
 TELNYX_COMMAND_MAX_ATTEMPTS = env.int("TELNYX_COMMAND_MAX_ATTEMPTS", default=10)
 TELNYX_COMMAND_MAX_AGE = env.int("TELNYX_COMMAND_MAX_AGE", default=600)
+# The engines transcription_start accepts: by default every one the installed SDK lists (the
+# generated callops/telnyx_spec.py). Narrow it here; a name the SDK does not list is refused
+# and callops.checks warns of it.
 TELNYX_TRANSCRIPTION_ENGINES = env.list(
-    "TELNYX_TRANSCRIPTION_ENGINES", default=["Google", "Telnyx", "Deepgram", "Azure", "A", "B"]
+    "TELNYX_TRANSCRIPTION_ENGINES", default=list(telnyx_spec.TRANSCRIPTION_ENGINES)
 )
 # Where workers share the rate limit: Redis if there is one, else a locked file in var/.
 CALLOPS_RATE_LIMIT_URL = env.str(
