@@ -131,24 +131,48 @@ class Receiver:
 
 
 class MediaServer:
-    """Accepts Telnyx media sessions and keeps every frame and the upgrade headers."""
+    """Accepts Telnyx media sessions and keeps every frame and the upgrade headers.
 
-    def __init__(self) -> None:
+    ``on_start(ws)`` runs when the ``start`` frame arrives (by default: send a mark named
+    "greeting"); ``handshake_delay`` holds each WebSocket upgrade back that many seconds.
+    """
+
+    def __init__(self, on_start=None, handshake_delay: float = 0.0) -> None:
         self.sessions: list[dict] = []
+        on_start = on_start or (
+            lambda ws: ws.send(json.dumps({"event": "mark", "mark": {"name": "greeting"}}))
+        )
+
+        def process_request(connection, request):
+            time.sleep(handshake_delay)
 
         def handler(ws):
-            session = {"headers": dict(ws.request.headers), "frames": [], "closed": False}
+            session = {
+                "headers": dict(ws.request.headers),
+                "frames": [],
+                "at": [],
+                "opened": time.monotonic(),
+                "closed": False,
+            }
             self.sessions.append(session)
             for message in ws:
                 frame = json.loads(message)
                 session["frames"].append(frame)
+                session["at"].append(time.monotonic())
                 if frame["event"] == "start":
-                    ws.send(json.dumps({"event": "mark", "mark": {"name": "greeting"}}))
+                    on_start(ws)
             session["closed"] = True
 
-        self.server = serve(handler, "127.0.0.1", 0, compression=None)
+        self.server = serve(
+            handler, "127.0.0.1", 0, compression=None, process_request=process_request
+        )
         self.url = f"ws://127.0.0.1:{self.server.socket.getsockname()[1]}/media"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def frames(self, event: str, session: int = 0) -> list[dict]:
+        if len(self.sessions) <= session:
+            return []
+        return [f for f in list(self.sessions[session]["frames"]) if f["event"] == event]
 
     def close(self) -> None:
         self.server.shutdown()
@@ -716,3 +740,483 @@ def test_the_cli_runs_until_sigterm(tmp_path, receiver):
     assert f"public key {receiver.public_key}" in output
     assert "webhook  call.initiated" in output
     assert output.rstrip().endswith("stopped")
+
+
+# --- Strict like Telnyx: parked until answered ------------------------------------------------
+
+
+def payload(receiver: Receiver, ccid: str, event_type: str) -> dict:
+    return receiver.envelopes(ccid, event_type)[0]["data"]["payload"]
+
+
+DIAL = {"connection_id": "sim-conn", "to": "+15550003333", "from_": "+15550004444"}
+
+
+def test_an_incoming_call_stays_parked_until_answered(make_sim, receiver, client):
+    sim = make_sim(media=False)
+    ccid = sim.place_call(duration=float("inf"))
+    time.sleep(0.3)  # six times the answer_delay the old self-answering simulator used
+    assert receiver.types(ccid) == ["call.initiated"]
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.start_streaming(ccid, stream_url="wss://media.example/ws")
+    assert caught.value.body["errors"][0]["code"] == "90019"
+
+    client.calls.actions.answer(ccid, client_state=STATE, command_id=str(uuid.uuid4()))
+    wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=3)
+    answered = payload(receiver, ccid, "call.answered")
+    assert (answered["state"], answered["client_state"]) == ("answered", STATE)
+    client.calls.actions.start_streaming(ccid, stream_url="wss://media.example/ws")
+    wait_for(lambda: "streaming.started" in receiver.types(ccid), timeout=3)
+
+
+def test_an_unanswered_call_ends_when_the_caller_gives_up(make_sim, receiver, client):
+    sim = make_sim(ring_timeout=0.3)
+    ccid = sim.place_call()
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+
+    assert receiver.types(ccid) == ["call.initiated", "call.hangup"]
+    initiated = payload(receiver, ccid, "call.initiated")
+    hangup = payload(receiver, ccid, "call.hangup")
+    assert (initiated["direction"], initiated["state"]) == ("incoming", "parked")
+    assert (hangup["hangup_cause"], hangup["hangup_source"], hangup["sip_hangup_cause"]) == (
+        "originator_cancel",
+        "caller",
+        "487",
+    )
+    assert hangup["start_time"] == initiated["start_time"]
+    # No media ever flowed.
+    assert "call_quality_stats" in hangup and hangup["call_quality_stats"] is None
+    elapsed = occurred(receiver.envelopes(ccid)[1]) - occurred(receiver.envelopes(ccid)[0])
+    assert elapsed.total_seconds() >= 0.3
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.answer(ccid)
+    assert caught.value.body["errors"][0]["code"] == "90018"
+
+
+def test_another_application_can_answer_instead(make_sim, receiver, client):
+    sim = make_sim(answered_elsewhere=True, media=False)
+    ccid = sim.place_call(duration=float("inf"))
+    wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=3)
+
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.answer(ccid)
+    assert caught.value.body["errors"][0]["code"] == "90020"
+    client.calls.actions.start_forking(ccid, extra_body={"target": "udp:127.0.0.1:4000"})
+    wait_for(lambda: "call.fork.started" in receiver.types(ccid), timeout=3)
+
+
+@pytest.mark.slow
+def test_an_answer_starts_its_inline_stream_and_transcription(make_sim, receiver, client):
+    server = MediaServer()
+    try:
+        sim = make_sim(transcription_interval=0.05)
+        ccid = sim.place_call(duration=float("inf"))
+        client.calls.actions.answer(
+            ccid,
+            stream_url=server.url,
+            stream_track="inbound_track",
+            stream_codec="L16",
+            transcription=True,
+            transcription_config={"transcription_engine": "Telnyx", "transcription_tracks": "both"},
+            command_id=str(uuid.uuid4()),
+        )
+        wait_for(lambda: len(server.frames("media")) >= 5, timeout=3)
+        wait_for(lambda: len(receiver.envelopes(ccid, "call.transcription")) >= 2, timeout=3)
+        assert sim.hangup(ccid)
+        wait_for(lambda: server.sessions[0]["closed"], timeout=3)
+        assert sim.wait_idle(3)
+    finally:
+        server.close()
+
+    types = [t for t in receiver.types(ccid) if t != "call.transcription"]
+    assert types == [
+        "call.initiated",
+        "call.answered",
+        "streaming.started",
+        "streaming.stopped",
+        "call.hangup",
+    ]
+    transcripts = receiver.envelopes(ccid, "call.transcription")
+    assert occurred(transcripts[0]) > occurred(receiver.envelopes(ccid, "call.answered")[0])
+    tracks = {
+        t["data"]["payload"]["transcription_data"]["transcription_track"] for t in transcripts
+    }
+    assert tracks == {"inbound", "outbound"}
+    [start] = server.frames("start")
+    assert start["start"]["media_format"] == {
+        "encoding": "L16",
+        "sample_rate": 16000,
+        "channels": 1,
+    }
+    # 20 ms of 16-bit samples at 16 kHz.
+    assert {len(base64.b64decode(f["media"]["payload"])) for f in server.frames("media")} == {640}
+    hangup = payload(receiver, ccid, "call.hangup")
+    assert (hangup["hangup_cause"], hangup["hangup_source"]) == ("normal_clearing", "caller")
+    stats = hangup["call_quality_stats"]
+    assert int(stats["inbound"]["packet_count"]) > 0 and stats["inbound"]["mos"]
+
+
+@pytest.mark.parametrize(
+    ("cause", "hangup_cause", "sip"),
+    [
+        ("CALL_REJECTED", "call_rejected", "603"),
+        ("USER_BUSY", "user_busy", "486"),
+        ("NOT_FOUND", "not_found", "404"),
+        ("TEMPORARILY_UNAVAILABLE", "unspecified", "480"),
+    ],
+)
+def test_a_rejected_call_hangs_up_with_the_cause(
+    make_sim, receiver, client, cause, hangup_cause, sip
+):
+    sim = make_sim()
+    ccid = sim.place_call()
+    client.calls.actions.reject(ccid, cause=cause, client_state=STATE)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+
+    assert receiver.types(ccid) == ["call.initiated", "call.hangup"]
+    hangup = payload(receiver, ccid, "call.hangup")
+    assert (hangup["hangup_cause"], hangup["hangup_source"], hangup["sip_hangup_cause"]) == (
+        hangup_cause,
+        "callee",
+        sip,
+    )
+    assert hangup["client_state"] == STATE
+    assert ccid not in sim.live_calls
+
+
+def test_a_hangup_command_ends_the_call_from_our_side(make_sim, receiver, client):
+    sim = make_sim(media=False)
+    ccid = sim.place_call(duration=float("inf"))
+    client.calls.actions.answer(ccid)
+    client.calls.actions.start_transcription(ccid)
+    wait_for(lambda: receiver.envelopes(ccid, "call.transcription"), timeout=3)
+    client.calls.actions.hangup(ccid, command_id=str(uuid.uuid4()))
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+
+    hangup = payload(receiver, ccid, "call.hangup")
+    assert (hangup["hangup_cause"], hangup["hangup_source"], hangup["sip_hangup_cause"]) == (
+        "normal_clearing",
+        "callee",
+        "200",
+    )
+    assert set(hangup["call_quality_stats"]) == {"inbound", "outbound"}
+    count = len(receiver.envelopes(ccid, "call.transcription"))
+    time.sleep(0.2)
+    assert len(receiver.envelopes(ccid, "call.transcription")) == count
+    with pytest.raises(telnyx.UnprocessableEntityError) as caught:
+        client.calls.actions.hangup(ccid)
+    assert caught.value.body["errors"][0]["code"] == "90018"
+
+
+# --- Dial ---------------------------------------------------------------------------------------
+
+ONLY_ANSWERED = {"dial_answered_share": 1, "dial_busy_share": 0, "dial_no_answer_share": 0}
+
+
+def test_a_dialled_call_is_answered_by_the_far_end(make_sim, receiver, client):
+    make_sim(media=False, dial_answer_delay=0.05, **ONLY_ANSWERED)
+    data = client.calls.dial(**DIAL, client_state=STATE, command_id=str(uuid.uuid4())).data
+    ccid = data.call_control_id
+    wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=3)
+    client.calls.actions.start_forking(ccid, extra_body={"target": "udp:127.0.0.1:4000"})
+    wait_for(lambda: "call.fork.started" in receiver.types(ccid), timeout=3)
+    client.calls.actions.hangup(ccid)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+
+    initiated = payload(receiver, ccid, "call.initiated")
+    assert (initiated["direction"], initiated["state"]) == ("outgoing", "bridging")
+    assert (initiated["call_leg_id"], initiated["call_session_id"]) == (
+        data.call_leg_id,
+        data.call_session_id,
+    )
+    assert (initiated["from"], initiated["to"], initiated["connection_id"]) == (
+        "+15550004444",
+        "+15550003333",
+        "sim-conn",
+    )
+    for envelope in receiver.envelopes(ccid):
+        assert envelope["data"]["payload"]["client_state"] == STATE
+    hangup = payload(receiver, ccid, "call.hangup")
+    assert (hangup["hangup_cause"], hangup["hangup_source"]) == ("normal_clearing", "caller")
+
+
+def test_a_dialled_far_end_can_be_busy(make_sim, receiver, client):
+    sim = make_sim(
+        dial_answer_delay=0.05, dial_answered_share=0, dial_busy_share=1, dial_no_answer_share=0
+    )
+    ccid = client.calls.dial(**DIAL).data.call_control_id
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+
+    assert receiver.types(ccid) == ["call.initiated", "call.hangup"]
+    hangup = payload(receiver, ccid, "call.hangup")
+    assert (hangup["hangup_cause"], hangup["hangup_source"], hangup["sip_hangup_cause"]) == (
+        "user_busy",
+        "callee",
+        "486",
+    )
+    assert sim.api.call(ccid).ended
+
+
+def test_a_dial_nobody_answers_times_out(make_sim, receiver, client):
+    sim = make_sim(dial_timeout=0.3, dial_answered_share=0, dial_no_answer_share=1)
+    ccid = client.calls.dial(**DIAL).data.call_control_id
+    time.sleep(0.15)
+    assert receiver.types(ccid) == ["call.initiated"]
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+
+    hangup = payload(receiver, ccid, "call.hangup")
+    assert hangup["hangup_cause"] == "timeout"
+    assert hangup["call_quality_stats"] is None
+    assert sim.api.call(ccid).ended
+
+
+@pytest.mark.slow
+def test_a_dial_rings_for_its_timeout_secs(make_sim, receiver, client):
+    sim = make_sim(dial_timeout=0.1, dial_answer_delay=30, **ONLY_ANSWERED)
+    started = time.monotonic()
+    ccid = client.calls.dial(**DIAL, timeout_secs=5).data.call_control_id
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=8)
+    assert time.monotonic() - started >= 5
+    assert payload(receiver, ccid, "call.hangup")["hangup_cause"] == "timeout"
+    assert sim.wait_idle(2)
+
+
+def test_a_dialled_call_ends_at_its_time_limit(make_sim, receiver, client):
+    sim = make_sim(media=False, dial_answer_delay=0.05, call_duration=60, **ONLY_ANSWERED)
+    ccid = client.calls.dial(**DIAL, time_limit_secs=1).data.call_control_id
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=4)
+
+    answered, hangup = (
+        receiver.envelopes(ccid, kind)[0] for kind in ("call.answered", "call.hangup")
+    )
+    assert hangup["data"]["payload"]["hangup_cause"] == "time_limit"
+    assert (occurred(hangup) - occurred(answered)).total_seconds() >= 1
+    assert sim.wait_idle(2)
+
+
+@pytest.mark.parametrize(
+    ("mode", "shares", "event_type", "result"),
+    [
+        ("detect", (0, 1, 0), "call.machine.detection.ended", "machine"),
+        ("detect_words", (0, 0, 1), "call.machine.detection.ended", "not_sure"),
+        ("premium", (1, 0, 0), "call.machine.premium.detection.ended", "human_residence"),
+    ],
+)
+def test_machine_detection_reports_after_answer(
+    make_sim, receiver, client, mode, shares, event_type, result
+):
+    human, machine, not_sure = shares
+    sim = make_sim(
+        media=False,
+        dial_answer_delay=0.05,
+        machine_detection_delay=0.05,
+        machine_human_share=human,
+        machine_machine_share=machine,
+        machine_not_sure_share=not_sure,
+        **ONLY_ANSWERED,
+    )
+    ccid = client.calls.dial(**DIAL, answering_machine_detection=mode).data.call_control_id
+    wait_for(lambda: event_type in receiver.types(ccid), timeout=3)
+
+    assert receiver.types(ccid) == ["call.initiated", "call.answered", event_type]
+    assert payload(receiver, ccid, event_type)["result"] == result
+    sim.hangup(ccid)
+
+
+def test_a_dial_without_machine_detection_reports_none(make_sim, receiver, client):
+    sim = make_sim(
+        media=False, dial_answer_delay=0.05, machine_detection_delay=0.05, **ONLY_ANSWERED
+    )
+    ccid = client.calls.dial(**DIAL, answering_machine_detection="disabled").data.call_control_id
+    wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=3)
+    time.sleep(0.2)
+    assert receiver.types(ccid) == ["call.initiated", "call.answered"]
+    sim.hangup(ccid)
+
+
+def test_a_dials_inline_stream_starts_once_answered(make_sim, receiver, client, media_server):
+    sim = make_sim(dial_answer_delay=0.3, **ONLY_ANSWERED)
+    ccid = client.calls.dial(**DIAL, stream_url=media_server.url).data.call_control_id
+    time.sleep(0.15)
+    assert not media_server.sessions
+    wait_for(lambda: media_server.frames("media"), timeout=3)
+    sim.hangup(ccid)
+    wait_for(lambda: "call.hangup" in receiver.types(ccid), timeout=3)
+    assert receiver.types(ccid)[:3] == ["call.initiated", "call.answered", "streaming.started"]
+    assert media_server.frames("start")[0]["start"]["call_control_id"] == ccid
+
+
+def test_a_lost_answer_to_dial_still_places_the_call(make_sim, receiver, client, api):
+    make_sim(media=False, dial_answer_delay=0.05, **ONLY_ANSWERED)
+    api.inject(drop=True, apply=True, action="dial")
+    command_id = str(uuid.uuid4())
+
+    with pytest.raises(telnyx.APIConnectionError):
+        client.calls.dial(**DIAL, client_state=STATE, command_id=command_id)
+    placed = api.requests[0].result["call_control_id"]
+    wait_for(lambda: "call.answered" in receiver.types(placed), timeout=3)
+    # The retry learns the call it made, and makes no other.
+    assert client.calls.dial(**DIAL, command_id=command_id).data.call_control_id == placed
+    time.sleep(0.1)
+    assert len(receiver.envelopes(event_type="call.initiated")) == 1
+    assert payload(receiver, placed, "call.initiated")["client_state"] == STATE
+
+
+def test_a_lost_answer_to_answer_still_answers_the_call(make_sim, receiver, client, api):
+    sim = make_sim(media=False)
+    ccid = sim.place_call(duration=float("inf"))
+    api.inject(drop=True, apply=True, action="answer")
+    command_id = str(uuid.uuid4())
+
+    with pytest.raises(telnyx.APIConnectionError):
+        client.calls.actions.answer(ccid, command_id=command_id)
+    wait_for(lambda: "call.answered" in receiver.types(ccid), timeout=3)
+    assert client.calls.actions.answer(ccid, command_id=command_id).data.result == "ok"
+    time.sleep(0.1)
+    assert receiver.types(ccid) == ["call.initiated", "call.answered"]
+
+
+def test_its_plan_checks_the_shares():
+    with pytest.raises(ValueError, match="dial"):
+        CallPlan(dial_answered_share=0, dial_busy_share=0, dial_no_answer_share=0)
+    with pytest.raises(ValueError, match="machine"):
+        CallPlan(machine_human_share=-1)
+    with pytest.raises(ValueError, match="ring_timeout"):
+        CallPlan(ring_timeout=0)
+    assert CallPlan().shares("dial") == {"answered": 0.8, "busy": 0.1, "no_answer": 0.1}
+
+
+# --- The media WebSocket, more closely --------------------------------------------------------
+
+
+def answered_call(sim, client, **stream):
+    """A parked call, answered with an inline stream."""
+    ccid = sim.place_call(duration=float("inf"))
+    client.calls.actions.answer(ccid, **stream)
+    return ccid
+
+
+@pytest.mark.slow
+def test_its_media_frames_come_in_order_with_the_codecs_format(make_sim, receiver, client):
+    server = MediaServer(on_start=lambda ws: None)
+    try:
+        sim = make_sim(dtmf_interval=0.1)
+        ccid = answered_call(sim, client, stream_url=server.url, stream_codec="PCMA")
+        wait_for(lambda: len(server.frames("dtmf")) >= 2, timeout=5)
+        sim.hangup(ccid)
+        wait_for(lambda: server.sessions[0]["closed"], timeout=3)
+        assert sim.wait_idle(3)
+    finally:
+        server.close()
+
+    events = [f["event"] for f in server.sessions[0]["frames"]]
+    assert events[:3] == ["connected", "start", "media"]
+    assert events[-1] == "stop" and set(events[2:-1]) == {"media", "dtmf"}
+    assert server.frames("start")[0]["start"]["media_format"] == {
+        "encoding": "PCMA",
+        "sample_rate": 8000,
+        "channels": 1,
+    }
+    payloads = [base64.b64decode(f["media"]["payload"]) for f in server.frames("media")]
+    assert {len(p) for p in payloads} == {160}
+    # A-law, not mu-law: the same tone gives other bytes.
+    assert payloads[0] != base64.b64decode(pcmu_chunk())
+    # Every key press is both a webhook and a frame.
+    pressed = [
+        e["data"]["payload"]["digit"] for e in receiver.envelopes(ccid, "call.dtmf.received")
+    ]
+    framed = [f["dtmf"]["digit"] for f in server.frames("dtmf")]
+    assert framed and framed == pressed[: len(framed)]
+    assert all(d in "0123456789*#" for d in pressed)
+
+
+def pcmu_chunk() -> str:
+    from telnyx_sim.media import tone
+
+    return base64.b64encode(tone("PCMU", 440)[:160]).decode()
+
+
+@pytest.mark.slow
+def test_streaming_started_waits_for_the_socket(make_sim, receiver, client):
+    server = MediaServer(handshake_delay=0.5)
+    try:
+        sim = make_sim()
+        ccid = answered_call(sim, client, stream_url=server.url)
+        sent = time.monotonic()
+        time.sleep(0.3)
+        assert "streaming.started" not in receiver.types(ccid)
+        wait_for(lambda: "streaming.started" in receiver.types(ccid), timeout=3)
+        sim.hangup(ccid)
+    finally:
+        server.close()
+
+    [started] = [
+        r for r in receiver.received if r["envelope"]["data"]["event_type"] == "streaming.started"
+    ]
+    assert started["at"] >= server.sessions[0]["opened"] >= sent + 0.5
+
+
+@pytest.mark.slow
+def test_it_acknowledges_marks_once_the_audio_before_them_has_played(make_sim, client):
+    def silence(ms: int) -> str:
+        return base64.b64encode(b"\xff" * 8 * ms).decode()  # PCMU at 8 kHz
+
+    def play(ws):
+        ws.send(json.dumps({"event": "media", "media": {"payload": silence(200)}}))
+        ws.send(json.dumps({"event": "mark", "mark": {"name": "after-200ms"}}))
+        ws.send(json.dumps({"event": "media", "media": {"payload": silence(1000)}}))
+        ws.send(json.dumps({"event": "mark", "mark": {"name": "cleared"}}))
+        time.sleep(0.4)
+        ws.send(json.dumps({"event": "clear"}))
+        ws.send(json.dumps({"event": "mark", "mark": {"name": "after-clear"}}))
+        ws.send("not json")
+        ws.send(json.dumps({"event": "media", "media": {"payload": "###"}}))
+
+    def on_start(ws):
+        # From a thread of its own, so the server goes on reading (and timing) frames.
+        threading.Thread(target=play, args=(ws,), daemon=True).start()
+
+    server = MediaServer(on_start=on_start)
+    try:
+        sim = make_sim()
+        ccid = answered_call(
+            sim,
+            client,
+            stream_url=server.url,
+            stream_bidirectional_mode="rtp",
+            stream_bidirectional_codec="PCMU",
+        )
+        wait_for(lambda: len(server.frames("mark")) >= 2 and server.frames("error"), timeout=5)
+        time.sleep(0.3)
+        sim.hangup(ccid)
+        wait_for(lambda: server.sessions[0]["closed"], timeout=3)
+    finally:
+        server.close()
+
+    session = server.sessions[0]
+    start_at = session["at"][[f["event"] for f in session["frames"]].index("start")]
+    marks = server.frames("mark")
+    assert [m["mark"]["name"] for m in marks] == ["after-200ms", "after-clear"]
+    first = session["at"][session["frames"].index(marks[0])]
+    assert first - start_at >= 0.18
+    assert [e["payload"]["code"] for e in server.frames("error")] == [100003, 100004]
+    [record] = sim.media_sessions(ccid)
+    assert record.bidirectional == "rtp"
+    assert record.audio_received_ms == 1200
+    assert 400 <= record.audio_played_ms < 1000
+    assert record.marks_acknowledged == ["after-200ms", "after-clear"]
+
+
+def test_it_sends_error_frames_only_when_switched_on(make_sim, client, media_server):
+    sim = make_sim(media_error_rate=1.0)
+    ccid = answered_call(sim, client, stream_url=media_server.url)
+    wait_for(lambda: len(media_server.frames("error")) >= 2, timeout=3)
+    error = media_server.frames("error")[0]
+    assert error["payload"]["code"] == 100002 and error["payload"]["title"]
+    sim.hangup(ccid)
+
+    quiet = make_sim()
+    other = answered_call(quiet, client, stream_url=media_server.url)
+    wait_for(lambda: len(media_server.frames("media", session=1)) >= 10, timeout=3)
+    assert not media_server.frames("error", session=1)
+    quiet.hangup(other)
