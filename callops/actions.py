@@ -46,10 +46,31 @@ class TelnyxAction:
     profile_defaults: str | None = None  # "streaming" | "transcription"
     api_path: str = ""  # under /api/v1/calls/{id}/
     summary: str = ""  # the partner API's and the admin's name for it
+    # False: not an action on a call (dial is ``client.calls.dial``, POST /calls).
+    on_call: bool = True
+    # Media started by this command itself (answer and dial): start action -> (the parameter
+    # that switches it on, the parameter holding that start's own body, or None: this body).
+    inline: Mapping[str, tuple[str, str | None]] = field(default_factory=dict)
+    # How the records show Telnyx applied it, when its answer never came (TELNYX.md section 6):
+    # "record_started", "record_stopped", "call_answered", "call_ended", or None (no evidence).
+    confirms: str | None = None
+    # An outcome still unknown once Telnyx's command_id window has passed: "resend" where a
+    # second copy is harmless (stops, answer, reject, hang-up), "fail" where it would start a
+    # second stream or place a second call.
+    after_window: str = "resend"
+    # Command fields of records that must have none open on the call before this starts.
+    one_open: tuple[str, ...] = ()
 
     @property
     def is_stop(self) -> bool:
         return self.record is not None and not self.starts
+
+    @property
+    def records(self) -> tuple[str, ...]:
+        """The Command fields of the records this command creates (a start's, or inline)."""
+        if self.starts:
+            return (self.record,)
+        return tuple(ACTIONS[start].record for start in self.inline)
 
     def params_for_stop_of(self, record: object) -> dict[str, Any]:
         """The parameters of this stop aimed at ``record``: only what the record knows."""
@@ -57,23 +78,113 @@ class TelnyxAction:
         return {k: v for k, v in values.items() if v}
 
 
+def _inline_media(params: dict) -> dict[str, str]:
+    """Answer and dial: stream options need a stream_url, a transcription_config needs
+    transcription on, and that config is a transcription_start body (checked as one)."""
+    errors: dict[str, str] = {}
+    if "stream_url" not in params:
+        for name in params.keys() & STREAM_RULES.keys():
+            errors[name] = "is used only with stream_url"
+    config = params.get("transcription_config")
+    if config is not None and params.get("transcription") is not True:
+        errors["transcription_config"] = "is used only with transcription true"
+    elif isinstance(config, dict):
+        try:
+            validate("transcription_start", config)
+        except p.ParamsInvalid as exc:
+            for name, messages in exc.errors.items():
+                errors[f"transcription_config.{name}"] = " ".join(messages)
+    if "stream_url" in params:
+        errors.update(p.bidirectional(params))
+    return errors
+
+
+# What streaming_start takes and answer and dial take inline (TELNYX.md section 5).
+STREAM_RULES: dict[str, p.Rule] = {
+    "stream_url": p.websocket_url,
+    "stream_track": p.one_of(*p.STREAM_TRACKS),
+    "stream_codec": p.one_of(*p.STREAM_CODECS),
+    "stream_auth_token": p.text(p.MAX_AUTH_TOKEN),
+    "stream_bidirectional_mode": p.one_of(*p.BIDIRECTIONAL_MODES),
+    "stream_bidirectional_codec": p.one_of(*p.BIDIRECTIONAL_CODECS),
+    "stream_bidirectional_sampling_rate": p.one_of(*p.SAMPLING_RATES),
+    "stream_bidirectional_target_legs": p.one_of(*p.TARGET_LEGS),
+}
+INLINE_MEDIA_RULES: dict[str, p.Rule] = {
+    **STREAM_RULES,
+    "transcription": p.boolean,
+    "transcription_config": p.mapping,
+    "send_silence_when_idle": p.boolean,
+}
+INLINE = {
+    "streaming_start": ("stream_url", None),
+    "transcription_start": ("transcription", "transcription_config"),
+}
+
 ACTIONS: dict[str, TelnyxAction] = {
     a.name: a
     for a in (
+        TelnyxAction(
+            name="answer",
+            sdk_method="answer",
+            rules=INLINE_MEDIA_RULES,
+            checks=(_inline_media,),
+            inline=INLINE,
+            confirmed_by=("call.answered",),
+            confirms="call_answered",
+            api_path="answer/",
+            summary="Answer",
+        ),
+        TelnyxAction(
+            name="reject",
+            sdk_method="reject",
+            required=("cause",),
+            rules={"cause": p.one_of(*p.REJECT_CAUSES)},
+            confirmed_by=("call.hangup",),
+            confirms="call_ended",
+            api_path="reject/",
+            summary="Reject",
+        ),
+        TelnyxAction(
+            name="hangup",
+            sdk_method="hangup",
+            rules={"reason": p.text(255)},
+            confirmed_by=("call.hangup",),
+            confirms="call_ended",
+            api_path="hangup/",
+            summary="Hang up",
+        ),
+        TelnyxAction(
+            name="dial",
+            sdk_method="dial",
+            on_call=False,
+            required=("connection_id", "to", "from"),
+            rules={
+                "connection_id": p.text(255),
+                "to": p.text(255),
+                "from": p.text(255),
+                "from_display_name": p.text(128),
+                "timeout_secs": p.integer(5, 600),
+                "time_limit_secs": p.integer(1, 14400),
+                "answering_machine_detection": p.one_of(*p.MACHINE_DETECTION),
+                "stream_establish_before_call_originate": p.boolean,
+                **INLINE_MEDIA_RULES,
+            },
+            checks=(_inline_media,),
+            inline=INLINE,
+            confirmed_by=("call.initiated",),
+            # Telnyx's answer is the only way to learn the new call's id: without it callops
+            # cannot tell its call from any other, and a second dial would place a second call.
+            after_window="fail",
+            summary="Dial",
+        ),
         TelnyxAction(
             name="streaming_start",
             sdk_method="start_streaming",
             required=("stream_url",),
             rules={
-                "stream_url": p.websocket_url,
-                "stream_track": p.one_of(*p.STREAM_TRACKS),
-                "stream_codec": p.one_of(*p.STREAM_CODECS),
-                "stream_auth_token": p.text(p.MAX_AUTH_TOKEN),
+                **STREAM_RULES,
                 "custom_parameters": p.custom_parameters,
-                "stream_bidirectional_mode": p.one_of(*p.BIDIRECTIONAL_MODES),
-                "stream_bidirectional_codec": p.one_of(*p.BIDIRECTIONAL_CODECS),
-                "stream_bidirectional_sampling_rate": p.one_of(*p.SAMPLING_RATES),
-                "stream_bidirectional_target_legs": p.one_of(*p.TARGET_LEGS),
                 "enable_dialogflow": p.boolean,
                 "dialogflow_config": p.mapping,
             },
@@ -82,6 +193,9 @@ ACTIONS: dict[str, TelnyxAction] = {
             starts=True,
             stop="streaming_stop",
             confirmed_by=("streaming.started",),
+            confirms="record_started",
+            after_window="fail",
+            one_open=("stream", "fork"),
             intent={
                 "stream_url": ("stream_url", ""),
                 "track": ("stream_track", ""),
@@ -97,6 +211,7 @@ ACTIONS: dict[str, TelnyxAction] = {
             rules={"stream_id": p.text(255)},
             record="stream",
             confirmed_by=("streaming.stopped",),
+            confirms="record_stopped",
             stop_params={"stream_id": "stream_id"},
             target_by={"stream_id": "stream_id"},
             api_path="streaming/stop/",
@@ -116,6 +231,9 @@ ACTIONS: dict[str, TelnyxAction] = {
             starts=True,
             stop="fork_stop",
             confirmed_by=("call.fork.started",),
+            confirms="record_started",
+            after_window="fail",
+            one_open=("stream", "fork"),
             intent={
                 "rx": ("rx", ""),
                 "tx": ("tx", ""),
@@ -131,6 +249,7 @@ ACTIONS: dict[str, TelnyxAction] = {
             rules={"stream_type": p.one_of(*p.FORK_STREAM_TYPES)},
             record="fork",
             confirmed_by=("call.fork.stopped",),
+            confirms="record_stopped",
             stop_params={"stream_type": "stream_type"},
             api_path="forking/stop/",
             summary="Stop forking",
@@ -149,6 +268,8 @@ ACTIONS: dict[str, TelnyxAction] = {
             stop="transcription_stop",
             # Telnyx sends no "transcription started": the first segment is the evidence.
             confirmed_by=("call.transcription",),
+            confirms="record_started",
+            after_window="fail",
             intent={
                 "engine": ("transcription_engine", ""),
                 "tracks": ("transcription_tracks", ""),
@@ -170,8 +291,11 @@ ACTIONS: dict[str, TelnyxAction] = {
     )
 }
 
-# Parameters Telnyx documents that this SDK version no longer names (sent as extra body).
-NOT_IN_SDK = {"fork_start": {"target"}}
+# Parameters Telnyx documents (TELNYX.md) that this SDK version does not name: sent as extra body.
+NOT_IN_SDK = {
+    "fork_start": {"target"},
+    "answer": {"stream_auth_token", "stream_bidirectional_sampling_rate"},
+}
 
 # The stop for each kind of record, in the table's order: what the sweeper and the admin send.
 STOPS: dict[str, TelnyxAction] = {a.record: a for a in ACTIONS.values() if a.is_stop}

@@ -8,13 +8,14 @@ from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 
 from callops import commands, drain, events
-from callops.actions import STOPS, TelnyxAction
+from callops.actions import ACTIONS, STOPS, TelnyxAction
 from callops.api_keys import api_key_create, api_key_revoke
-from callops.commands import CallEnded
+from callops.commands import CallEnded, CommandConflict
 from callops.models import (
     ApiKey,
     Call,
     Command,
+    DtmfDigit,
     Fork,
     MediaStream,
     Partner,
@@ -70,6 +71,11 @@ class TranscriptSegmentInline(ReadOnlyInline):
     ordering = ("occurred_at",)
 
 
+class DtmfDigitInline(ReadOnlyInline):
+    model = DtmfDigit
+    fields = ("occurred_at", "digit")
+
+
 class CommandInline(ReadOnlyInline):
     model = Command
     fields = (
@@ -85,14 +91,25 @@ class CommandInline(ReadOnlyInline):
     ordering = ("-created_at",)
 
 
-def stop_action(stop: TelnyxAction):
-    """The admin action sending ``stop`` for each selected call ("Stop streaming")."""
+def call_action(spec: TelnyxAction):
+    """The admin action sending ``spec`` for each selected call ("Stop streaming")."""
 
     def act(modeladmin: CallAdmin, request: HttpRequest, queryset: QuerySet[Call]) -> None:
-        modeladmin.command_each(request, queryset, stop.name)
+        modeladmin.command_each(request, queryset, spec.name)
 
-    act.__name__ = stop.summary.lower().replace(" ", "_")
-    return admin.action(description=stop.summary, permissions=["view"])(act)
+    act.__name__ = spec.summary.lower().replace(" ", "_")
+    return admin.action(description=spec.summary, permissions=["view"])(act)
+
+
+def operator_params(action: str, call: Call) -> dict:
+    """What an operator's command carries: an answer takes the partner's profile media inline
+    (as the answer policy would), a reject the profile's cause; the rest nothing."""
+    profile = StreamingProfile.for_call(call)
+    if action == "answer":
+        return profile.inline_media_params() if profile and profile.auto_start else {}
+    if action == "reject":
+        return {"cause": profile.reject_cause if profile else "CALL_REJECTED"}
+    return {}
 
 
 class PartnerFilter(admin.SimpleListFilter):
@@ -136,10 +153,14 @@ class CallAdmin(admin.ModelAdmin):
         ForkInline,
         TranscriptionInline,
         TranscriptSegmentInline,
+        DtmfDigitInline,
         CommandInline,
     ]
     readonly_fields = [f.name for f in Call._meta.fields]
-    actions = [stop_action(stop) for stop in STOPS.values()]
+    actions = [
+        *(call_action(ACTIONS[name]) for name in ("answer", "reject", "hangup")),
+        *(call_action(stop) for stop in STOPS.values()),
+    ]
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -166,11 +187,17 @@ class CallAdmin(admin.ModelAdmin):
         sent, refused = 0, []
         for call in queryset:
             try:
-                commands.command_create(
-                    call=call, action=action, params={}, requested_by="operator"
+                command = commands.command_create(
+                    call=call,
+                    action=action,
+                    params=operator_params(action, call),
+                    requested_by="operator",
                 )
                 sent += 1
-            except (CallEnded, ParamsInvalid) as exc:
+                if action == "streaming_stop" and not command.params.get("stream_id"):
+                    note = "no stream_id is known, so it stops every stream of the call"
+                    self.message_user(request, f"{call.call_control_id}: {note}.", messages.INFO)
+            except (CallEnded, CommandConflict, ParamsInvalid) as exc:
                 refused.append(f"{call.call_control_id}: {exc}")
         if sent:
             self.message_user(request, f"Queued {action} for {sent} call(s).", messages.SUCCESS)

@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -21,12 +22,13 @@ from typing import Any, Literal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from callops import actions, queue, state
 from callops.exceptions import CallopsError
-from callops.models import Call, CallSession, Command
+from callops.models import DIAL_PLACEHOLDER, Call, CallSession, Command
 from callops.ratelimit import get_limiter
 
 logger = logging.getLogger("callops.commands")
@@ -72,6 +74,9 @@ def command_create(
         call = Call.objects.select_for_update().get(pk=call.pk)
         if call.is_ended:
             raise CallEnded(f"call {call.call_control_id} has ended")
+        _check_one_open(spec, call)
+        if target is None:
+            cleaned = _aim_stop(spec, call, cleaned)
         now = timezone.now()
         command = _new_command(call, action, cleaned, requested_by, now, client_state or "")
         if target is not None:
@@ -84,6 +89,33 @@ def command_create(
             raise CommandConflict(f"a {action} is already in flight for it") from None
         transaction.on_commit(lambda: command_enqueue(command_pk=command.pk))
     return command
+
+
+def _check_one_open(spec: actions.TelnyxAction, call: Call) -> None:
+    """One WebSocket stream or fork at a time per call (the table's ``one_open``): Telnyx's
+    stream webhooks carry no stream_id, so two streams at once could not be told apart, and a
+    fork replaces a stream. A second start is refused, never allowed to stop the first."""
+    for record in spec.one_open:
+        model = Command._meta.get_field(record).related_model
+        open_ = model.objects.filter(call=call, status__in=state.OPEN).order_by("pk").first()
+        if open_ is not None:
+            raise CommandConflict(
+                f"{model._meta.verbose_name} {open_.pk} is still {open_.status} on this call;"
+                " stop it first"
+            )
+
+
+def _aim_stop(spec: actions.TelnyxAction, call: Call, params: dict) -> dict:
+    """A stop that names no record (``streaming_stop`` without ``stream_id``) is aimed at the
+    call's one open record when callops knows its id, so it stops that one and no other."""
+    if not spec.target_by or any(param in params for param in spec.target_by):
+        return params
+    model = record_model(spec)
+    open_ = list(model.objects.filter(call=call, status__in=state.OPEN)[:2])
+    if len(open_) != 1:
+        return params
+    known = {param: getattr(open_[0], field) for param, field in spec.target_by.items()}
+    return {**params, **known} if all(known.values()) else params
 
 
 def _new_command(
@@ -99,6 +131,38 @@ def _new_command(
         next_attempt_at=now,
         expires_at=now + timedelta(seconds=settings.TELNYX_COMMAND_MAX_AGE),
     )
+
+
+def call_dial(
+    *,
+    params: dict[str, Any],
+    requested_by: str,
+    client_state: str | None = None,
+) -> Command:
+    """Place an outbound call: a Call that waits for Telnyx's answer to name it, and its dial
+    command. Webhooks of the new call may arrive before that answer; ``state.call_adopt``
+    merges whichever came first."""
+    cleaned = actions.validate("dial", params, client_state)
+    command_id = uuid.uuid4()
+    with transaction.atomic():
+        call = Call.objects.create(
+            call_control_id=f"{DIAL_PLACEHOLDER}{command_id}",
+            connection_id=cleaned["connection_id"],
+            direction="outgoing",
+            from_number=cleaned["from"],
+            to_number=cleaned["to"],
+            client_state=client_state or "",
+        )
+        now = timezone.now()
+        command = _new_command(call, "dial", cleaned, requested_by, now, client_state or "")
+        command.command_id = command_id
+        _record_intent(command, now)
+        if command.stream_id or command.transcription_id:
+            call.autostarted_at = now  # media is inline: the answered-call policy adds none
+            call.save(update_fields=["autostarted_at"])
+        command.save()
+        transaction.on_commit(lambda: command_enqueue(command_pk=command.pk))
+    return command
 
 
 def commands_create_stops(
@@ -141,19 +205,28 @@ def commands_enqueue(*, command_pks: list[int]) -> None:
 
 
 def _record_intent(command: Command, now: datetime) -> None:
-    """A start creates the record its webhook will find, in ``requested``; a stop that names
-    its record by a parameter (``stream_id``) is tied to it."""
+    """A start creates the record its webhook will find, in ``requested`` (answer and dial:
+    one for each medium they start inline); a stop that names its record by a parameter
+    (``stream_id``) is tied to it."""
     spec, params = actions.get(command.action), command.params
+    for start_name, (switch, body_key) in spec.inline.items():
+        if params.get(switch):
+            start = actions.get(start_name)
+            body = params.get(body_key) or {} if body_key else params
+            setattr(command, start.record, _create_record(start, command.call, body, now))
     if spec.record is None:
         return
-    model = record_model(spec)
     if spec.starts:
-        fields = {name: params.get(param, empty) for name, (param, empty) in spec.intent.items()}
-        record = model.objects.create(call=command.call, requested_at=now, **fields)
-        setattr(command, spec.record, record)
+        setattr(command, spec.record, _create_record(spec, command.call, params, now))
     elif spec.target_by and all(params.get(param) for param in spec.target_by):
         lookup = {field: params[param] for param, field in spec.target_by.items()}
+        model = record_model(spec)
         setattr(command, spec.record, model.objects.filter(call=command.call, **lookup).first())
+
+
+def _create_record(start: actions.TelnyxAction, call: Call, body: dict, now: datetime):
+    fields = {name: body.get(param, empty) for name, (param, empty) in start.intent.items()}
+    return record_model(start).objects.create(call=call, requested_at=now, **fields)
 
 
 def command_enqueue(*, command_pk: int, countdown: float = 0, reserved_at: float | None = None):
@@ -179,6 +252,11 @@ class Outcome:
     title: str = ""
     detail: str = ""
     reason: str = ""
+    # The request may have reached Telnyx without its answer reaching us (TELNYX.md section 6).
+    unknown: bool = False
+    data: Any = None  # what a succeeded command answered (dial: the new call's ids)
+    settlement: str = ""  # how an unknown outcome was settled, and why
+    stop_records: bool = False  # a start settled as failed: stop it in case Telnyx started it
 
 
 def backoff(attempt: int, *, rng: random.Random | None = None) -> float:
@@ -241,15 +319,19 @@ def classify(exc: BaseException | None, *, attempt: int) -> Outcome:
             wait = server_wait(exc.response.headers)
             delay = backoff(attempt) if wait is None else wait
             return Outcome("retry", delay=delay, pause=delay, reason="rate limited", **facts)
-        if status in RETRYABLE_STATUSES or status >= 500:
+        if status in RETRYABLE_STATUSES:
             return Outcome("retry", delay=backoff(attempt), reason=f"HTTP {status}", **facts)
+        if status >= 500:  # a gateway may have passed the request on before it failed
+            reason = f"HTTP {status}"
+            return Outcome("retry", delay=backoff(attempt), reason=reason, unknown=True, **facts)
         if status == 422 and facts["code"] == CALL_ENDED_CODE:
             return Outcome("call_ended", reason="call ended", **facts)
         return Outcome("failed", reason=f"refused by Telnyx (HTTP {status})", **facts)
     if isinstance(exc, telnyx.APITimeoutError):
-        return Outcome("retry", delay=backoff(attempt), reason="timeout")
+        return Outcome("retry", delay=backoff(attempt), reason="timeout", unknown=True)
     if isinstance(exc, telnyx.APIConnectionError):
-        return Outcome("retry", delay=backoff(attempt), reason="connection error")
+        # A reset after the request went out looks the same as a refused connection.
+        return Outcome("retry", delay=backoff(attempt), reason="connection error", unknown=True)
     return Outcome("failed", reason=f"unexpected error: {type(exc).__name__}", detail=str(exc))
 
 
@@ -283,19 +365,31 @@ def telnyx_client():
     return client
 
 
-def _sdk_call(command: Command) -> None:
-    method = getattr(telnyx_client().calls.actions, actions.get(command.action).sdk_method)
-    accepted = inspect.signature(method).parameters
+def _sdk_call(command: Command) -> tuple[Any, Any]:
+    """Send the command with the SDK; return Telnyx's headers and its answer's ``data``."""
+    spec = actions.get(command.action)
+    client = telnyx_client()
+    resource = client.calls.actions if spec.on_call else client.calls
+    accepted = inspect.signature(getattr(resource, spec.sdk_method)).parameters
     kwargs: dict[str, Any] = {"command_id": str(command.command_id)}
     extra: dict[str, Any] = {}
     for name, value in command.params.items():
-        # Parameters Telnyx takes that this SDK version does not name (fork ``target``).
-        (kwargs if name in accepted else extra)[name] = value
+        if name in accepted:
+            kwargs[name] = value
+        elif f"{name}_" in accepted:  # the SDK spells dial's "from" as from_
+            kwargs[f"{name}_"] = value
+        else:  # parameters Telnyx takes that this SDK version does not name (actions.NOT_IN_SDK)
+            extra[name] = value
     if command.client_state:
         kwargs["client_state"] = command.client_state
     if extra:
         kwargs["extra_body"] = extra
-    method(command.call.call_control_id, **kwargs)
+    args = (command.call.call_control_id,) if spec.on_call else ()
+    # The raw response: its rate-limit headers say when to slow down before Telnyx refuses.
+    raw = getattr(resource.with_raw_response, spec.sdk_method)(*args, **kwargs)
+    answer = raw.parse()
+    data = getattr(answer, "data", None)
+    return raw.headers, data.to_dict() if hasattr(data, "to_dict") else data
 
 
 @dataclass
@@ -317,16 +411,21 @@ def command_claim(*, command_pk: int) -> Command | None:
     done, early or held by another.
 
     A conditional UPDATE: of two workers holding the same message, exactly one gets the row.
-    A ``sending`` command whose lease ran out belongs to a worker that died mid-send.
+    A ``sending`` command whose lease ran out belongs to a worker that died mid-send: its
+    request may have reached Telnyx, so the outcome is unknown from then on.
     """
     now = timezone.now()
     claimable = Q(status=Command.Status.QUEUED, next_attempt_at__lte=now + timedelta(seconds=0.05))
     claimable |= Q(status=Command.Status.SENDING, lease_expires_at__lt=now)
     claimed = Command.objects.filter(claimable, pk=command_pk).update(
+        outcome_unknown=Case(
+            When(status=Command.Status.SENDING, then=Value(True)), default=F("outcome_unknown")
+        ),
         status=Command.Status.SENDING,
         lease_expires_at=now + _lease(),
         attempts=F("attempts") + 1,
         sent_at=now,
+        first_sent_at=Coalesce(F("first_sent_at"), Value(now)),
     )
     if not claimed:
         return None
@@ -364,18 +463,101 @@ def command_process(*, command_pk: int, reserved_at: float | None = None) -> Nex
         Command.objects.filter(pk=command.pk).update(attempts=F("attempts") - 1)
         _finish(command, Outcome("failed", reason="gave up"), failed=True)
         return Next()
+    if command.outcome_unknown and not _inside_window(command):
+        settled = command_settle(command=command)
+        if settled is not None:
+            limiter.release(slot.send)
+            return command_record(command=command, outcome=settled)
 
     try:
-        _sdk_call(command)
+        headers, data = _sdk_call(command)
     except Exception as exc:  # classified below; nothing escapes unrecorded
         outcome = classify(exc, attempt=command.attempts)
         if outcome.kind == "failed" and outcome.http_status is None:
             logger.exception("command %s: unexpected error", command.pk)
     else:
-        outcome = classify(None, attempt=command.attempts)
-    finally:
-        limiter.complete(slot.send)
-    return command_record(command=command, outcome=outcome)
+        outcome = Outcome("succeeded", http_status=200, data=data)
+        _slow_down(headers)
+    # The outcome is stored first: if Redis fails now, the command stays what Telnyx made it.
+    step = command_record(command=command, outcome=outcome)
+    _best_effort("release the rate-limit turn", limiter.complete, slot.send)
+    return step
+
+
+def _inside_window(command: Command) -> bool:
+    """Would a re-send, with this command's command_id, reach Telnyx while Telnyx still
+    remembers the first one? (It forgets a command_id 60 s after it; TELNYX.md section 2.)"""
+    window = timedelta(seconds=settings.TELNYX_COMMAND_ID_WINDOW)
+    latest_arrival = timezone.now() + timedelta(seconds=settings.TELNYX_TIMEOUT)
+    return command.first_sent_at is not None and latest_arrival < command.first_sent_at + window
+
+
+def command_settle(*, command: Command) -> Outcome | None:
+    """Decide a command whose outcome is unknown, once a re-send could no longer be deduped by
+    Telnyx: from the webhooks its action produces, else by its action's rule. Returns the
+    outcome to record, or None: send it again (a second copy is harmless)."""
+    spec = actions.get(command.action)
+    call = Call.objects.get(pk=command.call_id)
+    evidence = ", ".join(spec.confirmed_by)
+    if _confirmed(spec, command, call):
+        return Outcome("succeeded", settlement=f"applied: {evidence} arrived")
+    if call.is_ended:
+        return Outcome("call_ended", reason="call ended", settlement="the call ended meanwhile")
+    if spec.after_window == "resend":
+        Command.objects.filter(pk=command.pk).update(
+            settlement="outcome unknown after the command_id window; sent again (harmless)"
+        )
+        return None
+    why = (
+        f"outcome unknown and no {evidence or 'evidence'} within Telnyx's"
+        f" {settings.TELNYX_COMMAND_ID_WINDOW:g} s command_id window; not sent again"
+    )
+    return Outcome("failed", reason="outcome unknown", settlement=why, stop_records=spec.starts)
+
+
+def _confirmed(spec: actions.TelnyxAction, command: Command, call: Call) -> bool:
+    records = [
+        getattr(command, name) for name in dict.fromkeys((*spec.records, spec.record)) if name
+    ]
+    for record in filter(None, records):
+        record.refresh_from_db()
+    match spec.confirms:
+        case "record_started":
+            return any(r.started_at is not None for r in records if r is not None)
+        case "record_stopped":
+            return any(r.stopped_at is not None for r in records if r is not None)
+        case "call_answered":
+            return call.answered_at is not None
+        case "call_ended":
+            return call.ended_at is not None
+    return False
+
+
+def _slow_down(headers: Any) -> None:
+    """A success that used the last request Telnyx allows pauses every worker until Telnyx's
+    reset, before Telnyx has to answer 429, when Telnyx's limit is below ours
+    (``TELNYX_RATE_LIMIT``). At or above it, the fleet-wide limiter already paces the sends
+    (and Telnyx's whole-second reset would idle the fleet for most of each window)."""
+    remaining = _number(headers.get("x-ratelimit-remaining") or "")
+    limit = _number(headers.get("x-ratelimit-limit") or "")
+    if remaining is None or remaining > 0 or limit is None or limit >= settings.TELNYX_RATE_LIMIT:
+        return
+    if wait := server_wait(headers):
+        logger.warning(
+            "Telnyx allows %g requests per window, TELNYX_RATE_LIMIT is %g: pausing %.2f s",
+            limit,
+            settings.TELNYX_RATE_LIMIT,
+            wait,
+        )
+        _best_effort("pause for Telnyx's rate limit", get_limiter().pause, wait)
+
+
+def _best_effort(what: str, func, *args) -> None:
+    """Bookkeeping that must not undo a recorded outcome when Redis is unavailable."""
+    try:
+        func(*args)
+    except Exception:
+        logger.warning("could not %s (the rate limiter is unavailable)", what, exc_info=True)
 
 
 def _gave_up(command: Command, delay: float = 0.0, attempts: int | None = None) -> bool:
@@ -388,20 +570,26 @@ def _gave_up(command: Command, delay: float = 0.0, attempts: int | None = None) 
 def command_record(*, command: Command, outcome: Outcome) -> Next:
     """Store an attempt's outcome and apply what it means to the call's records."""
     if outcome.kind == "retry":
-        if outcome.pause:
-            get_limiter().pause(outcome.pause)
         if _gave_up(command, outcome.delay):
             _finish(command, outcome, failed=True, reason=f"gave up after {outcome.reason}")
-            return Next(outcome=outcome)
-        retry_at = timezone.now() + timedelta(seconds=outcome.delay)
-        Command.objects.filter(pk=command.pk, status=Command.Status.SENDING).update(
-            status=Command.Status.QUEUED,
-            next_attempt_at=retry_at,
-            lease_expires_at=None,
-            **_error_fields(outcome),
-        )
-        logger.info("command %s: %s, retry in %.2f s", command.pk, outcome.reason, outcome.delay)
-        return Next(delay=outcome.delay, outcome=outcome)
+            step = Next(outcome=outcome)
+        else:
+            retry_at = timezone.now() + timedelta(seconds=outcome.delay)
+            unknown = {"outcome_unknown": True} if outcome.unknown else {}
+            Command.objects.filter(pk=command.pk, status=Command.Status.SENDING).update(
+                status=Command.Status.QUEUED,
+                next_attempt_at=retry_at,
+                lease_expires_at=None,
+                **unknown,
+                **_error_fields(outcome),
+            )
+            logger.info(
+                "command %s: %s, retry in %.2f s", command.pk, outcome.reason, outcome.delay
+            )
+            step = Next(delay=outcome.delay, outcome=outcome)
+        if outcome.pause:
+            _best_effort("pause for Telnyx's 429", get_limiter().pause, outcome.pause)
+        return step
     _finish(command, outcome, failed=outcome.kind != "succeeded")
     return Next(outcome=outcome)
 
@@ -419,32 +607,54 @@ def _error_fields(outcome: Outcome, reason: str | None = None) -> dict[str, Any]
 def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | None = None):
     now = timezone.now()
     spec = actions.get(command.action)
-    session = getattr(command, spec.record) if spec.record else None
-    touches_call = (
-        outcome.kind == "call_ended"
-        or (failed and session is not None and spec.starts)
-        or (not failed and spec.record is not None and not spec.confirmed_by and spec.is_stop)
-    )
+    sessions = [getattr(command, name) for name in spec.records]
+    sessions = [session for session in sessions if session is not None]
     with transaction.atomic():
+        extra = {"settlement": outcome.settlement[:255]} if outcome.settlement else {}
         updated = Command.objects.filter(
             pk=command.pk, status__in=[Command.Status.SENDING, Command.Status.QUEUED]
         ).update(
             status=Command.Status.FAILED if failed else Command.Status.SUCCEEDED,
             finished_at=now,
             lease_expires_at=None,
+            **extra,
             **_error_fields(outcome, "" if not failed else reason),
         )
-        if not updated or not touches_call:
-            return  # cancelled meanwhile, recorded by another worker, or nothing else to do
-        call = Call.objects.select_for_update().get(pk=command.call_id)
+        if not updated:
+            return  # cancelled meanwhile, or recorded by another worker
         if outcome.kind == "call_ended":
+            call = Call.objects.select_for_update().get(pk=command.call_id)
             state.call_mark_ended(call=call, at=now)
             call.save()
-        elif failed:
-            state.session_fail(session, f"{reason or outcome.reason}: {outcome.title}", now)
-        else:
+        elif not spec.on_call:  # dial: Telnyx named the call it placed, or placed none
+            placeholder = Call.objects.select_for_update().get(pk=command.call_id)
+            if failed:
+                state.call_mark_ended(call=placeholder, at=now)
+                placeholder.save()
+            elif isinstance(outcome.data, dict) and outcome.data.get("call_control_id"):
+                state.call_adopt(placeholder, named=outcome.data)
+        elif failed and sessions:
+            Call.objects.select_for_update().get(pk=command.call_id)  # the lock, as for events
+            for session in sessions:
+                state.session_fail(session, f"{reason or outcome.reason}: {outcome.title}", now)
+            if outcome.stop_records:
+                for session in sessions:
+                    stop = actions.STOPS[_record_field(session)]
+                    params = stop.params_for_stop_of(session)
+                    commands_create_stops(
+                        targets=[(session, params)],
+                        action=stop.name,
+                        requested_by=Command.RequestedBy.SCHEDULE,
+                    )
+        elif not failed and spec.is_stop and not spec.confirmed_by:
             # A stop no webhook confirms (transcription_stop): Telnyx's 200 is the evidence.
+            call = Call.objects.select_for_update().get(pk=command.call_id)
             state.sessions_stop(record_model(spec).objects.filter(call=call), now)
+
+
+def _record_field(session: CallSession) -> str:
+    """The Command field that points at this kind of record (MediaStream -> "stream")."""
+    return next(f.name for f in Command._meta.get_fields() if f.related_model is type(session))
 
 
 # --- Operators and repair -------------------------------------------------------------------

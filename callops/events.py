@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
@@ -22,17 +23,20 @@ from django.db import transaction
 from django.utils import timezone
 
 from callops import state
+from callops.actions import ACTIONS
 from callops.exceptions import EventError
 from callops.models import (
     Call,
     CallSession,
+    Command,
+    DtmfDigit,
     Fork,
     MediaStream,
     Transcription,
     TranscriptSegment,
     WebhookEvent,
 )
-from callops.policies import call_answered_policy
+from callops.policies import call_answered_policy, call_initiated_policy, call_machine_policy
 from callops.webhooks import parse_time
 
 logger = logging.getLogger("callops.events")
@@ -124,6 +128,26 @@ def on_call_initiated(call: Call, event: WebhookEvent) -> None:
     if isinstance(direction, str) and direction:
         call.direction = direction[:32]
     call.started_at = state.earliest(call.started_at, event.occurred_at)
+    call_initiated_policy(call=call)
+
+
+def on_machine_detection_ended(call: Call, event: WebhookEvent) -> None:
+    """The first result Telnyx reports is the call's (it reports one per call)."""
+    result = _text(event.body.get("result"), 32)
+    if result and (
+        call.machine_detection_at is None or event.occurred_at < call.machine_detection_at
+    ):
+        call.machine_detection, call.machine_detection_at = result, event.occurred_at
+    call_machine_policy(call=call)
+
+
+def on_dtmf_received(call: Call, event: WebhookEvent) -> None:
+    digit = _text(event.body.get("digit"), 8)
+    if not digit:
+        raise EventError("call.dtmf.received has no digit")
+    DtmfDigit.objects.update_or_create(
+        event=event, defaults={"call": call, "digit": digit, "occurred_at": event.occurred_at}
+    )
 
 
 def on_call_answered(call: Call, event: WebhookEvent) -> None:
@@ -139,6 +163,9 @@ def on_call_hangup(call: Call, event: WebhookEvent) -> None:
         cause=_text(body.get("hangup_cause"), 64),
         source=_text(body.get("hangup_source"), 32),
         sip_cause=_text(body.get("sip_hangup_cause"), 16),
+        quality=body.get("call_quality_stats")
+        if isinstance(body.get("call_quality_stats"), dict)
+        else None,
     )
 
 
@@ -149,25 +176,128 @@ def _text(value: object, length: int) -> str:
 # --- Streams, forks and transcriptions -------------------------------------------------------
 
 
-def _for_start(sessions: list[S], at: datetime) -> S | None:
-    """The session a start at ``at`` belongs to: the same start seen before, or one not started
-    yet (requested by a command, or whose stop arrived first)."""
-    for session in sessions:
-        if session.started_at == at:
-            return session
-    for session in sessions:
-        if session.started_at is None and (session.stopped_at is None or session.stopped_at >= at):
-            return session
-    return None
+@dataclass
+class _Span:
+    """One stream's (or fork's) life as Telnyx reported it: its start, and its stop or failure."""
+
+    started_at: datetime | None = None
+    stopped_at: datetime | None = None
+    failure_reason: str = ""
+    stream_id: str = ""
+    track: str = ""
+    stream_type: str = ""
+
+    @property
+    def first(self) -> datetime:
+        return self.started_at or self.stopped_at
 
 
-def _for_stop(sessions: list[S], at: datetime) -> S | None:
-    """The session a stop at ``at`` ends: the latest one started before it, else one whose
-    start has not arrived yet."""
-    started = [s for s in sessions if s.started_at is not None and s.started_at <= at]
-    if started:
-        return max(started, key=lambda s: (s.started_at, s.pk))
-    return next((s for s in sessions if s.started_at is None), None)
+_STARTS = {"streaming.started", "call.fork.started"}
+_STREAM_EVENTS = ("streaming.started", "streaming.stopped", "streaming.failed")
+_FORK_EVENTS = ("call.fork.started", "call.fork.stopped")
+
+
+def _spans(facts: list[WebhookEvent]) -> list[_Span]:
+    """Pair starts with stops in time order, whatever order they were delivered in.
+
+    One stream (or fork) at a time per call (callops refuses a second start while one is
+    open), so a stop ends the latest start before it, and a stop or failure with no start
+    before it is a stream whose start has not arrived (or never will). The spans are a
+    function of the set of facts: each delivery recomputes them from every fact known.
+    """
+    spans: list[_Span] = []
+    open_: _Span | None = None
+    for event in sorted(facts, key=lambda e: (e.occurred_at, e.event_type not in _STARTS)):
+        body = event.body
+        if event.event_type in _STARTS:
+            if open_ is not None:
+                spans.append(open_)  # its stop has not arrived
+            open_ = _Span(started_at=event.occurred_at)
+            current = open_
+        else:
+            current, open_ = open_ or _Span(), None
+            current.stopped_at = event.occurred_at
+            if event.event_type == "streaming.failed":
+                params = body.get("stream_params")
+                params = params if isinstance(params, dict) else {}
+                reason = _text(body.get("failure_reason"), 2000)
+                current.failure_reason = reason or "streaming failed"
+                current.stream_id = _text(body.get("stream_id"), 255)
+                current.track = _text(params.get("track"), 32)
+            spans.append(current)
+        if event.event_type in _FORK_EVENTS:
+            current.stream_type = current.stream_type or _text(body.get("stream_type"), 16)
+    if open_ is not None:
+        spans.append(open_)
+    return spans
+
+
+def _repair(
+    model: type[S],
+    call: Call,
+    event: WebhookEvent,
+    event_types: tuple[str, ...],
+    **key: str,
+) -> None:
+    """Re-pair the call's streams (or forks) with ``key`` from every fact stored for them.
+
+    Records that start commands created wait for their span in the order they were requested;
+    one whose command Telnyx refused (or that was cancelled) will never have one. A span with
+    no record waiting gets a new one.
+    """
+    stored = WebhookEvent.objects.filter(
+        call_control_id=call.call_control_id,
+        event_type__in=event_types,
+        status=WebhookEvent.Status.PROCESSED,
+    ).exclude(pk=event.pk)
+    spans = _spans([e for e in [*stored, event] if _key_of(e) == key])
+    field = "stream" if model is MediaStream else "fork"
+    refused = Command.objects.filter(
+        **{f"{field}__call": call},
+        status__in=[Command.Status.FAILED, Command.Status.CANCELLED],
+        action__in=[a.name for a in ACTIONS.values() if field in a.records],
+    ).values(field)
+    waiting = model.objects.filter(call=call, **key).exclude(pk__in=refused)
+    waiting = list(waiting.order_by("requested_at", "pk"))
+    for index, span in enumerate(spans):
+        record = waiting[index] if index < len(waiting) else model(call=call, **key)
+        record.started_at, record.stopped_at = span.started_at, span.stopped_at
+        if span.failure_reason:
+            record.failure_reason = record.failure_reason or span.failure_reason
+        for name in ("stream_id", "track", "stream_type"):
+            if hasattr(record, name) and not getattr(record, name):
+                setattr(record, name, getattr(span, name))
+        state.session_save(call, record, span.first)
+
+
+def _key_of(event: WebhookEvent) -> dict[str, str]:
+    return {"stream_url": _stream_url(event.body)} if event.event_type in _STREAM_EVENTS else {}
+
+
+def _stream_url(body: dict) -> str:
+    url = body.get("stream_url")
+    if not isinstance(url, str):
+        params = body.get("stream_params")
+        url = params.get("stream_url") if isinstance(params, dict) else None
+    return url[:2048] if isinstance(url, str) else ""
+
+
+def on_stream_event(call: Call, event: WebhookEvent) -> None:
+    """streaming.started, .stopped and .failed. A failure naming a stream_id callops already
+    knows is that stream's; every other fact is paired by time among the URL's streams."""
+    stream_id = _text(event.body.get("stream_id"), 255)
+    known = stream_id and MediaStream.objects.filter(call=call, stream_id=stream_id).first()
+    if event.event_type == "streaming.failed" and known:
+        reason = _text(event.body.get("failure_reason"), 2000) or "streaming failed"
+        known.failure_reason = known.failure_reason or reason
+        state.session_record_stop(known, event.occurred_at)
+        state.session_save(call, known, event.occurred_at)
+        return
+    _repair(MediaStream, call, event, _STREAM_EVENTS, **_key_of(event))
+
+
+def on_fork_event(call: Call, event: WebhookEvent) -> None:
+    _repair(Fork, call, event, _FORK_EVENTS)
 
 
 def _matching(
@@ -180,62 +310,6 @@ def _matching(
     sessions = list(model.objects.filter(call=call, **filters).order_by("requested_at", "pk"))
     found = find(sessions, at)
     return found if found is not None else model(call=call, requested_at=at, **filters)
-
-
-def _stream_url(body: dict) -> str:
-    url = body.get("stream_url")
-    if not isinstance(url, str):
-        params = body.get("stream_params")
-        url = params.get("stream_url") if isinstance(params, dict) else None
-    return url[:2048] if isinstance(url, str) else ""
-
-
-def on_streaming_started(call: Call, event: WebhookEvent) -> None:
-    stream = _matching(
-        MediaStream, call, event.occurred_at, _for_start, stream_url=_stream_url(event.body)
-    )
-    state.session_record_start(stream, event.occurred_at)
-    state.session_save(call, stream, event.occurred_at)
-
-
-def on_streaming_stopped(call: Call, event: WebhookEvent) -> None:
-    stream = _matching(
-        MediaStream, call, event.occurred_at, _for_stop, stream_url=_stream_url(event.body)
-    )
-    state.session_record_stop(stream, event.occurred_at)
-    state.session_save(call, stream, event.occurred_at)
-
-
-def on_streaming_failed(call: Call, event: WebhookEvent) -> None:
-    body, at = event.body, event.occurred_at
-    stream_id = _text(body.get("stream_id"), 255)
-    stream = None
-    if stream_id:
-        stream = MediaStream.objects.filter(call=call, stream_id=stream_id).first()
-    if stream is None:
-        stream = _matching(MediaStream, call, at, _for_stop, stream_url=_stream_url(body))
-    params = body.get("stream_params") if isinstance(body.get("stream_params"), dict) else {}
-    stream.stream_id = stream.stream_id or stream_id
-    stream.track = stream.track or _text(params.get("track"), 32)
-    stream.failure_reason = (
-        stream.failure_reason or _text(body.get("failure_reason"), 2000) or ("streaming failed")
-    )
-    state.session_record_stop(stream, at)
-    state.session_save(call, stream, at)
-
-
-def on_fork_started(call: Call, event: WebhookEvent) -> None:
-    fork = _matching(Fork, call, event.occurred_at, _for_start)
-    fork.stream_type = fork.stream_type or _text(event.body.get("stream_type"), 16)
-    state.session_record_start(fork, event.occurred_at)
-    state.session_save(call, fork, event.occurred_at)
-
-
-def on_fork_stopped(call: Call, event: WebhookEvent) -> None:
-    fork = _matching(Fork, call, event.occurred_at, _for_stop)
-    fork.stream_type = fork.stream_type or _text(event.body.get("stream_type"), 16)
-    state.session_record_stop(fork, event.occurred_at)
-    state.session_save(call, fork, event.occurred_at)
 
 
 def _for_segment(sessions: list[Transcription], at: datetime) -> Transcription | None:
@@ -276,10 +350,12 @@ HANDLERS: dict[str, Callable[[Call, WebhookEvent], None]] = {
     "call.initiated": on_call_initiated,
     "call.answered": on_call_answered,
     "call.hangup": on_call_hangup,
-    "streaming.started": on_streaming_started,
-    "streaming.stopped": on_streaming_stopped,
-    "streaming.failed": on_streaming_failed,
-    "call.fork.started": on_fork_started,
-    "call.fork.stopped": on_fork_stopped,
+    "streaming.started": on_stream_event,
+    "streaming.stopped": on_stream_event,
+    "streaming.failed": on_stream_event,
+    "call.fork.started": on_fork_event,
+    "call.fork.stopped": on_fork_event,
     "call.transcription": on_call_transcription,
+    "call.machine.detection.ended": on_machine_detection_ended,
+    "call.dtmf.received": on_dtmf_received,
 }

@@ -15,6 +15,7 @@ from django.db.models.functions import Now
 from django.utils import timezone
 
 from callops.actions import ACTIONS, STOPS
+from callops.telnyx_params import REJECT_CAUSES
 
 
 class WebhookEvent(models.Model):
@@ -99,15 +100,24 @@ class Call(models.Model):
     started_at = models.DateTimeField(null=True, blank=True, db_index=True)
     answered_at = models.DateTimeField(null=True, blank=True)
     ended_at = models.DateTimeField(null=True, blank=True)
+    # When the (earliest) call.hangup says it ended: its time and cause win over what a command
+    # learned from "call has already ended", whichever arrives first.
+    hangup_at = models.DateTimeField(null=True, blank=True, editable=False)
     hangup_cause = models.CharField(max_length=64, blank=True, default="")
     hangup_source = models.CharField(max_length=32, blank=True, default="")
     sip_hangup_cause = models.CharField(max_length=16, blank=True, default="")
+    call_quality_stats = models.JSONField(null=True, blank=True, help_text="From call.hangup.")
+    # call.machine.detection.ended: human, machine or not_sure (dialed calls that asked for it).
+    machine_detection = models.CharField(max_length=32, blank=True, default="")
+    machine_detection_at = models.DateTimeField(null=True, blank=True, editable=False)
     client_state = models.TextField(blank=True, default="")
     client_state_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_event_at = models.DateTimeField(null=True, blank=True)
     # Set when the answered-call policy issued its commands: once per call, however often
     # call.answered is delivered or replayed.
     autostarted_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Set when the incoming-call policy answered or rejected it: once per call, likewise.
+    answer_decided_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -121,6 +131,26 @@ class Call(models.Model):
     @property
     def is_ended(self) -> bool:
         return self.status == self.Status.ENDED
+
+    @property
+    def awaits_machine_detection(self) -> bool:
+        """Dialed with machine detection, and its result has not arrived yet."""
+        if self.machine_detection:
+            return False
+        return any(
+            c.action == "dial"
+            and c.params.get("answering_machine_detection", "disabled") not in ("", "disabled")
+            for c in self.commands.all()
+        )
+
+    @property
+    def is_awaiting_dial(self) -> bool:
+        """Dialed by callops, and Telnyx has not yet said which call it placed."""
+        return self.call_control_id.startswith(DIAL_PLACEHOLDER)
+
+
+# A dialed call's id until Telnyx's answer names it: "dialing:<command_id>".
+DIAL_PLACEHOLDER = "dialing:"
 
 
 class CallSession(models.Model):
@@ -254,6 +284,25 @@ class TranscriptSegment(models.Model):
         return self.transcript[:60]
 
 
+class DtmfDigit(models.Model):
+    """A digit the caller pressed (``call.dtmf.received``), on the call's timeline."""
+
+    call = models.ForeignKey(Call, on_delete=models.CASCADE, related_name="dtmf")
+    digit = models.CharField(max_length=8)
+    occurred_at = models.DateTimeField()
+    # One digit per source event, however often it was delivered (as for transcript segments).
+    event = models.OneToOneField(
+        WebhookEvent, null=True, blank=True, on_delete=models.SET_NULL, related_name="dtmf"
+    )
+
+    class Meta:
+        ordering = ["occurred_at", "id"]
+        verbose_name = "DTMF digit"
+
+    def __str__(self) -> str:
+        return self.digit
+
+
 class Command(models.Model):
     """One call-control command to Telnyx: the outbox row a Celery task sends, retries or drops.
 
@@ -308,6 +357,13 @@ class Command(models.Model):
     )
     created_at = models.DateTimeField(default=timezone.now)
     sent_at = models.DateTimeField(null=True, blank=True)
+    # The first attempt: Telnyx ignores a repeat of its command_id only within 60 s of it.
+    first_sent_at = models.DateTimeField(null=True, blank=True)
+    # An attempt may have reached Telnyx without its answer reaching us (a timeout, a reset, a
+    # 5xx, a worker lost mid-send): what Telnyx did is unknown until its webhooks say.
+    outcome_unknown = models.BooleanField(default=False)
+    # How an unknown outcome was settled, and why (see callops.commands.command_settle).
+    settlement = models.CharField(max_length=255, blank=True, default="")
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
@@ -421,7 +477,35 @@ class StreamingProfile(models.Model):
     max_stream_duration = models.PositiveIntegerField(
         null=True, blank=True, help_text="Seconds; the stale-stream sweeper stops it after this."
     )
-    auto_start = models.BooleanField(default=False)
+    auto_start = models.BooleanField(
+        default=False, help_text="Start streaming on call.answered (calls answered elsewhere)."
+    )
+
+    class AnswerPolicy(models.TextChoices):
+        ANSWER = "answer", "answer incoming calls (with the profile's media inline)"
+        REJECT = "reject", "reject incoming calls"
+        NONE = "none", "leave incoming calls to another application"
+
+    class MachinePolicy(models.TextChoices):
+        IGNORE = "ignore", "stream whoever answers"
+        HANGUP = "hangup", "hang up on answering machines"
+        HUMANS_ONLY = "humans_only", "stream only once a human is detected"
+
+    answer_policy = models.CharField(
+        max_length=8, choices=AnswerPolicy.choices, default=AnswerPolicy.NONE
+    )
+    reject_cause = models.CharField(
+        max_length=32,
+        choices=[(c, c) for c in REJECT_CAUSES],
+        default="CALL_REJECTED",
+        help_text="Sent with reject when the answer policy rejects.",
+    )
+    machine_policy = models.CharField(
+        max_length=16,
+        choices=MachinePolicy.choices,
+        default=MachinePolicy.IGNORE,
+        help_text="Dialed calls with machine detection.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -452,6 +536,13 @@ class StreamingProfile(models.Model):
         values = {name: getattr(self, name) for name in self.STREAMING_FIELDS}
         return {k: v for k, v in values.items() if v not in ("", None)}
 
+    def inline_media_params(self) -> dict:
+        """The same streaming and transcription as ``answer`` / ``dial`` options, inline."""
+        params = self.streaming_params()
+        if self.transcribe:
+            params.update(transcription=True, transcription_config=self.transcription_params())
+        return params
+
     def transcription_params(self) -> dict:
         values = {
             "transcription_engine": self.transcription_engine,
@@ -463,18 +554,22 @@ class StreamingProfile(models.Model):
     @classmethod
     def for_call(cls, call: Call) -> StreamingProfile | None:
         """The profile for the call's connection, else its partner's default."""
-        if not call.connection_id:
+        return cls.for_connection(call.connection_id)
+
+    @classmethod
+    def for_connection(cls, connection_id: str) -> StreamingProfile | None:
+        if not connection_id:
             return None
-        owner = PartnerConnection.objects.filter(connection_id=call.connection_id).first()
+        owner = PartnerConnection.objects.filter(connection_id=connection_id).first()
         if owner is None:
             return None
         profiles = {
             p.connection_id: p
             for p in cls.objects.filter(
-                partner_id=owner.partner_id, connection_id__in=[call.connection_id, ""]
+                partner_id=owner.partner_id, connection_id__in=[connection_id, ""]
             )
         }
-        return profiles.get(call.connection_id) or profiles.get("")
+        return profiles.get(connection_id) or profiles.get("")
 
 
 class IdempotencyRecord(models.Model):

@@ -204,11 +204,16 @@ def call_record_answer(call: Call, at: datetime) -> None:
     call_raise_status(call, Call.Status.ANSWERED)
 
 
-def call_record_hangup(call: Call, at: datetime, *, cause: str, source: str, sip_cause: str):
-    """The hang-up's own facts: the earliest hang-up's cause wins, whenever it arrives."""
-    if call.ended_at is None or at <= call.ended_at:
-        call.ended_at = at
+def call_record_hangup(
+    call: Call, at: datetime, *, cause: str, source: str, sip_cause: str, quality: dict | None
+) -> None:
+    """The hang-up's own facts. Its cause, source and quality stats win over anything learned
+    before (a command told "call has already ended" knows only that it ended), and between
+    hang-ups the earliest wins, whenever each arrives."""
+    if call.hangup_at is None or at <= call.hangup_at:
+        call.hangup_at = at
         call.hangup_cause, call.hangup_source, call.sip_hangup_cause = cause, source, sip_cause
+        call.call_quality_stats = quality
     call_mark_ended(call=call, at=at)
 
 
@@ -216,10 +221,44 @@ def call_mark_ended(*, call: Call, at: datetime) -> None:
     """End a locked call at ``at`` (or earlier, if that is already known) and close every
     stream, fork and transcription on it. Used by the hang-up and by a command that Telnyx
     refused because the call had ended; the hang-up's own time wins whenever it arrives."""
-    call.ended_at = earliest(call.ended_at, at)
+    call.ended_at = call.hangup_at or earliest(call.ended_at, at)
     call_raise_status(call, Call.Status.ENDED)
     sessions = [*call.streams.all(), *call.forks.all(), *call.transcriptions.all()]
     # The call's duration limit, looked up once rather than once per session.
     limit = max_duration(call) if any(s.started_at for s in sessions) else None
     for session in sessions:
         session_save(call, session, at, limit=limit)
+
+
+def call_adopt(placeholder: Call, *, named: dict) -> Call:
+    """Telnyx answered a dial with the ids of the call it placed. The caller holds the
+    placeholder's lock. Webhooks of that call may have created it already (they may arrive
+    before the answer): what callops knew before Telnyx spoke is merged into it, its records
+    move to it, and the placeholder goes. Returns the call."""
+    ccid = str(named["call_control_id"])[: Call._meta.get_field("call_control_id").max_length]
+    Call.objects.bulk_create([Call(call_control_id=ccid)], ignore_conflicts=True)
+    call = Call.objects.select_for_update().get(call_control_id=ccid)
+    for field in ("call_leg_id", "call_session_id"):
+        value = named.get(field)
+        if not getattr(call, field) and isinstance(value, str):
+            setattr(call, field, value[: Call._meta.get_field(field).max_length])
+    for field in ("connection_id", "direction", "from_number", "to_number"):
+        setattr(call, field, getattr(call, field) or getattr(placeholder, field))
+    if not call.client_state_at:  # a webhook's client_state is newer evidence than ours
+        call.client_state = call.client_state or placeholder.client_state
+    call.autostarted_at = earliest(call.autostarted_at, placeholder.autostarted_at)
+    for related in (
+        placeholder.streams,
+        placeholder.forks,
+        placeholder.transcriptions,
+        placeholder.segments,
+        placeholder.dtmf,
+        placeholder.commands,
+    ):
+        related.update(call=call)
+    Call.objects.filter(pk=call.pk).update(created_at=placeholder.created_at)
+    placeholder.delete()
+    if call.is_ended:  # the hang-up was applied first: close what just moved in
+        call_mark_ended(call=call, at=call.ended_at)
+    call.save()
+    return call

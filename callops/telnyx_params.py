@@ -50,6 +50,8 @@ FORK_STREAM_TYPES = SDK["fork_stop"]["stream_type"]  # what a fork may be
 FORK_START_STREAM_TYPES = SDK["fork_start"]["stream_type"]  # what fork_start may ask for
 # The SDK types this one as a plain string; Telnyx documents these three values.
 TRANSCRIPTION_TRACKS = ("inbound", "outbound", "both")
+REJECT_CAUSES = SDK["reject"]["cause"]
+MACHINE_DETECTION = SDK["dial"]["answering_machine_detection"]
 MAX_CLIENT_STATE = 4096
 MAX_AUTH_TOKEN = 4000
 
@@ -73,6 +75,18 @@ def text(max_length: int) -> Rule:
         return None
 
     rule.max_length = max_length
+    return rule
+
+
+def integer(minimum: int, maximum: int) -> Rule:
+    def rule(value: Any) -> str | None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "must be a whole number"
+        if not minimum <= value <= maximum:
+            return f"must be between {minimum} and {maximum}"
+        return None
+
+    rule.min_value, rule.max_value = minimum, maximum
     return rule
 
 

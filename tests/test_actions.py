@@ -31,7 +31,8 @@ def test_a_stale_parameter_table_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("action", list(actions.ACTIONS.values()), ids=lambda a: a.name)
 def test_every_action_names_a_method_of_the_sdk(action):
     client = telnyx.Telnyx(api_key="KEY_TEST", base_url="http://127.0.0.1:9/v2")
-    assert callable(getattr(client.calls.actions, action.sdk_method))
+    resource = client.calls.actions if action.on_call else client.calls
+    assert callable(getattr(resource, action.sdk_method))
     assert action.name in PARAMETERS
 
 

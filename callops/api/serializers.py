@@ -91,8 +91,16 @@ class TranscriptionSerializer(serializers.ModelSerializer):
 
 class CommandSerializer(serializers.ModelSerializer):
     id = serializers.UUIDField(source="command_id", read_only=True)
-    call_control_id = serializers.CharField(source="call.call_control_id", read_only=True)
+    call_control_id = serializers.CharField(
+        source="call.call_control_id",
+        read_only=True,
+        help_text="For a dial, dialing:<id> until Telnyx's answer names the new call.",
+    )
     params = serializers.SerializerMethodField()
+    applies_to = serializers.SerializerMethodField(
+        help_text="What a stop stops: one record, or all of its kind on the call when Telnyx"
+        " is given no id (streaming_stop without stream_id stops every stream)."
+    )
 
     class Meta:
         model = Command
@@ -109,6 +117,8 @@ class CommandSerializer(serializers.ModelSerializer):
             "error_title",
             "error_detail",
             "failure_reason",
+            "settlement",
+            "applies_to",
             "created_at",
             "next_attempt_at",
             "sent_at",
@@ -117,6 +127,15 @@ class CommandSerializer(serializers.ModelSerializer):
 
     def get_params(self, command: Command) -> dict:
         return {k: v for k, v in command.params.items() if k not in SECRET_PARAMS}
+
+    def get_applies_to(self, command: Command) -> str | None:
+        spec = actions.get(command.action)
+        if not spec.is_stop:
+            return None
+        record = getattr(command, f"{spec.record}_id")
+        if spec.target_by and not any(command.params.get(p) for p in spec.target_by):
+            return f"every {spec.record} of the call"
+        return f"{spec.record} {record}" if record else f"every {spec.record} of the call"
 
 
 class CommandSummarySerializer(serializers.ModelSerializer):
@@ -217,6 +236,10 @@ def param_field(name: str, rule: telnyx_params.Rule) -> serializers.Field:
         return serializers.ChoiceField(choices=list(choices), required=False, **options)
     if max_length := getattr(rule, "max_length", None):
         return serializers.CharField(required=False, max_length=max_length, **options)
+    if hasattr(rule, "min_value"):
+        return serializers.IntegerField(
+            required=False, min_value=rule.min_value, max_value=rule.max_value, **options
+        )
     return RULE_FIELDS[rule](required=False, **options)
 
 
@@ -234,6 +257,13 @@ class CommandInput(serializers.Serializer):
         profile = self.context.get("profile")
         kind = actions.get(self.action).profile_defaults
         return getattr(profile, f"{kind}_params")() if profile and kind else {}
+
+    def to_internal_value(self, data):
+        # A parameter callops does not take is refused by name, never silently dropped.
+        if isinstance(data, dict) and (unknown := sorted(data.keys() - self.fields.keys())):
+            message = f"is not a parameter callops sends with {self.action}"
+            raise serializers.ValidationError({name: [message] for name in unknown})
+        return super().to_internal_value(data)
 
     def validate(self, attrs: dict) -> dict:
         client_state = attrs.pop("client_state", None)
@@ -255,14 +285,44 @@ class CommandInput(serializers.Serializer):
                     raise serializers.ValidationError({name: [str(exc)]}) from None
 
 
-def command_input(action: actions.TelnyxAction) -> type[CommandInput]:
+def command_input(action: actions.TelnyxAction, base: type = CommandInput) -> type[CommandInput]:
     """The body of one action's endpoint, e.g. ``StreamingStartInput`` for streaming_start."""
     name = "".join(part.title() for part in action.name.split("_")) + "Input"
+    # Declared by name, so a parameter may be called what Python cannot spell (dial's "from").
     fields = {param: param_field(param, rule) for param, rule in action.rules.items()}
-    return type(name, (CommandInput,), {"action": action.name, **fields})
+    return type(name, (base,), {"action": action.name, **fields})
 
 
 COMMAND_INPUTS = {a.name: command_input(a) for a in actions.ACTIONS.values() if a.api_path}
+
+
+class DialBase(CommandInput):
+    """Dial: the connection must be the partner's; its profile's media go inline unless the
+    body gives its own, or the profile streams humans only and machine detection is on (then
+    media start once a human is detected)."""
+
+    def profile_defaults(self) -> dict:
+        profile = StreamingProfile.for_connection(self.initial_data.get("connection_id") or "")
+        if profile is None or not profile.auto_start:
+            return {}
+        amd = self.initial_data.get("answering_machine_detection", "disabled")
+        humans_only = profile.machine_policy == StreamingProfile.MachinePolicy.HUMANS_ONLY
+        if humans_only and amd not in ("disabled", "", None):
+            return {}
+        given = set(self.initial_data) & set(actions.INLINE_MEDIA_RULES)
+        return {} if given else profile.inline_media_params()
+
+    def validate(self, attrs: dict) -> dict:
+        connection_id = attrs.get("connection_id")
+        partner = self.context["partner"]
+        if not PartnerConnection.objects.filter(
+            partner=partner, connection_id=connection_id
+        ).exists():
+            raise serializers.ValidationError({"connection_id": ["is not one of yours"]})
+        return super().validate(attrs)
+
+
+DialInput = command_input(actions.get("dial"), base=DialBase)
 
 
 # --- Streaming profiles -----------------------------------------------------------------------
@@ -306,6 +366,9 @@ class StreamingProfileSerializer(serializers.ModelSerializer):
             "transcription_tracks",
             "max_stream_duration",
             "auto_start",
+            "answer_policy",
+            "reject_cause",
+            "machine_policy",
             "created_at",
             "updated_at",
         ]

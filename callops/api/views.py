@@ -90,9 +90,22 @@ class CallPagination(CursorPagination):
     max_page_size = 200
 
 
-@extend_schema(tags=["calls"], responses={200: s.CallSerializer(many=True), **ERRORS})
+@extend_schema_view(
+    get=extend_schema(tags=["calls"], responses={200: s.CallSerializer(many=True), **ERRORS}),
+    post=extend_schema(
+        tags=["commands"],
+        summary="Dial an outbound call",
+        request=s.DialInput,
+        parameters=[IDEMPOTENCY],
+        responses={
+            202: s.CommandSerializer,
+            422: OpenApiResponse(s.ErrorSerializer, description="Idempotency-Key reused"),
+            **ERRORS,
+        },
+    ),
+)
 class CallList(generics.ListAPIView):
-    """Your calls, newest first."""
+    """Your calls, newest first; POST dials a new one on one of your connections."""
 
     serializer_class = s.CallSerializer
     pagination_class = CallPagination
@@ -103,6 +116,21 @@ class CallList(generics.ListAPIView):
         if getattr(self, "swagger_fake_view", False):  # schema generation: no partner
             return Call.objects.none()
         return self.request.user.calls()
+
+    @idempotent
+    def post(self, request):
+        body = s.DialInput(data=request.data, context={"partner": request.user})
+        body.is_valid(raise_exception=True)
+        try:
+            command = commands.call_dial(
+                requested_by=Command.RequestedBy.PARTNER, **body.validated_data
+            )
+        except ParamsInvalid as exc:
+            return Response(
+                {"errors": [{"field": f, "message": " ".join(m)} for f, m in exc.errors.items()]},
+                status=400,
+            )
+        return Response(s.CommandSerializer(command).data, status=status.HTTP_202_ACCEPTED)
 
 
 @extend_schema(tags=["calls"], responses={200: s.CallDetailSerializer, **ERRORS})

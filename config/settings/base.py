@@ -191,6 +191,9 @@ TELNYX_BACKOFF_CAP = env.float("TELNYX_BACKOFF_CAP", default=60.0)
 # A command is given up ("gave up") after this many attempts or this many seconds.
 TELNYX_COMMAND_MAX_ATTEMPTS = env.int("TELNYX_COMMAND_MAX_ATTEMPTS", default=10)
 TELNYX_COMMAND_MAX_AGE = env.int("TELNYX_COMMAND_MAX_AGE", default=600)
+# Telnyx ignores a repeated command_id for this long (60 s). A command whose outcome is unknown
+# is re-sent with its command_id only inside it; after it, its webhooks settle it.
+TELNYX_COMMAND_ID_WINDOW = env.float("TELNYX_COMMAND_ID_WINDOW", default=60.0)
 # The engines transcription_start accepts: by default every one the installed SDK lists (the
 # generated callops/telnyx_spec.py). Narrow it here; a name the SDK does not list is refused
 # and callops.checks warns of it.
@@ -251,7 +254,8 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "callops partner API",
-    "DESCRIPTION": "Drive streaming, forking and transcription on your Telnyx calls.",
+    "DESCRIPTION": "Answer, reject, hang up and dial your Telnyx calls, and drive their"
+    " streaming, forking and transcription.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_AUTHENTICATION": [],
@@ -263,6 +267,7 @@ SPECTACULAR_SETTINGS = {
         "CallStatusEnum": "callops.models.Call.Status",
         "SessionStatusEnum": "callops.models.CallSession.Status",
         "CommandStatusEnum": "callops.models.Command.Status",
+        "RejectCauseEnum": "callops.telnyx_params.REJECT_CAUSES",
     },
 }
 

@@ -1,0 +1,205 @@
+"""Commands Telnyx may or may not have applied: re-sent with their command_id only inside
+Telnyx's window, settled from their webhooks after it, never re-sent blindly (TELNYX.md §6).
+
+Each case runs the real SDK against the simulator, whose faults include "applied, but the
+answer was lost" (``inject(apply=True, drop=True)``). The window is shortened to a fraction
+of a second so its end can be reached in a test.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import redis
+from django.utils import timezone
+
+from callops import commands
+from callops.commands import command_create
+from callops.models import Call, Command, MediaStream
+from callops.ratelimit import get_limiter
+from tests.helpers import deliver
+from tests.telnyx_events import envelope
+
+STREAM = {"stream_url": "wss://media.example.com/s", "stream_track": "both_tracks"}
+WINDOW = 0.5
+
+
+@pytest.fixture
+def short_window(settings):
+    settings.TELNYX_COMMAND_ID_WINDOW = WINDOW
+    settings.TELNYX_TIMEOUT = 0.3
+    settings.TELNYX_BACKOFF_BASE = 0.01
+    settings.TELNYX_BACKOFF_CAP = 0.02
+
+
+def create(call, action="streaming_start", params=None) -> Command:
+    params = STREAM if params is None and action == "streaming_start" else params
+    return command_create(call=call, action=action, params=params or {}, requested_by="operator")
+
+
+def process(command: Command) -> commands.Next:
+    return commands.command_process(command_pk=command.pk)
+
+
+def past_the_window() -> None:
+    time.sleep(WINDOW + 0.05)
+
+
+def test_a_lost_answer_inside_the_window_is_resent_with_the_same_command_id(
+    telnyx, live_call, settings
+):
+    settings.TELNYX_BACKOFF_BASE = 0.01
+    command = create(live_call)
+    telnyx.inject(apply=True, drop=True)
+    step = process(command)
+    assert step.outcome.kind == "retry" and step.outcome.unknown
+    command.refresh_from_db()
+    assert command.outcome_unknown and command.status == "queued"
+    time.sleep(0.05)
+    assert process(command).outcome.kind == "succeeded"
+    first, second = telnyx.commands(action="streaming_start", status=None)
+    assert first.command_id == second.command_id == str(command.command_id)
+    assert first.applied and not second.applied  # Telnyx's dedupe: applied once
+
+
+def test_applied_but_lost_then_confirmed_by_its_webhook_settles_as_succeeded(
+    telnyx, live_call, short_window
+):
+    command = create(live_call)
+    telnyx.inject(apply=True, drop=True)
+    process(command)
+    deliver(
+        envelope("streaming.started", live_call.call_control_id, stream_url=STREAM["stream_url"])
+    )
+    past_the_window()
+    step = process(command)
+    command.refresh_from_db()
+    assert (step.outcome.kind, command.status) == ("succeeded", "succeeded")
+    assert command.settlement == "applied: streaming.started arrived"
+    assert len(telnyx.commands(action="streaming_start", status=None)) == 1  # never re-sent
+    assert MediaStream.objects.get().status == "active"
+
+
+def test_a_start_with_no_evidence_after_the_window_fails_and_is_stopped_not_resent(
+    telnyx, live_call, short_window
+):
+    command = create(live_call)
+    telnyx.inject(apply=True, drop=True)
+    process(command)
+    past_the_window()
+    step = process(command)
+    command.refresh_from_db()
+    assert (step.outcome.kind, command.status) == ("failed", "failed")
+    assert "not sent again" in command.settlement
+    assert len(telnyx.commands(action="streaming_start", status=None)) == 1
+    stream = MediaStream.objects.get()
+    assert stream.status == "failed" and stream.failure_reason.startswith("outcome unknown")
+    # Telnyx may have started it without telling us: a stop goes out for it.
+    stop = Command.objects.get(action="streaming_stop")
+    assert (stop.stream_id, stop.status) == (stream.pk, "queued")
+
+
+def test_a_start_whose_call_ended_meanwhile_settles_as_call_ended(telnyx, live_call, short_window):
+    command = create(live_call)
+    telnyx.inject(apply=True, drop=True)
+    process(command)
+    deliver(envelope("call.hangup", live_call.call_control_id, hangup_cause="normal_clearing"))
+    past_the_window()
+    step = process(command)
+    assert step.outcome.kind == "call_ended"
+    assert len(telnyx.commands(action="streaming_start", status=None)) == 1
+
+
+def test_a_stop_with_no_evidence_after_the_window_is_sent_again(telnyx, live_call, short_window):
+    command = create(live_call, "fork_stop", {})
+    telnyx.inject(delay=0.5, apply=True)  # longer than the 0.3 s timeout: applied, unanswered
+    assert process(command).outcome.reason == "timeout"
+    past_the_window()
+    assert process(command).outcome.kind == "succeeded"
+    command.refresh_from_db()
+    assert command.settlement.startswith("outcome unknown after the command_id window; sent again")
+    assert len(telnyx.commands(action="fork_stop", status=None)) == 2
+
+
+def test_a_dial_whose_answer_was_lost_is_never_placed_twice(telnyx, db, short_window):
+    command = commands.call_dial(
+        params={"connection_id": "conn-1", "to": "+15550001111", "from": "+15550002222"},
+        requested_by="partner",
+    )
+    telnyx.inject(apply=True, drop=True)
+    process(command)
+    past_the_window()
+    step = process(command)
+    command.refresh_from_db()
+    assert (step.outcome.kind, command.status) == ("failed", "failed")
+    assert "not sent again" in command.settlement
+    assert len([r for r in telnyx.requests if r.path.endswith("/calls")]) == 1
+    assert command.call.status == "ended"
+
+
+def test_a_worker_lost_after_sending_leaves_an_unknown_outcome(telnyx, live_call, short_window):
+    command = create(live_call)
+    telnyx.inject(apply=True, drop=True)
+    claimed = commands.command_claim(command_pk=command.pk)  # the worker took it, then died
+    assert claimed is not None
+    Command.objects.filter(pk=command.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    reclaimed = commands.command_claim(command_pk=command.pk)
+    assert reclaimed.outcome_unknown and reclaimed.attempts == 2
+
+
+def test_redis_failing_after_the_answer_never_turns_an_applied_command_back(
+    telnyx, live_call, monkeypatch
+):
+    command = create(live_call)
+    limiter = get_limiter()
+
+    def redis_down(*args):
+        raise redis.ConnectionError("Redis went away")
+
+    monkeypatch.setattr(limiter, "complete", redis_down)
+    step = process(command)
+    command.refresh_from_db()
+    assert (step.outcome.kind, command.status) == ("succeeded", "succeeded")
+    assert process(command).delay is None  # done: never claimed again
+    assert len(telnyx.requests) == 1
+
+
+def test_a_success_that_used_telnyx_s_last_request_pauses_every_worker(telnyx, live_call):
+    telnyx.rate_limit = 1
+    first = create(live_call, "fork_stop", {})
+    assert process(first).outcome.kind == "succeeded"
+    second = create(live_call, "transcription_stop", {})
+    held = process(second)
+    assert held.outcome is None and held.delay > 0  # waits, rather than meet Telnyx's 429
+    assert len(telnyx.requests) == 1
+
+
+def test_the_placeholder_of_a_dial_merges_with_the_call_its_webhooks_created(telnyx, db):
+    from callops import state
+
+    command = commands.call_dial(
+        params={
+            "connection_id": "conn-1",
+            "to": "+15550001111",
+            "from": "+15550002222",
+            "stream_url": "wss://media.example.com/s",
+        },
+        requested_by="partner",
+    )
+    placeholder = command.call
+    deliver(envelope("call.initiated", "v3:dialed", direction="outgoing"))
+    deliver(envelope("call.answered", "v3:dialed"))
+    state.call_adopt(
+        placeholder,
+        named={"call_control_id": "v3:dialed", "call_leg_id": "leg", "call_session_id": "sess"},
+    )
+    call = Call.objects.get()
+    assert call.call_control_id == "v3:dialed" and call.status == "answered"
+    assert (call.direction, call.to_number) == ("outgoing", "+15559870000")
+    assert list(call.commands.values_list("action", flat=True)) == ["dial"]
+    assert call.streams.get().stream_url == "wss://media.example.com/s"
+    assert call.autostarted_at is not None  # its media were inline: no second start on answer
