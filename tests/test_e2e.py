@@ -75,8 +75,9 @@ def stack(live_server, telnyx, settings, worker_processes, media_sink):
             webhook_url=f"{live_server.url}/webhooks/telnyx/",
             api=telnyx,
             connection_id="e2e-conn",
-            # Until callops answers its calls, another application does.
-            answered_elsewhere=True,
+            # These tests' profile leaves the answer to another application (policy "none");
+            # the call-control tests below have callops answer.
+            answered_elsewhere=simulator_options.pop("answered_elsewhere", True),
             answer_delay=0.3,
             transcription_interval=0.4,
             retry_backoff=0.2,
@@ -254,3 +255,82 @@ def _sweep_once() -> bool:
     except Exception:
         return False  # the workers and the broker are still reconnecting
     return True
+
+
+def test_an_incoming_call_waits_parked_until_callops_answers_it_with_media_inline(
+    stack, telnyx, media_sink
+):
+    StreamingProfile.objects.update(answer_policy="answer")
+    sim = stack(answered_elsewhere=False)
+    ccid = sim.place_call(duration=5)
+    wait_for(lambda: settled(ccid, sim), timeout=40)
+
+    # One answer carried the stream and the transcription; Telnyx saw nothing else before it.
+    requests = telnyx.commands(call_control_id=ccid, status=None)
+    assert [r.action for r in requests] == ["answer"]
+    (answer,) = requests
+    assert answer.body["stream_url"] == media_sink.url and answer.body["transcription"] is True
+    told = [e["event_type"] for e in sim.events(ccid)]
+    assert told.index("call.answered") < told.index("streaming.started")
+
+    call = Call.objects.get(call_control_id=ccid)
+    assert (call.status, call.hangup_cause) == ("ended", "normal_clearing")
+    assert call.answered_at is not None and call.answer_decided_at is not None
+    stream = call.streams.get()
+    assert (stream.status, stream.started_at is not None) == ("stopped", True)
+    assert call.transcriptions.get().status == "stopped"
+    assert TranscriptSegment.objects.filter(call=call).exists()
+    (command,) = Command.objects.filter(call=call)
+    assert (command.action, command.status) == ("answer", "succeeded")
+    (session,) = media_sink.sessions
+    assert session.call_control_id == ccid and session.audio_ms > 300
+
+
+def test_an_outbound_call_dialed_through_the_partner_api_ends_true(
+    stack, telnyx, media_sink, settings
+):
+    from tests.helpers import partner_with_key
+
+    settings.CALLOPS_ALLOW_PRIVATE_TARGETS = True  # the partner's media sink is on loopback
+
+    _, api = partner_with_key("dialer", "dial-conn")
+    StreamingProfile.objects.create(
+        partner=Partner.objects.get(name="dialer"),
+        stream_url=media_sink.url,
+        stream_track="both_tracks",
+        stream_auth_token="sink-token",
+        transcribe=True,
+        transcription_engine="Telnyx",
+        auto_start=True,
+    )
+    sim = stack(
+        answered_elsewhere=False,
+        dial_answered_share=1.0,
+        dial_busy_share=0.0,
+        dial_no_answer_share=0.0,
+        dial_answer_delay=0.3,
+        call_duration=4,
+    )
+    body = {"connection_id": "dial-conn", "to": "+15550001111", "from": "+15550002222"}
+    response = api.post("/api/v1/calls/", body, format="json")
+    assert response.status_code == 202, response.json()
+
+    dial = Command.objects.get(action="dial")
+    wait_for(lambda: not Call.objects.filter(call_control_id__startswith="dialing:").exists())
+    call = Call.objects.get(commands=dial)
+    wait_for(lambda: settled(call.call_control_id, sim), timeout=40)
+    call.refresh_from_db()
+    dial.refresh_from_db()
+    assert dial.status == "succeeded"
+    assert (call.direction, call.connection_id, call.to_number) == (
+        "outgoing",
+        "dial-conn",
+        "+15550001111",
+    )
+    assert call.call_leg_id and call.call_session_id and call.answered_at
+    assert Call.objects.filter(connection_id="dial-conn").count() == 1  # merged, not doubled
+    stream = call.streams.get()
+    assert stream.status == "stopped" and stream.started_at is not None
+    assert TranscriptSegment.objects.filter(call=call).exists()
+    dials = [r for r in telnyx.requests if r.path.endswith("/calls")]
+    assert len(dials) == 1 and dials[0].body["stream_url"] == media_sink.url
