@@ -3,11 +3,14 @@
 It plays Telnyx, so it knows nothing of callops: no Django, no callops imports, and its own
 signer rather than callops' verifier run backwards; a test against it proves something.
 
-- `command_api`: `TelnyxAPISimulator`, the call-control command API (faults, rate limit, dedupe),
-  checking bodies against the table in `actions`;
-- `calls`: `CallSimulator`, the life of simulated calls, driven by the commands applied;
+- `command_api`: `TelnyxAPISimulator`, the call-control command API (answer, reject, hangup,
+  dial and the media actions; faults, rate limit, dedupe), checking bodies and call states
+  against the table in `actions`;
+- `calls`: `CallSimulator`, the life of simulated calls, incoming (parked until answered) and
+  dialled, driven by the commands applied;
 - `delivery`: their signed webhooks, with Telnyx's retries, duplicates and disorder;
-- `media`: the media WebSocket that streams a PCMU tone to a ``stream_url``;
+- `media`: the media WebSocket that streams a tone in the requested codec to a ``stream_url``,
+  bidirectional if asked;
 - `signing`: the one `Signer` (Ed25519 over ``timestamp|body``) and `load_signing_key`;
 - `envelopes`: the one webhook `envelope` builder, and `dumps`.
 

@@ -123,3 +123,24 @@ def test_the_cli_prints_the_public_key_of_its_key_file(tmp_path):
         check=True,
     )
     assert result.stdout.strip() == Signer(key).public_key
+
+
+def test_its_command_line_takes_the_call_plan_options():
+    from telnyx_sim.__main__ import parser
+
+    options = parser().parse_args(
+        ["--ring-timeout", "5", "--answered-elsewhere", "--dial-shares", "1,0,0"]
+        + ["--machine-shares", "0,1,0", "--dtmf-interval", "0"]
+    )
+    assert (options.ring_timeout, options.answered_elsewhere) == (5.0, True)
+    assert (options.dial_shares, options.machine_shares) == ((1, 0, 0), (0, 1, 0))
+    assert parser().parse_args([]).answered_elsewhere is False
+
+    result = subprocess.run(
+        [sys.executable, "-m", "telnyx_sim", "--dial-shares", "1,0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "three weights" in result.stderr
