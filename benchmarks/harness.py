@@ -3,8 +3,10 @@
 A benchmark runs on this (small, shared) machine only, against the local PostgreSQL and Redis:
 
 - ``scratch()`` gives it a fresh database and an empty Redis db, dropped and flushed at the end;
+- ``copy_database()`` starts several measurements from the same filled database;
 - ``start_process()`` / ``stop_processes()`` run the servers it measures (gunicorn, Celery);
 - ``CpuMeter`` says where the CPU went during a measurement, ours and everybody else's;
+- ``rss_by_role()`` says how much memory each of those processes holds;
 - ``measure_quietly()`` waits for the machine to be idle before a measurement and repeats one
   that other processes disturbed;
 - ``percentile()`` and ``print_table()`` report.
@@ -111,6 +113,20 @@ def scratch(database: str, *, redis_db: int, pg: str = PG) -> Iterator[Scratch]:
         except Exception as exc:  # noqa: BLE001 - an error of the run itself may be propagating
             print(f"clean-up failed: {exc}", file=sys.stderr)
         lock.close()
+
+
+def copy_database(source: str, target: str, *, pg: str = PG) -> None:
+    """(Re)create the database ``target`` on ``pg`` as a copy of ``source`` (PostgreSQL's
+    ``TEMPLATE``): the same starting state for each of several measurements. Nobody may be
+    connected to ``source``; whoever is connected to ``target`` is disconnected."""
+    with psycopg.connect(f"{pg}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{source}"')
+
+
+def drop_database(name: str, *, pg: str = PG) -> None:
+    with psycopg.connect(f"{pg}/postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- Processes ------------------------------------------------------------------------------
@@ -313,6 +329,24 @@ class CpuMeter:
             busy=(after.machine[0] - before.machine[0]) / self.tick,
             total=(after.machine[1] - before.machine[1]) / self.tick,
         )
+
+
+def rss_by_role(snapshot: CpuSnapshot) -> dict[str, list[float]]:
+    """Resident memory (MiB) of each process the snapshot gave a role, by role, read now.
+
+    PostgreSQL's and Redis's figures include the shared memory each process has touched.
+    """
+    out: dict[str, list[float]] = {}
+    for (pid, _), (role, *_) in snapshot.processes.items():
+        if not role or pid <= 0:
+            continue
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue  # exited, or a kernel thread
+        out.setdefault(role, []).append(kib / 1024)
+    return out
 
 
 # --- Quiet ----------------------------------------------------------------------------------
