@@ -63,8 +63,8 @@ class Command(BaseCommand):
                 "--connection-id", "sim-connection",
                 "--calls-per-minute", str(options["calls_per_minute"]),
                 "--call-duration", str(options["call_duration"]),
-                # Until callops answers its calls, another application (the simulator) must.
-                "--answered-elsewhere",
+                # Strict like Telnyx: the demo profile's answer policy has callops answer.
+                "--ring-timeout", "30",
                 "--signing-key-file", str(self.signing_key_file),
                 "--public-key-file", str(settings.VAR_DIR / "simulator_public_key"),
             ]  # fmt: skip
