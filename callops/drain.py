@@ -1,10 +1,15 @@
 """The drain flag: how a stored webhook event gets a worker to apply it.
 
 Webhook events are not sent to the broker one task each. The webhook stores the event as
-``pending`` (the database is the queue) and raises a one-row flag, ``DrainFlag``; only the
-request that raises it publishes a ``drain_webhook_events`` task, so a burst of webhooks costs
-one publish. On PostgreSQL the flag is raised inside the event's own INSERT statement
-(``raise_in``), so storing an event and deciding whether to publish cost one round trip.
+``pending`` (the database is the queue) and raises its shard's flag, a ``DrainFlag`` row; only
+the request that raises it publishes a ``drain_webhook_events`` task for that shard, so a burst
+of webhooks costs one publish per shard. On PostgreSQL the flag is raised inside the event's own
+INSERT statement (``raise_in``), so storing an event and deciding whether to publish cost one
+round trip.
+
+Shards: every event of a call is in the same shard (a hash of its ``call_control_id``), and one
+drain at a time works a shard, so events of one call never race for its row lock, while
+``CALLOPS_DRAIN_SHARDS`` shards are drained in parallel by any number of workers and hosts.
 
 Correctness: the flag is lowered only by a drain task, *before* its last look for pending
 events, so an event stored while the flag was up is either drained by that task or seen by its
@@ -15,6 +20,7 @@ once it is back; a flag whose drain was lost counts as lowered after ``FLAG_TTL`
 from __future__ import annotations
 
 import logging
+import zlib
 from datetime import timedelta
 
 from django.conf import settings
@@ -29,13 +35,29 @@ logger = logging.getLogger("callops.drain")
 
 # A raised flag older than this counts as lowered: its drain task was lost.
 FLAG_TTL = timedelta(seconds=30)
+# Applied after the call's lifecycle under a backlog (their order is irrelevant to the records).
+BULK_EVENTS = frozenset({"call.transcription"})
+
+
+def shard_of(call_control_id: str) -> int:
+    """The call's shard: stable across processes and hosts (not Python's salted hash)."""
+    return zlib.crc32(call_control_id.encode()) % max(1, settings.CALLOPS_DRAIN_SHARDS)
+
+
+def priority_of(event_type: str) -> int:
+    return 1 if event_type in BULK_EVENTS else 0
+
+
+def flag_id(shard: int) -> int:
+    return shard + 1
 
 
 def raise_in(insert_sql: str) -> str:
     """Wrap the webhook's ``INSERT ... RETURNING status, delivery_count`` so the same statement
     raises the flag when it stored a pending event; the third column says whether it did.
 
-    Parameters ``%(now)s`` and ``%(stale)s`` (now - ``FLAG_TTL``) are bound by the caller. A
+    Parameters ``%(now)s``, ``%(stale)s`` (now - ``FLAG_TTL``) and ``%(flag)s`` (the shard's
+    flag row) are bound by the caller. A
     plain UPDATE takes no lock when the flag is already up, so concurrent webhooks do not queue
     on the flag row; the INSERT covers a missing row (a fresh or truncated table).
     """
@@ -43,76 +65,88 @@ def raise_in(insert_sql: str) -> str:
     return (
         f"WITH stored AS ({insert_sql}),"  # noqa: S608 - table names only; values are bound
         " pending AS (SELECT 1 FROM stored WHERE status = 'pending'),"
-        f" raised AS (UPDATE {flag} SET requested_at = %(now)s WHERE id = 1"
+        f" raised AS (UPDATE {flag} SET requested_at = %(now)s WHERE id = %(flag)s"
         " AND (requested_at IS NULL OR requested_at < %(stale)s)"
         " AND EXISTS (SELECT 1 FROM pending) RETURNING 1),"
-        f" created AS (INSERT INTO {flag} (id, requested_at) SELECT 1, %(now)s"
-        f" WHERE EXISTS (SELECT 1 FROM pending) AND NOT EXISTS (SELECT 1 FROM {flag} WHERE id = 1)"
+        f" created AS (INSERT INTO {flag} (id, requested_at) SELECT %(flag)s, %(now)s WHERE"
+        f" EXISTS (SELECT 1 FROM pending) AND NOT EXISTS (SELECT 1 FROM {flag} WHERE id = %(flag)s)"
         " ON CONFLICT (id) DO NOTHING RETURNING 1)"
         " SELECT status, delivery_count,"
         " EXISTS (SELECT 1 FROM raised) OR EXISTS (SELECT 1 FROM created) FROM stored"
     )
 
 
-def flag_raise() -> bool:
-    """Raise the flag unless it is up. True if this call raised it: the caller must then
+def flag_raise(shard: int) -> bool:
+    """Raise the shard's flag unless it is up. True if this call raised it: the caller must then
     publish a drain. (``raise_in`` does the same inside the webhook's INSERT.)"""
     now = timezone.now()
     due = Q(requested_at__isnull=True) | Q(requested_at__lt=now - FLAG_TTL)
-    if DrainFlag.objects.filter(due, pk=1).update(requested_at=now):
+    if DrainFlag.objects.filter(due, pk=flag_id(shard)).update(requested_at=now):
         return True
-    _, created = DrainFlag.objects.get_or_create(pk=1, defaults={"requested_at": now})
+    _, created = DrainFlag.objects.get_or_create(pk=flag_id(shard), defaults={"requested_at": now})
     return created
 
 
-def flag_lower() -> None:
-    DrainFlag.objects.filter(pk=1).update(requested_at=None)
+def flag_lower(shard: int | None = None) -> None:
+    """Lower the shard's flag (every flag: None)."""
+    flags = DrainFlag.objects.all()
+    if shard is not None:
+        flags = flags.filter(pk=flag_id(shard))
+    flags.update(requested_at=None)
 
 
-def publish() -> bool:
+def publish(shard: int) -> bool:
     """Publish a drain for a flag just raised; lower it again if the broker is unreachable."""
     try:
-        queue.publish(queue.DRAIN_WEBHOOK_EVENTS)
+        queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard)
     except Exception:
         logger.warning("drain: broker unavailable; the sweeper will drain pending events")
         try:
-            flag_lower()
+            flag_lower(shard)
         except DatabaseError:
             logger.debug("drain: could not lower the flag; it expires on its own")
         return False
     return True
 
 
-def request() -> bool:
-    """Make sure a drain task will look at the pending events. Never raises."""
+def request(shard: int | None = None) -> bool:
+    """Make sure a drain will look at the shard's pending events (None: every shard that has
+    some, as after a replay). Never raises. True if a drain was published."""
     try:
-        raised = flag_raise()
+        shards = [shard] if shard is not None else _pending_shards()
+        raised = [s for s in shards if flag_raise(s)]
     except DatabaseError:
         logger.warning("drain: database unavailable; the sweeper will drain pending events")
         return False
-    return raised and publish()
+    return any([publish(s) for s in raised])
 
 
-def after_store(*, status: str, raised: bool | None) -> None:
+def _pending_shards() -> list[int]:
+    pending = WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING)
+    return sorted(set(pending.values_list("shard", flat=True).distinct()))
+
+
+def after_store(*, status: str, raised: bool | None, shard: int = 0) -> None:
     """What the webhook does once its event is stored. ``raised`` is whether its INSERT raised
     the flag, or None where the database could not do it in the same statement (SQLite, the
     embedded default): then a pending event raises it here, in a second statement."""
     if raised:
-        publish()
+        publish(shard)
     elif raised is None and status == WebhookEvent.Status.PENDING:
-        request()
+        request(shard)
 
 
-def after_batch(*, applied: int) -> None:
-    """What a drain task does after applying ``applied`` events: a full batch hands the rest
+def after_batch(*, shard: int, applied: int) -> None:
+    """What a shard's drain does after applying ``applied`` events: a full batch hands the rest
     to a fresh task, so other tasks interleave; otherwise lower the flag and look once more."""
     if applied >= settings.CALLOPS_DRAIN_BATCH:
         try:
-            queue.publish(queue.DRAIN_WEBHOOK_EVENTS)
+            queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard)
         except Exception:
             logger.warning("drain: broker unavailable; the sweeper will drain the rest")
-            flag_lower()
+            flag_lower(shard)
         return
-    flag_lower()
-    if WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING).exists():
-        request()
+    flag_lower(shard)
+    pending = WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING, shard=shard)
+    if pending.exists():
+        request(shard)

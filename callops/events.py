@@ -48,54 +48,81 @@ S = TypeVar("S", bound=CallSession)
 
 
 def event_process(*, event: WebhookEvent) -> str:
-    """Apply a locked, pending event and record the verdict on it. Returns the new status.
-
-    The handler runs in a savepoint: if it raises, its writes are rolled back and the event is
-    marked failed with the error, ready for a replay.
-    """
-    handler = HANDLERS.get(event.event_type)
-    if handler is None:
-        event.status = WebhookEvent.Status.IGNORED
-        event.error = ""
-    else:
-        try:
-            with transaction.atomic():
-                call = _lock_call(event)
-                handler(call, event)
-                call.save()
-        except Exception as exc:
-            logger.exception("event %s (%s) failed", event.event_id, event.event_type)
-            event.status = WebhookEvent.Status.FAILED
-            event.error = f"{type(exc).__name__}: {exc}"[:4000]
-        else:
-            event.status = WebhookEvent.Status.PROCESSED
-            event.error = ""
-    event.processed_at = timezone.now()
-    event.save(update_fields=["status", "error", "processed_at"])
-    return event.status
+    """Apply one locked, pending event and record the verdict on it. Returns the new status."""
+    return _apply([event])[event.pk]
 
 
-def events_drain(*, limit: int | None = None) -> int:
-    """Apply pending events, oldest first, until none is left or ``limit`` were applied.
+def events_drain(*, limit: int | None = None, shard: int | None = None) -> int:
+    """Apply pending events of ``shard`` (every shard: None), the calls' lifecycle before
+    transcript segments and oldest first, until none is left or ``limit`` were applied.
 
-    Each event is claimed with ``SKIP LOCKED``, so any number of drain tasks can run side by side
-    and none waits for, or applies twice, an event another one holds.
+    Events are claimed ``CALLOPS_DRAIN_CLAIM`` at a time with ``SKIP LOCKED`` and applied in one
+    transaction, so any number of drains can run side by side and none waits for, or applies
+    twice, an event another one holds; a call's events in the batch share one lock of its row.
     """
     limit = settings.CALLOPS_DRAIN_BATCH if limit is None else limit
     applied = 0
     while applied < limit:
         with transaction.atomic():
-            event = (
-                WebhookEvent.objects.select_for_update(skip_locked=True)
-                .filter(status=WebhookEvent.Status.PENDING)
-                .order_by("received_at")
-                .first()
+            pending = WebhookEvent.objects.select_for_update(skip_locked=True).filter(
+                status=WebhookEvent.Status.PENDING
             )
-            if event is None:
+            if shard is not None:
+                pending = pending.filter(shard=shard)
+            size = min(settings.CALLOPS_DRAIN_CLAIM, limit - applied)
+            batch = list(pending.order_by("priority", "received_at")[:size])
+            if not batch:
                 break
-            event_process(event=event)
-        applied += 1
+            _apply(batch)
+        applied += len(batch)
     return applied
+
+
+def _apply(batch: list[WebhookEvent]) -> dict[int, str]:
+    """Apply locked, pending events, grouped by call, and record each verdict. Each handler runs
+    in a savepoint: if it raises, its writes are rolled back and the event is marked failed with
+    the error, ready for a replay, and the others go on. Returns each event's new status."""
+    by_call: dict[str, list[WebhookEvent]] = {}
+    for event in batch:
+        by_call.setdefault(event.call_control_id, []).append(event)
+    verdicts: dict[int, str] = {}
+    failures: dict[int, str] = {}
+    # Calls are locked in one order (their id) by every drain: two drains holding events of the
+    # same calls (the sweeper drains every shard) wait for each other, never deadlock.
+    for _, events_of_call in sorted(by_call.items()):
+        call: Call | None = None
+        for event in events_of_call:
+            handler = HANDLERS.get(event.event_type)
+            if handler is None:
+                verdicts[event.pk] = WebhookEvent.Status.IGNORED
+                continue
+            try:
+                with transaction.atomic():
+                    call = _lock_call(event, call)
+                    handler(call, event)
+                    call.save()
+            except Exception as exc:
+                logger.exception("event %s (%s) failed", event.event_id, event.event_type)
+                verdicts[event.pk] = WebhookEvent.Status.FAILED
+                failures[event.pk] = f"{type(exc).__name__}: {exc}"[:4000]
+                call = None  # it may hold the failed handler's changes: read it again
+            else:
+                verdicts[event.pk] = WebhookEvent.Status.PROCESSED
+    now = timezone.now()
+    for status in (WebhookEvent.Status.PROCESSED, WebhookEvent.Status.IGNORED):
+        pks = [pk for pk, verdict in verdicts.items() if verdict == status]
+        if pks:
+            WebhookEvent.objects.filter(pk__in=pks).update(
+                status=status, error="", processed_at=now
+            )
+    for pk, error in failures.items():
+        WebhookEvent.objects.filter(pk=pk).update(
+            status=WebhookEvent.Status.FAILED, error=error, processed_at=now
+        )
+    for event in batch:
+        event.status, event.error = verdicts[event.pk], failures.get(event.pk, "")
+        event.processed_at = now
+    return verdicts
 
 
 def events_replay(*, event_ids: Iterable[int]) -> int:
@@ -112,12 +139,16 @@ def has_handler(event_type: str) -> bool:
 # --- The call -------------------------------------------------------------------------------
 
 
-def _lock_call(event: WebhookEvent) -> Call:
-    """The event's call, created if this is the first we hear of it, locked for this transaction."""
+def _lock_call(event: WebhookEvent, call: Call | None = None) -> Call:
+    """The event's call, created if this is the first we hear of it, locked for this transaction
+    (``call``: already locked by an earlier event of the batch), with the event's facts merged."""
     if not event.call_control_id:
         raise EventError("event has no data.payload.call_control_id")
-    Call.objects.bulk_create([Call(call_control_id=event.call_control_id)], ignore_conflicts=True)
-    call = Call.objects.select_for_update().get(call_control_id=event.call_control_id)
+    if call is None:
+        Call.objects.bulk_create(
+            [Call(call_control_id=event.call_control_id)], ignore_conflicts=True
+        )
+        call = Call.objects.select_for_update().get(call_control_id=event.call_control_id)
     body = event.body
     state.call_merge_payload(call, body, event.occurred_at, parse_time(body.get("start_time")))
     return call
@@ -132,7 +163,8 @@ def on_call_initiated(call: Call, event: WebhookEvent) -> None:
 
 
 def on_machine_detection_ended(call: Call, event: WebhookEvent) -> None:
-    """The first result Telnyx reports is the call's (it reports one per call)."""
+    """The first result Telnyx reports is the call's (it reports one per call). Premium
+    detection's human_residence and human_business count as human for the profile's policy."""
     result = _text(event.body.get("result"), 32)
     if result and (
         call.machine_detection_at is None or event.occurred_at < call.machine_detection_at
@@ -357,5 +389,7 @@ HANDLERS: dict[str, Callable[[Call, WebhookEvent], None]] = {
     "call.fork.stopped": on_fork_event,
     "call.transcription": on_call_transcription,
     "call.machine.detection.ended": on_machine_detection_ended,
+    # Premium detection reports human_residence / human_business / machine / silence...
+    "call.machine.premium.detection.ended": on_machine_detection_ended,
     "call.dtmf.received": on_dtmf_received,
 }

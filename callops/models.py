@@ -44,15 +44,20 @@ class WebhookEvent(models.Model):
     )
     error = models.TextField(blank=True, default="", db_default="")
     processed_at = models.DateTimeField(null=True, blank=True)
+    # Which drain applies it (callops.drain): every event of a call has the same shard, so
+    # events of one call are applied by one drain at a time while shards run in parallel.
+    shard = models.PositiveSmallIntegerField(default=0, db_default=0)
+    # 0: the call's lifecycle (applied first under a backlog), 1: transcript segments.
+    priority = models.PositiveSmallIntegerField(default=0, db_default=0)
 
     class Meta:
         indexes = [
-            # The sweeper and the drain task look only at pending events: a partial index keeps
-            # their cost proportional to the backlog, not to the table.
+            # The drains and the sweeper look only at pending events: a partial index keeps
+            # their cost proportional to the backlog, not to the table. In claim order.
             models.Index(
-                fields=["received_at"],
+                fields=["shard", "priority", "received_at"],
                 condition=models.Q(status="pending"),
-                name="webhookevent_pending_idx",
+                name="webhookevent_claim_idx",
             ),
             # The admin's list: newest first, its date filter and date drill-down.
             models.Index(fields=["received_at"], name="webhookevent_received_idx"),
@@ -609,11 +614,12 @@ class TaskRun(models.Model):
 
 
 class DrainFlag(models.Model):
-    """One row: when a drain of pending webhook events was last asked for, if one is still due.
+    """One row per shard (id = shard + 1): when a drain of that shard's pending webhook events
+    was last asked for, if one is still due.
 
     The webhook's doorbell. Raising it is folded into the webhook's INSERT on PostgreSQL (see
-    callops.webhooks), so storing an event and deciding whether to enqueue a drain cost one
-    round trip; the drain task lowers it before its last look for pending events.
+    callops.drain), so storing an event and deciding whether to enqueue a drain cost one round
+    trip; the drain task lowers it before its last look for pending events.
     """
 
     requested_at = models.DateTimeField(null=True, blank=True)

@@ -48,10 +48,11 @@ def recorded(func):
 
 
 @shared_task(name=queue.DRAIN_WEBHOOK_EVENTS, ignore_result=True)
-def drain_webhook_events() -> int:
-    """Apply pending events in a batch; hand the rest to a fresh task so others can interleave."""
-    applied = events.events_drain()
-    drain.after_batch(applied=applied)
+def drain_webhook_events(shard: int = 0) -> int:
+    """Apply a shard's pending events in a batch; hand the rest to a fresh task so others
+    (other shards, commands) interleave."""
+    applied = events.events_drain(shard=shard)
+    drain.after_batch(shard=shard, applied=applied)
     return applied
 
 

@@ -62,7 +62,7 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
         logger.error("webhook %s not stored: %s", event.event_id, exc)
         return JsonResponse({"error": "event could not be stored"}, status=503)
 
-    drain.after_store(status=status, raised=raised)
+    drain.after_store(status=status, raised=raised, shard=event.shard)
     return JsonResponse({"status": status, "duplicate": not created})
 
 

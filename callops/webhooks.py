@@ -101,6 +101,8 @@ class ParsedEvent:
     call_control_id: str
     attempt: int | None
     envelope_json: str
+    shard: int = 0
+    priority: int = 0
 
 
 def parse_event(body: bytes) -> ParsedEvent:
@@ -139,6 +141,8 @@ def parse_event(body: bytes) -> ParsedEvent:
         call_control_id=call_control_id,
         attempt=attempt,
         envelope_json=envelope_json,
+        shard=drain.shard_of(call_control_id),
+        priority=drain.priority_of(event_type),
     )
 
 
@@ -158,10 +162,10 @@ def _insert_sql(vendor: str) -> str:
     table = WebhookEvent._meta.db_table
     insert = (
         f"INSERT INTO {table} (event_id, event_type, occurred_at, call_control_id, payload,"  # noqa: S608
-        " received_at, delivery_count, last_attempt, status, error, processed_at)"
+        " received_at, delivery_count, last_attempt, status, error, processed_at, shard, priority)"
         " VALUES (%(event_id)s, %(event_type)s, %(occurred_at)s, %(call_control_id)s,"
         f" {'%(payload)s::jsonb' if vendor == 'postgresql' else '%(payload)s'}, %(now)s, 1,"
-        " %(attempt)s, %(status)s, '', %(processed_at)s)"
+        " %(attempt)s, %(status)s, '', %(processed_at)s, %(shard)s, %(priority)s)"
         " ON CONFLICT (event_id) DO UPDATE SET"
         f" delivery_count = {table}.delivery_count + 1,"
         f" last_attempt = COALESCE(EXCLUDED.last_attempt, {table}.last_attempt)"
@@ -211,6 +215,9 @@ def insert_params(db: BaseDatabaseWrapper, event: ParsedEvent, *, handled: bool)
         "status": WebhookEvent.Status.PENDING if handled else WebhookEvent.Status.IGNORED,
         "processed_at": None if handled else adapt(now),
         "stale": adapt(now - drain.FLAG_TTL),
+        "shard": event.shard,
+        "priority": event.priority,
+        "flag": drain.flag_id(event.shard),
     }
 
 

@@ -45,8 +45,9 @@ seen = {"vendor": django.db.connection.vendor}
 seen["statuses"] = [post("call.initiated"), post("call.answered")]
 seen["flag_up"] = DrainFlag.objects.get().requested_at is not None
 seen["messages_after_burst"] = len(os.listdir(queue))
-applied = events.events_drain()
-drain.after_batch(applied=applied)
+shard = drain.shard_of("v3:embedded")
+applied = events.events_drain(shard=shard)
+drain.after_batch(shard=shard, applied=applied)
 seen["applied"] = applied
 seen["flag_up_after_drain"] = DrainFlag.objects.get().requested_at is not None
 seen["pending"] = WebhookEvent.objects.filter(status="pending").count()

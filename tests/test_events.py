@@ -268,3 +268,18 @@ def test_concurrent_drains_apply_each_event_once():
     assert sum(counts) == handled
     assert not WebhookEvent.objects.filter(status="pending").exists()
     assert MediaStream.objects.count() == 6
+
+
+@pytest.mark.django_db
+def test_a_backlog_applies_the_calls_lifecycle_before_transcripts():
+    segment = {"transcript": "hi", "is_final": True}
+    for index in range(5):
+        event = envelope("call.transcription", "v3:busy", transcription_data=segment)
+        webhooks.store_event(webhooks.parse_event(dumps(event)), handled=True)
+    hangup = envelope("call.hangup", "v3:busy", hangup_cause="normal_clearing")
+    webhooks.store_event(webhooks.parse_event(dumps(hangup)), handled=True)
+    assert events.events_drain(limit=1) == 1
+    assert list(
+        WebhookEvent.objects.filter(status="processed").values_list("event_type", flat=True)
+    ) == ["call.hangup"]
+    assert Call.objects.get().status == "ended"

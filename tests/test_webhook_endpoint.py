@@ -75,8 +75,9 @@ def test_with_prepared_statements_off_the_insert_still_runs(post_event):
 
 
 def queued_messages() -> int:
-    """Messages waiting in the real broker's queue (Redis list ``callops``)."""
-    return redis.Redis.from_url(settings.CELERY_BROKER_URL).llen("callops")
+    """Messages waiting in the real broker's queues (Redis lists ``callops`` and ``events``)."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    return broker.llen("callops") + broker.llen("events")
 
 
 def test_it_rings_the_doorbell_once_per_burst(post_event):
@@ -242,3 +243,26 @@ def test_it_stores_a_body_with_a_nul_character(post_event):
 
 def test_it_only_accepts_post(client):
     assert client.get(URL).status_code == 405
+
+
+def test_each_shard_gets_its_own_drain_and_a_call_keeps_its_shard(post_event):
+    from callops.drain import shard_of
+
+    calls, shards = [], set()
+    for index in range(200):  # enough calls to cover three shards
+        ccid = f"v3:shard-{index}"
+        if shard_of(ccid) not in shards:
+            shards.add(shard_of(ccid))
+            calls.append(ccid)
+        if len(shards) == 3:
+            break
+    for ccid in calls:
+        for kind in ("call.initiated", "call.answered"):
+            post_event(envelope(kind, ccid))
+    assert queued_messages() == 3  # one drain per shard, not one per event or one in all
+    for ccid in calls:
+        stored = set(
+            WebhookEvent.objects.filter(call_control_id=ccid).values_list("shard", flat=True)
+        )
+        assert stored == {shard_of(ccid)}
+    assert DrainFlag.objects.filter(requested_at__isnull=False).count() == 3

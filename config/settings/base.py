@@ -8,6 +8,7 @@ production) only change defaults and security settings.
 from pathlib import Path
 
 import environ
+from kombu import Queue
 
 from callops import telnyx_spec
 
@@ -164,6 +165,10 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "callops"
+# Commands and maintenance on "callops", event drains on "events": a worker consumes both (both
+# are declared, so a worker started without -Q takes both), and may be split by queue.
+CELERY_TASK_QUEUES = (Queue("callops"), Queue("events"))
+CELERY_TASK_ROUTES = {"callops.tasks.drain_webhook_events": {"queue": "events"}}
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # The default schedules are created by a migration (callops 0005) so operators can change them
@@ -227,8 +232,14 @@ CALLOPS_HEARTBEAT_MAX_AGE = env.int("CALLOPS_HEARTBEAT_MAX_AGE", default=180)
 # --- Event processing -----------------------------------------------------------------------
 # Events still pending this long after arrival are re-enqueued by the sweeper (broker outage).
 CALLOPS_PENDING_EVENT_GRACE = env.int("CALLOPS_PENDING_EVENT_GRACE", default=60)
-# How many events one drain task applies before handing the rest to a fresh task.
-CALLOPS_DRAIN_BATCH = env.int("CALLOPS_DRAIN_BATCH", default=200)
+# How many events one drain task applies before handing the rest to a fresh task (so commands,
+# which share the workers, wait behind one short drain at most).
+CALLOPS_DRAIN_BATCH = env.int("CALLOPS_DRAIN_BATCH", default=100)
+# How many events a drain claims and applies in one transaction.
+CALLOPS_DRAIN_CLAIM = env.int("CALLOPS_DRAIN_CLAIM", default=25)
+# Events are spread over this many drain shards by call: one drain per shard at a time, shards
+# in parallel on any number of workers. Changing it is safe: pending events keep their shard.
+CALLOPS_DRAIN_SHARDS = env.int("CALLOPS_DRAIN_SHARDS", default=8)
 
 # --- Internationalisation and static files --------------------------------------------------
 LANGUAGE_CODE = "en-us"
