@@ -624,7 +624,13 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
             return  # cancelled meanwhile, or recorded by another worker
         if outcome.kind == "call_ended":
             call = Call.objects.select_for_update().get(pk=command.call_id)
+            for session in sessions:  # what it would have started never started: say why
+                session.refresh_from_db()
+                if session.started_at is None and not session.failure_reason:
+                    session.failure_reason = "never started: the call had ended"
             state.call_mark_ended(call=call, at=now)
+            for session in sessions:
+                state.session_save(call, session, now)
             call.save()
         elif not spec.on_call:  # dial: Telnyx named the call it placed, or placed none
             placeholder = Call.objects.select_for_update().get(pk=command.call_id)

@@ -46,7 +46,7 @@ def call_answered_policy(*, call: Call) -> list[Command]:
     if profile is None or not profile.auto_start:
         return []
     if profile.machine_policy == StreamingProfile.MachinePolicy.HUMANS_ONLY and (
-        call.machine_detection != "human" and call.awaits_machine_detection
+        not _is_human(call.machine_detection) and call.awaits_machine_detection
     ):
         return []
     return _start_media(call, profile)
@@ -62,7 +62,7 @@ def call_machine_policy(*, call: Call) -> list[Command]:
     if result == "machine" and policy == StreamingProfile.MachinePolicy.HANGUP:
         return _send(call, "hangup", {})
     if (
-        result == "human"
+        _is_human(result)
         and policy == StreamingProfile.MachinePolicy.HUMANS_ONLY
         and profile.auto_start
         and call.autostarted_at is None
@@ -70,6 +70,11 @@ def call_machine_policy(*, call: Call) -> list[Command]:
     ):
         return _start_media(call, profile)
     return []
+
+
+def _is_human(result: str) -> bool:
+    """human, or premium detection's human_residence / human_business."""
+    return result.startswith("human")
 
 
 def _start_media(call: Call, profile: StreamingProfile) -> list[Command]:

@@ -285,3 +285,9 @@ def test_operators_answer_reject_and_hang_up_from_the_admin(
         params,
         "operator",
     )
+
+
+def test_premium_detection_of_a_machine_is_hung_up_on_too(acme):
+    profile(acme[0], machine_policy="hangup")
+    deliver(envelope("call.machine.premium.detection.ended", "v3:prem", result="machine"))
+    assert list(Call.objects.get().commands.values_list("action", flat=True)) == ["hangup"]

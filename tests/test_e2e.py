@@ -222,7 +222,7 @@ def private_redis():
 
 
 def test_nothing_is_lost_across_a_broker_restart(stack, telnyx, settings, private_redis):
-    url = private_redis["url"]
+    url, original = private_redis["url"], settings.CELERY_BROKER_URL
     settings.CELERY_BROKER_URL = url
     settings.CALLOPS_RATE_LIMIT_URL = url
     # The same cache as the workers' (same key prefix), on the private Redis.
@@ -246,7 +246,7 @@ def test_nothing_is_lost_across_a_broker_restart(stack, telnyx, settings, privat
         wait_for(lambda: settled(ccid, sim), timeout=30)
         assert_true_to_telnyx(sim, telnyx, ccid)
     finally:
-        use_broker(settings.CELERY_BROKER_URL)
+        use_broker(original)  # the test's own broker: later tests must not inherit the private one
 
 
 def _sweep_once() -> bool:

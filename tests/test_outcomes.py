@@ -203,3 +203,13 @@ def test_the_placeholder_of_a_dial_merges_with_the_call_its_webhooks_created(tel
     assert list(call.commands.values_list("action", flat=True)) == ["dial"]
     assert call.streams.get().stream_url == "wss://media.example.com/s"
     assert call.autostarted_at is not None  # its media were inline: no second start on answer
+
+
+def test_a_start_refused_because_the_call_ended_is_recorded_as_never_started(telnyx, live_call):
+    command = create(live_call, "transcription_start", {})
+    telnyx.end_call(live_call.call_control_id)
+    assert process(command).outcome.kind == "call_ended"
+    transcription = command.transcription
+    transcription.refresh_from_db()
+    assert (transcription.status, transcription.started_at) == ("failed", None)
+    assert transcription.failure_reason == "never started: the call had ended"
