@@ -101,7 +101,8 @@ class CallPlan:
             ``answer_delay`` seconds (``answer`` from us is then refused).
         answer_delay: with ``answered_elsewhere``, seconds from ``call.initiated`` to
             ``call.answered``.
-        connection_id, from_number, to_number: payload values; ``from_number`` None gives
+        connection_id, from_number, to_number: payload values (``connection_id`` may list
+            several, comma separated: placed calls take them in turn); ``from_number`` None gives
             each call a random +1555 number.
         dial_answered_share, dial_busy_share, dial_no_answer_share: how a dialled far end
             behaves, as relative weights.
@@ -302,6 +303,7 @@ class CallSimulator:
         self._timers: Timers | None = None
         self._placer: Timer | None = None
         self._placing = False
+        self._placed = 0  # automatic placements so far: they take the connection ids in turn
         self._previous_hook: Callable[[CommandRecord], None] | None = None
         self._closing = False
 
@@ -446,7 +448,7 @@ class CallSimulator:
             call_control_id=call_control_id,
             call_leg_id=str(uuid.uuid4()),
             call_session_id=str(uuid.uuid4()),
-            connection_id=connection_id or plan.connection_id,
+            connection_id=connection_id or plan.connection_id.split(",")[0],
             from_number=number,
             to_number=to_number or plan.to_number,
             started_at=datetime.now(UTC),
@@ -643,7 +645,9 @@ class CallSimulator:
                 return
             rate = self.plan.calls_per_minute
             if rate > 0:
-                self.place_call()
+                connections = self.plan.connection_id.split(",")
+                self.place_call(connection_id=connections[self._placed % len(connections)])
+                self._placed += 1
             self._placer = self._timers.call_later(
                 60.0 / rate if rate > 0 else 1.0, self._place_tick
             )

@@ -1,16 +1,24 @@
-"""Prepare a local demo: an admin login, and a partner whose calls stream and transcribe on answer.
+"""Prepare a local demo: an admin login, and a partner whose incoming calls callops answers
+with streaming and transcription inline.
 
-Idempotent: run it as often as you like. The admin's password is set anew on every run and
-printed, so the person who just started callops always has a working login.
+Idempotent: run it as often as you like. The admin's password and the demo partner's API key
+are made anew on every run and printed (the key is also kept in ``var/demo_partner_key`` for
+the demo dialer), so the person who just started callops always has a working login and key.
 """
 
+import os
 import secrets
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from callops.models import Partner, PartnerConnection, StreamingProfile
+from callops.api_keys import api_key_create, api_key_revoke
+from callops.models import ApiKey, Partner, PartnerConnection, StreamingProfile
+
+DEMO_KEY_NAME = "demo (made by demo_setup)"
+REJECT_CONNECTION = "sim-reject"
 
 
 class Command(BaseCommand):
@@ -49,10 +57,36 @@ class Command(BaseCommand):
                 "transcription_tracks": "both",
                 "max_stream_duration": 600,
                 "auto_start": True,
+                "answer_policy": StreamingProfile.AnswerPolicy.ANSWER,
+                "machine_policy": StreamingProfile.MachinePolicy.HANGUP,
             },
         )
+        # A second connection whose calls callops rejects, so the demo shows both policies.
+        PartnerConnection.objects.get_or_create(
+            connection_id=REJECT_CONNECTION, defaults={"partner": partner}
+        )
+        StreamingProfile.objects.update_or_create(
+            partner=partner,
+            connection_id=REJECT_CONNECTION,
+            defaults={
+                "name": "demo: reject every incoming call",
+                "stream_url": stream_url,
+                "answer_policy": StreamingProfile.AnswerPolicy.REJECT,
+                "reject_cause": "USER_BUSY",
+            },
+        )
+        for old in ApiKey.objects.filter(partner=partner, name=DEMO_KEY_NAME, revoked_at=None):
+            api_key_revoke(key=old)
+        _, key = api_key_create(partner=partner, name=DEMO_KEY_NAME)
+        key_file = settings.VAR_DIR / "demo_partner_key"
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(key + "\n")
         self.stdout.write(f"Admin login: {admin} / {password}")
         self.stdout.write(
-            f"Demo partner 'demo' owns connection {connection_id}; answered calls stream to "
-            f"{stream_url} and are transcribed."
+            f"Demo partner 'demo' owns connection {connection_id}; callops answers its incoming "
+            f"calls with streaming to {stream_url} and transcription inline, and rejects "
+            f"those on {REJECT_CONNECTION}."
         )
+        self.stdout.write(f"Demo partner API key (also in {key_file}): {key}")

@@ -37,6 +37,12 @@ class Command(BaseCommand):
         parser.add_argument("--calls-per-minute", type=float, default=6.0)
         parser.add_argument("--call-duration", type=float, default=20.0)
         parser.add_argument(
+            "--dials-per-minute",
+            type=float,
+            default=1.5,
+            help="outbound calls the demo partner dials through the API (0: none)",
+        )
+        parser.add_argument(
             "--simulator",
             choices=["auto", "on", "off"],
             default="auto",
@@ -60,7 +66,8 @@ class Command(BaseCommand):
                 "--webhook-url", f"http://{addr}/webhooks/telnyx/",
                 "--port", str(options["simulator_port"]),
                 "--api-key", self.env["TELNYX_API_KEY"],
-                "--connection-id", "sim-connection",
+                # One incoming call in three is on the connection whose profile rejects.
+                "--connection-id", "sim-connection,sim-connection,sim-reject",
                 "--calls-per-minute", str(options["calls_per_minute"]),
                 "--call-duration", str(options["call_duration"]),
                 # Strict like Telnyx: the demo profile's answer policy has callops answer.
@@ -71,6 +78,11 @@ class Command(BaseCommand):
             processes["partner"] = [
                 python, "manage.py", "media_sink", "--port", str(options["media_port"])
             ]  # fmt: skip
+            if options["dials_per_minute"] > 0:
+                processes["dialer"] = [
+                    python, "manage.py", "demo_dialer", "--api", f"http://{addr}/api/v1/",
+                    "--every", str(60.0 / options["dials_per_minute"]),
+                ]  # fmt: skip
         return processes
 
     def prepare_simulator(self, options: dict) -> None:
