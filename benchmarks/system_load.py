@@ -238,6 +238,8 @@ class RateResult:
     drain_seconds: float
     cpu: CpuUse
     rss: dict[str, list[float]]
+    pg_exited: float
+    sessions: int
 
     @property
     def per_worker_cpu_s(self) -> float:
@@ -272,6 +274,8 @@ class Hold:
     start_wall: datetime
     cpu: CpuUse
     rss: dict[str, list[float]]
+    pg_exited: float  # CPU seconds of PostgreSQL backends that ended in the window
+    sessions: int  # database sessions opened on the run's database in the window
 
 
 class Sampler(threading.Thread):
@@ -365,6 +369,9 @@ class LoadBench:
         )
         self.sampler = Sampler(self.run.database_url)
         self.sampler.start()
+        (backend,) = self.meter.db.execute("SELECT pg_backend_pid()").fetchone()
+        with open(f"/proc/{backend}/stat") as f:
+            self.postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
         print(
             f"stack up: gunicorn on 127.0.0.1:{port} (config/gunicorn.py), 1 worker x 2, beat, "
             f"simulator {self.api.base_url} (rate limit {args.limit}/s); logs in {self.work}",
@@ -381,6 +388,21 @@ class LoadBench:
         stop_processes(self.procs)
         if hasattr(self, "api"):
             self.api.stop()
+
+    def pg_and_sessions(self) -> tuple[float, int]:
+        """(CPU seconds of the PostgreSQL backends that have ended, on any database: the
+        postmaster's reaped children; sessions opened on the run's database so far).
+
+        The meter misses a backend that ends between its snapshots, and Celery's Django fixup
+        closes a worker child's connection after every task, so most backends end young.
+        """
+        with open(f"/proc/{self.postmaster}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        reaped = (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        (sessions,) = self.meter.db.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        return reaped, sessions
 
     # Waiting
 
@@ -442,16 +464,21 @@ class LoadBench:
         time.sleep(max(0.0, start + ramp - time.monotonic()))
         w0, w0_wall = time.monotonic(), datetime.now(UTC)
         before = self.meter.snapshot()
+        pg0, sessions0 = self.pg_and_sessions()
         time.sleep(max(0.0, start + hold - time.monotonic()))
         w1, w1_wall = time.monotonic(), datetime.now(UTC)
         cpu = self.meter.since(before)
+        pg1, sessions1 = self.pg_and_sessions()
         rss = rss_by_role(self.meter.snapshot())
         placer.join()
         drain_start = time.monotonic()
         drained = self.wait_drained(args.call_duration * 1.2 + 30 + args.drain_timeout)
         drain_seconds = time.monotonic() - drain_start
         return self.result(
-            Hold(rate, placed, late[0], w0, w1, w0_wall, w1_wall, start_wall, cpu, rss),
+            Hold(
+                *(rate, placed, late[0], w0, w1, w0_wall, w1_wall, start_wall, cpu, rss),
+                *(pg1 - pg0, sessions1 - sessions0),
+            ),
             drained,
             drain_seconds,
         )
@@ -542,6 +569,8 @@ class LoadBench:
             drain_seconds=drain_seconds,
             cpu=cpu,
             rss=rss,
+            pg_exited=hold.pg_exited,
+            sessions=hold.sessions,
         )
 
 
@@ -633,15 +662,30 @@ def report_load(args, results: list[RateResult]) -> bool:
             for r in results
         ],
     )
-    print("\nCPU in the window, cores (events applied per second of worker CPU last)")
+    print(
+        "\nCPU in the window, cores. pg ended: PostgreSQL backends that ended in the window (any"
+        " database;\nthey are in no other column); others: every other process and unattributed"
+        " time, pg ended included.\nsessions/s: database sessions opened on the run's database."
+        " applied/wCPU-s: events applied per second of worker CPU."
+    )
     print_table(
-        ("calls/s", *(ROLE_NAMES.get(r, r) for r in ROLES), "others", "idle %", "applied/wCPU-s"),
+        (
+            "calls/s",
+            *(ROLE_NAMES.get(r, r) for r in ROLES),
+            "pg ended",
+            "others",
+            "idle %",
+            "sessions/s",
+            "applied/wCPU-s",
+        ),
         [
             (
                 f"{r.rate:g}",
                 *(f"{r.cpu.cores(r.cpu.roles[role]):.2f}" for role in ROLES),
+                f"{r.cpu.cores(r.pg_exited):.2f}",
                 f"{r.cpu.cores(r.cpu.not_ours):.2f}",
                 f"{100 * r.cpu.idle_share:.0f}",
+                f"{r.sessions / r.window:.1f}",
                 f"{r.per_worker_cpu_s:,.0f}",
             )
             for r in results
@@ -649,13 +693,13 @@ def report_load(args, results: list[RateResult]) -> bool:
     )
     print("\nCPU per webhook delivered in the window, ms")
     print_table(
-        ("calls/s", *(ROLE_NAMES.get(r, r) for r in ROLES)),
+        ("calls/s", *(ROLE_NAMES.get(r, r) for r in ROLES), "pg ended"),
         [
             (
                 f"{r.rate:g}",
                 *(
-                    f"{r.cpu.roles[role] / max(1, r.webhooks_per_s * r.window) * 1000:.2f}"
-                    for role in ROLES
+                    f"{seconds / max(1, r.webhooks_per_s * r.window) * 1000:.2f}"
+                    for seconds in (*(r.cpu.roles[role] for role in ROLES), r.pg_exited)
                 ),
             )
             for r in results
@@ -794,6 +838,8 @@ def drain_once(args, run: Scratch, env: dict, template: str, workers: int, work:
     try:
         for i, log in enumerate(logs):
             procs.append(start_worker(env, f"sysbench-backlog{i}", 1, log))
+        for proc, log in zip(procs, logs, strict=True):  # its SDK import is over too
+            wait_for_log(proc, log, "Telnyx client ready")
         meter = CpuMeter(run.database_url, {"workers": [p.pid for p in procs]})
         wait_for_quiet(min(args.quiet_wait, 60), seconds=3)  # the workers' start-up is over
         with psycopg.connect(run.database_url, autocommit=True) as db:
@@ -801,7 +847,8 @@ def drain_once(args, run: Scratch, env: dict, template: str, workers: int, work:
             (events,) = db.execute(pending).fetchone()
             before = meter.snapshot()
             start = time.monotonic()
-            drain.request()
+            if not drain.request():
+                raise RuntimeError("drain.request() published no drain")
             while db.execute(pending).fetchone()[0]:
                 if time.monotonic() - start > args.drain_timeout:
                     raise RuntimeError(f"{workers} workers: not drained in {args.drain_timeout} s")
