@@ -1,7 +1,8 @@
-"""Latency and throughput of the command outbox under real Celery workers, against the simulator.
+"""Latency and throughput of the command outbox under real Celery workers, against the simulator,
+and how soon an incoming call is answered.
 
     .venv/bin/python benchmarks/command_throughput.py [--commands 600] [--limit 50] \\
-        [--workers 2] [--concurrency 2]
+        [--workers 2] [--concurrency 2] [--answer-seconds 10] [--web-workers 2]
 
 What it does, on this machine only:
 
@@ -9,12 +10,16 @@ What it does, on this machine only:
    Redis db 12 (broker, cache and the fleet-wide rate limiter of the run).
 2. Starts the Telnyx simulator in this process with ``rate_limit=--limit`` (it answers 429 above
    it, as Telnyx does) and ``--workers`` real Celery worker processes (prefork, ``--concurrency``
-   children each) pointed at it, with ``TELNYX_RATE_LIMIT=--limit``. The workers run
+   children each) pointed at it, with ``TELNYX_RATE_LIMIT=--limit``, on ``config.settings.test``.
+   (Celery's Django fixup closes a child's database connections around every task whatever
+   ``CONN_MAX_AGE`` says, unless ``CELERY_DB_REUSE_MAX`` is set: phases B and C print the
+   database sessions opened per command and per call.) They run
    ``celery -A benchmarks.command_probe``: the project's app plus a log line per limiter decision
    and per scheduled task start (see that module); ``--no-probe`` runs ``celery -A config``.
    ``--variant`` turns on the probe's experiments (candidate changes, tried without editing
    callops), ``--guard`` sets ``TELNYX_RATE_LIMIT_GUARD`` for the run.
-3. Warm-up: a few commands, so every worker child has its database connection (not measured).
+3. Warm-up: a few commands and a few incoming calls through gunicorn, so every worker child
+   has imported the SDK and every web worker has its broker connection (not measured).
 4. Phase A, latency below the limit: commands are created on a fixed schedule at a quarter of
    the limit for ``--latency-seconds`` through ``command_create`` (which enqueues after commit);
    latency runs from just before ``command_create`` to the request's arrival at the simulator,
@@ -28,9 +33,19 @@ What it does, on this machine only:
    second, so the allowance is spent once, not every second. Printed next to it, not checked:
    the steady pace, limit / mean(arrival[k + limit] - arrival[k]) over k >= limit (the first
    ``limit`` gaps are long by design: the burst is paced out); also 1 / (1 + guard) at best.
-6. Prints where phase B's time went (the limiter's period, how late woken tasks ran, task
-   messages and task time per command, CPU), then PASS/FAIL per target; stops the workers, drops
-   the database and flushes the Redis db. Exit status 1 if a target is missed.
+6. Phase C, answer-to-media latency below the limit: incoming calls at ``--answer-rate``
+   (a quarter of the limit) for ``--answer-seconds``. Each is a parked call at the simulator
+   and a ``call.initiated`` (direction incoming) POSTed, signed, to ``/webhooks/telnyx/`` of a
+   gunicorn (``--web-workers`` sync workers, production settings via
+   ``benchmarks.bench_settings``) on a fixed schedule. The connection's profile answers with
+   streaming and transcription inline, so the drain creates one ``answer`` command. Latency
+   runs from just before the POST to the answer's arrival at the simulator, both on this
+   process's monotonic clock. Target: p99 < 100 ms. Printed with it: each stage of the way
+   (event stored, answer created, sent, arrived: wall clocks of this machine) and task
+   messages and CPU per call.
+7. Prints where phase B's time went (the limiter's period, how late woken tasks ran, task
+   messages and task time per command, CPU), then PASS/FAIL per target; stops the workers and
+   gunicorn, drops the database and flushes the Redis db. Exit status 1 if a target is missed.
 
 Other processes on this (2-core) machine skew every figure: before each phase the run waits up
 to ``--quiet-wait`` seconds for the CPU to be idle (5 s in a row), measures what the other
@@ -46,7 +61,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,18 +86,36 @@ from harness import (
     stop_processes,
 )
 from harness import percentile as pct
+from webhook_throughput import (
+    WEBHOOK_PATH,
+    free_port,
+    production_env,
+    raw_request,
+    start_gunicorn,
+    wait_until_serving,
+    warm_workers,
+)
 
-from telnyx_sim import CommandRecord, TelnyxAPISimulator
+from telnyx_sim import CommandRecord, Signer, TelnyxAPISimulator
+from telnyx_sim.envelopes import dumps, envelope
 
 TARGET_P99_MS = 100.0
 TARGET_RATE = 0.95
 TARGET_429_SHARE = 0.01
+TARGET_ANSWER_P99_MS = 100.0
+
+# Phase C's partner: its connection's profile answers incoming calls with media inline. The
+# stream URL's host is public (production refuses private targets); nothing listens there,
+# and nothing needs to: the simulator here is the command API alone, without media.
+CONNECTION_ID = "cmdbench-conn"
+STREAM_URL = "wss://media.example.com/s"
 
 TASK_DONE = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] succeeded in ([0-9.e-]+)s")
 RECEIVED = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] received")
 RATE_LIMITED = re.compile(r"rate limited, retry in")
 PROBE_START = re.compile(r"probe start late_ms=(-?[0-9.]+)")
 PROBE_RESERVE = re.compile(r"probe reserve ([a-z-]+) late_ms=(-?[0-9.]+) delay_ms=(-?[0-9.]+)")
+ANY_RECEIVED = re.compile(r"Task callops\.tasks\.([a-z_]+)\[[^\]]+\] received")
 
 
 # --- Workers --------------------------------------------------------------------------------
@@ -151,6 +186,7 @@ class PhaseB:
     max_window_all: int
     rows: list[tuple]  # (command_id, created_at, next_attempt_at, sent_at, finished_at)
     logs: list[str]
+    sessions: int  # database sessions opened during the phase (pg_stat_database)
     cpu: CpuUse
 
     @property
@@ -201,6 +237,37 @@ class PhaseB:
         return repeats, sum(1 for n in counts.values() if n > 1)
 
 
+@dataclass
+class PhaseC:
+    n: int
+    rate: float
+    sent: dict[str, tuple[float, float]]  # call_control_id -> (monotonic, wall) of the POST
+    acks: list[float]  # ms, POST -> the webhook's 200
+    bad_acks: list[str]  # answers other than a first 200, or socket errors
+    max_late_ms: float  # how far the sender fell behind its schedule
+    answers: dict[str, CommandRecord]  # the first answer request the simulator got, per call
+    events: dict[str, tuple]  # call_control_id -> (received_at, processed_at, status)
+    commands: dict[str, tuple]  # call_control_id -> (created_at, sent_at, finished_at, status)
+    messages: Counter[str]  # task messages the workers received, by task name
+    sessions: int  # database sessions opened during the phase (pg_stat_database)
+    cpu: CpuUse
+
+    @property
+    def latencies(self) -> list[float]:
+        """ms from the POST of call.initiated to its answer's arrival (monotonic clock)."""
+        return [(r.monotonic - self.sent[c][0]) * 1000 for c, r in self.answers.items()]
+
+    def stage(self, start, end) -> list[float]:
+        """ms between two wall-clock moments of each call (datetimes or Unix seconds)."""
+        out = []
+        for ccid in self.sent:
+            a, b = start(ccid), end(ccid)
+            if a is not None and b is not None:
+                a, b = (t if isinstance(t, float) else t.timestamp() for t in (a, b))
+                out.append((b - a) * 1000)
+        return out
+
+
 class Bench:
     def __init__(
         self,
@@ -208,16 +275,42 @@ class Bench:
         sim: TelnyxAPISimulator,
         workers: list[Worker],
         database_url: str,
+        web: subprocess.Popen,
+        web_port: int,
+        signer: Signer,
     ):
-        from callops.models import Call
+        from callops.models import Call, Partner, PartnerConnection, StreamingProfile
 
         self.args, self.sim, self.workers = args, sim, workers
-        self.meter = CpuMeter(database_url, {"workers": [w.proc.pid for w in workers]})
+        self.web_port, self.signer = web_port, signer
+        self.meter = CpuMeter(
+            database_url, {"workers": [w.proc.pid for w in workers], "web": [web.pid]}
+        )
         self.calls = [
             Call.objects.create(call_control_id=f"v3:cmdbench-{i}", status="answered")
             for i in range(args.calls)
         ]
         self.created = 0
+        partner = Partner.objects.create(name="cmdbench")
+        PartnerConnection.objects.create(partner=partner, connection_id=CONNECTION_ID)
+        StreamingProfile.objects.create(
+            partner=partner,
+            connection_id=CONNECTION_ID,
+            stream_url=STREAM_URL,
+            stream_track="both_tracks",
+            auto_start=True,
+            transcribe=True,
+            transcription_engine="Google",
+            transcription_tracks="both",
+            answer_policy=StreamingProfile.AnswerPolicy.ANSWER,
+        )
+        self.incoming = 0
+
+    def sessions(self) -> int:
+        """Sessions opened on the run's database so far (counted as each one starts)."""
+        return self.meter.db.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()[0]
 
     def create(self):
         from callops.commands import command_create
@@ -296,6 +389,7 @@ class Bench:
         args = self.args
         for worker in self.workers:
             worker.mark()
+        sessions = self.sessions()
         before = self.meter.snapshot()
         start = time.monotonic()
         pks = [self.create().pk for _ in range(args.commands)]
@@ -322,10 +416,119 @@ class Bench:
             max_window_all=self.sim.max_in_any_window(1.0),
             rows=rows,
             logs=[w.log(w.offset) for w in self.workers],
+            sessions=self.sessions() - sessions,
             cpu=cpu,
         )
         time.sleep(1.5)
         return result
+
+    # Phase C: incoming calls, from the webhook to the answer.
+
+    def ring(self) -> tuple[str, bytes]:
+        """A new parked incoming call at the simulator, and its signed call.initiated POST."""
+        self.incoming += 1
+        ccid = f"v3:cmdbench-in-{self.incoming}-{secrets.token_hex(4)}"
+        self.sim.add_call(ccid, answered=False)
+        body = dumps(
+            envelope(
+                "call.initiated",
+                ccid,
+                direction="incoming",
+                state="parked",
+                connection_id=CONNECTION_ID,
+                delivered_to="https://callops.example.com/webhooks/telnyx/",
+            )
+        )
+        signature, ts = self.signer.sign(body)
+        return ccid, raw_request(self.web_port, WEBHOOK_PATH, (ts, signature, body))
+
+    def post(self, raw: bytes) -> bytes:
+        """One request, one connection (gunicorn's sync workers close it after answering)."""
+        chunks = []
+        with socket.create_connection(("127.0.0.1", self.web_port), timeout=10) as conn:
+            conn.sendall(raw)
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+
+    def wait_answered(self, ccids: set[str], timeout: float) -> dict[str, CommandRecord]:
+        """The first answer request per call, once every call has one (or at ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            answers: dict[str, CommandRecord] = {}
+            for record in self.sim.commands(action="answer", status=None):
+                if record.call_control_id in ccids:
+                    answers.setdefault(record.call_control_id, record)
+            if len(answers) >= len(ccids) or time.monotonic() > deadline:
+                return answers
+            time.sleep(0.05)
+
+    def warm_up_answers(self) -> None:
+        """Every gunicorn worker rings the broker once; a few calls go the whole way."""
+        warm_workers(self.web_port, self.args.web_workers)
+        ccids = set()
+        for _ in range(self.args.workers * self.args.concurrency * 2):
+            ccid, raw = self.ring()
+            self.post(raw)
+            ccids.add(ccid)
+            time.sleep(0.05)
+        answered = self.wait_answered(ccids, 30)
+        if len(answered) < len(ccids):
+            raise RuntimeError(
+                f"warm-up: {len(answered)} of {len(ccids)} incoming calls answered; "
+                "see the worker logs"
+            )
+        time.sleep(1.5)  # the limiter's window empties
+
+    def phase_c(self) -> PhaseC:
+        """Open loop at --answer-rate: call.initiated POSTed to gunicorn, on a fixed schedule."""
+        from callops.models import Command, WebhookEvent
+
+        rate = self.args.answer_rate or self.args.limit / 4
+        n = max(1, round(rate * self.args.answer_seconds))
+        requests = [self.ring() for _ in range(n)]  # signed now: fresh for the whole phase
+        for worker in self.workers:
+            worker.mark()
+        sent: dict[str, tuple[float, float]] = {}
+        acks, bad, late = [], [], 0.0
+        sessions = self.sessions()
+        before = self.meter.snapshot()
+        start = time.monotonic()
+        for i, (ccid, raw) in enumerate(requests):
+            if (pause := start + i / rate - time.monotonic()) > 0:
+                time.sleep(pause)
+            t = time.monotonic()
+            late = max(late, (t - start - i / rate) * 1000)
+            sent[ccid] = (t, time.time())
+            try:
+                response = self.post(raw)
+            except OSError as exc:
+                bad.append(f"{ccid}: {exc}")
+                continue
+            acks.append((time.monotonic() - t) * 1000)
+            if not response.startswith(b"HTTP/1.1 200") or b'"duplicate": true' in response:
+                bad.append(f"{ccid}: {response[:80]!r}")
+        answers = self.wait_answered(set(sent), 30)
+        cpu = self.meter.since(before)
+        time.sleep(1.0)  # the answers' tasks finish
+        events = {
+            row[0]: row[1:]
+            for row in WebhookEvent.objects.filter(
+                event_type="call.initiated", call_control_id__in=list(sent)
+            ).values_list("call_control_id", "received_at", "processed_at", "status")
+        }
+        commands = {
+            row[0]: row[1:]
+            for row in Command.objects.filter(
+                action="answer", call__call_control_id__in=list(sent)
+            ).values_list("call__call_control_id", "created_at", "sent_at", "finished_at", "status")
+        }
+        messages = Counter(ANY_RECEIVED.findall("".join(w.log(w.offset) for w in self.workers)))
+        opened = self.sessions() - sessions
+        time.sleep(0.5)  # the limiter's window empties
+        return PhaseC(
+            n, rate, sent, acks, bad, late, answers, events, commands, messages, opened, cpu
+        )
 
 
 # --- Report ---------------------------------------------------------------------------------
@@ -339,7 +542,7 @@ def ms3(values: list[float]) -> str:
     return f"{pct(values, 50):.1f} / {pct(values, 90):.1f} / {pct(values, 99):.1f} ms"
 
 
-def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool:
+def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB, c: PhaseC) -> bool:
     limit = args.limit
     print()
     print(
@@ -429,6 +632,7 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
     line("sent_at -> arrival at Telnyx, p50 / p90 / p99", ms3(to_sim))
     line("arrival -> finished_at, p50 / p90 / p99", ms3(after_sim))
     line("task messages per command", f"{messages / b.n:.2f}")
+    line("database sessions opened per command", f"{b.sessions / b.n:.2f}")
     line(
         "task time, sending: n, p50 / p90 / p99",
         f"{len(durations['sent'])}, {ms3(durations['sent'])}",
@@ -469,6 +673,8 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
     for error in [text for text in log.splitlines() if " ERROR/" in text][:5]:
         print(f"  worker error: {error[:160]}")
 
+    report_c(args, c)
+
     print()
     passed = print_verdicts(
         [
@@ -481,15 +687,88 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB) -> bool
             (b.lost == 0, "phase B no command lost"),
             (b.duplicates == (0, 0), "phase B no duplicate"),
             (b.max_window_all <= limit, f"phase B at most {limit} requests in any 1-s window"),
+            (
+                pct(c.latencies, 99) < TARGET_ANSWER_P99_MS and len(c.latencies) == c.n,
+                f"phase C p99 call.initiated -> answer at Telnyx < {TARGET_ANSWER_P99_MS:g} ms "
+                f"at {c.rate:g} calls/s",
+            ),
         ]
     )
-    for name, phase in (("A", a), ("B", b)):
+    for name, phase in (("A", a), ("B", b), ("C", c)):
         if phase.cpu.others_share > NOISE_LIMIT:
             print(
                 f"NOTE  phase {name}: other processes took {phase.cpu.others_share:.0%} "
                 "of the CPU; its figures are skewed"
             )
     return passed
+
+
+def report_c(args: argparse.Namespace, c: PhaseC) -> None:
+    print()
+    print(
+        f"Phase C: {c.n} incoming calls at {c.rate:g}/s, open loop: call.initiated POSTed to "
+        f"gunicorn ({args.web_workers} sync workers, production settings)"
+    )
+    line("POST call.initiated -> answer at Telnyx, p50 / p90 / p99", ms3(c.latencies))
+    line("POST call.initiated -> answer at Telnyx, max", f"{max(c.latencies, default=0):.1f} ms")
+    statuses = Counter(r.status for r in c.answers.values())
+    line(
+        "calls answered at Telnyx / calls (first answer's status)",
+        f"{len(c.answers)} / {c.n} ("
+        + ", ".join(f"{n} x {s}" for s, n in sorted(statuses.items()))
+        + ")",
+    )
+    line("POST -> the webhook's 200, p50 / p90 / p99", ms3(c.acks))
+    line("webhook answers not a first 200", f"{len(c.bad_acks)}")
+    for bad in c.bad_acks[:3]:
+        print(f"    {bad}")
+    line("sender behind its schedule, max", f"{c.max_late_ms:.1f} ms")
+
+    def event(i):
+        return lambda ccid: (c.events.get(ccid) or (None,) * 3)[i]
+
+    def command(i):
+        return lambda ccid: (c.commands.get(ccid) or (None,) * 4)[i]
+
+    def posted(ccid):
+        return c.sent[ccid][1]
+
+    def arrived(ccid):
+        record = c.answers.get(ccid)
+        return record and record.wall_time
+
+    print("Phase C, where the time goes (wall clocks of this machine)")
+    line("POST -> event stored (received_at)", ms3(c.stage(posted, event(0))))
+    line(
+        "event stored -> answer created (drain: publish, start, apply)",
+        ms3(c.stage(event(0), command(0))),
+    )
+    line(
+        "answer created -> sent_at (enqueue, task start, claim, limiter)",
+        ms3(c.stage(command(0), command(1))),
+    )
+    line("sent_at -> arrival at Telnyx (the SDK's request)", ms3(c.stage(command(1), arrived)))
+    line("event stored -> arrival at Telnyx (web tier -> Telnyx)", ms3(c.stage(event(0), arrived)))
+    line("event stored -> event processed", ms3(c.stage(event(0), event(1))))
+    commands = Counter(row[3] for row in c.commands.values())
+    line(
+        "answer commands in the outbox, by status",
+        ", ".join(f"{s} {n}" for s, n in sorted(commands.items())) or "none",
+    )
+    line(
+        "task messages per call, by task",
+        ", ".join(f"{name} {n / c.n:.2f}" for name, n in sorted(c.messages.items())) or "none",
+    )
+    line("database sessions opened per call", f"{c.sessions / c.n:.2f}")
+    cpu = c.cpu
+    per_call = [cpu.roles["web"], cpu.roles["workers"], cpu.roles["postgres"] + cpu.roles["redis"]]
+    line(
+        "CPU per call: web / workers / PG+Redis",
+        " / ".join(f"{s / c.n * 1000:.1f}" for s in per_call) + " ms",
+    )
+    line("CPU taken by other processes", f"{cpu.others_share:.0%}")
+    for name, used in cpu.top_others():
+        line(f"  of which {name}", f"{used:.2f} cores")
 
 
 # --- Main -----------------------------------------------------------------------------------
@@ -503,6 +782,11 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="prefork children per worker")
     parser.add_argument("--calls", type=int, default=100, help="calls the commands rotate over")
     parser.add_argument("--latency-seconds", type=float, default=5.0, help="length of phase A")
+    parser.add_argument("--answer-seconds", type=float, default=10.0, help="length of phase C")
+    parser.add_argument(
+        "--answer-rate", type=float, help="phase C incoming calls/s (default: a quarter of --limit)"
+    )
+    parser.add_argument("--web-workers", type=int, default=2, help="gunicorn sync workers")
     parser.add_argument(
         "--guard", type=float, help="TELNYX_RATE_LIMIT_GUARD for the workers (default: setting's)"
     )
@@ -545,8 +829,16 @@ def run_bench(args: argparse.Namespace, run: Scratch) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="cmdbench-"))
     sim = TelnyxAPISimulator(api_key="KEY_CMDBENCH", rate_limit=args.limit).start()
     workers: list[Worker] = []
+    web: subprocess.Popen | None = None
     passed = False
     try:
+        # The web tier of phase C: production settings (benchmarks.bench_settings adds the
+        # /bench/warm/ view), on the scratch services, verifying this run's signer.
+        signer = Signer()
+        (log_dir / "static").mkdir()
+        web_env = production_env(run, "benchmarks.bench_settings", signer, log_dir / "static")
+        web_port = free_port()
+        web = start_gunicorn(web_env, web_port, args.web_workers, log_dir / "gunicorn.log")
         env = {
             **os.environ,
             "TELNYX_BASE_URL": sim.base_url,
@@ -554,7 +846,9 @@ def run_bench(args: argparse.Namespace, run: Scratch) -> int:
             "CMDBENCH_VARIANTS": args.variant,
         }
         app = "config" if args.no_probe else "benchmarks.command_probe"
-        queues = settings.CELERY_TASK_DEFAULT_QUEUE
+        # Every queue the project declares (commands, event drains), as a worker without -Q.
+        declared = getattr(settings, "CELERY_TASK_QUEUES", None) or ()
+        queues = ",".join([q.name for q in declared] or [settings.CELERY_TASK_DEFAULT_QUEUE])
         if "scheduled-queue" in args.variant:
             queues += ",callops.scheduled"
         t = time.monotonic()
@@ -563,16 +857,19 @@ def run_bench(args: argparse.Namespace, run: Scratch) -> int:
             f"{args.workers} workers (-A {app} -Q {queues}) ready in {time.monotonic() - t:.1f} s"
             + (f"; variants: {args.variant}" if args.variant else "")
         )
-        bench = Bench(args, sim, workers, run.database_url)
+        wait_until_serving(web_port, web)
+        bench = Bench(args, sim, workers, run.database_url, web, web_port, signer)
         try:
             bench.warm_up()
+            bench.warm_up_answers()
             a = bench.measured("phase A", bench.phase_a)
             b = bench.measured("phase B", bench.phase_b)
+            c = bench.measured("phase C", bench.phase_c)
         finally:
             bench.meter.close()
-        passed = report(args, settings.TELNYX_RATE_LIMIT_GUARD, a, b)
+        passed = report(args, settings.TELNYX_RATE_LIMIT_GUARD, a, b, c)
     finally:
-        stop_processes(w.proc for w in workers)
+        stop_processes([*(w.proc for w in workers), *([web] if web else [])])
         sim.stop()
         if args.keep_logs or not passed:
             print(f"worker logs kept in {log_dir}")

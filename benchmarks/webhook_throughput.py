@@ -548,6 +548,29 @@ def production_env(run: Scratch, settings: str, signer: Signer, static_root: Pat
     )
 
 
+def start_gunicorn(
+    env: dict[str, str], port: int, workers: int, log_path: Path, *, threads: int = 1
+) -> subprocess.Popen:
+    """gunicorn on 127.0.0.1:``port`` with production's ``config/gunicorn.py``, ``workers``
+    sync workers (gthread with ``threads`` > 1); wait for it with ``wait_until_serving``."""
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    worker_class = (
+        ["--worker-class", "gthread", "--threads", str(threads)]
+        if threads > 1
+        else ["--worker-class", "sync"]
+    )
+    return start_process(
+        [
+            *(gunicorn, "--config", str(ROOT / "config" / "gunicorn.py")),
+            *("--workers", str(workers), *worker_class),
+            *("--bind", f"127.0.0.1:{port}", "--chdir", str(ROOT), "--log-level", "warning"),
+            "config.wsgi:application",
+        ],
+        env=env,
+        log_path=log_path,
+    )
+
+
 def measure(
     args: argparse.Namespace, run: Scratch, signer: Signer, work: Path, use_wrk: bool
 ) -> tuple[dict[str, Phase], int]:
@@ -556,21 +579,8 @@ def measure(
     env = production_env(run, args.settings, signer, work / "static")
     run.migrate(env)
     port = free_port()
-    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
-    worker_class = (
-        ["--worker-class", "gthread", "--threads", str(args.threads_per_worker)]
-        if args.threads_per_worker > 1
-        else ["--worker-class", "sync"]
-    )
-    server = start_process(
-        [
-            *(gunicorn, "--config", str(ROOT / "config" / "gunicorn.py")),
-            *("--workers", str(args.workers), *worker_class),
-            *("--bind", f"127.0.0.1:{port}", "--chdir", str(ROOT), "--log-level", "warning"),
-            "config.wsgi:application",
-        ],
-        env=env,
-        log_path=work / "gunicorn.log",
+    server = start_gunicorn(
+        env, port, args.workers, work / "gunicorn.log", threads=args.threads_per_worker
     )
     meter: CpuMeter | None = None
     try:
