@@ -13,8 +13,9 @@ import threading
 from datetime import timedelta
 
 from celery import shared_task
-from celery.signals import worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init
 from django.conf import settings
+from django.db import close_old_connections
 from django.db.models import F
 from django.utils import timezone
 
@@ -137,3 +138,13 @@ def _warm_up_telnyx_client(**_) -> None:
             logger.info("Telnyx client ready")
 
     threading.Thread(target=warm_up, name="telnyx-warm-up", daemon=True).start()
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _reuse_database_connections(**_) -> None:
+    """Treat each task as Django treats a request: keep the connection for CONN_MAX_AGE, drop
+    it once broken. (Celery's Django fixup closes it around every task unless
+    ``CELERY_DB_REUSE_MAX`` is set, and then never checks it: a reconnection, and a PostgreSQL
+    backend forked, per task.)"""
+    close_old_connections()

@@ -163,6 +163,9 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery would close the database connection around every task; callops.tasks closes it the
+# way Django does after a request instead (CONN_MAX_AGE, and whenever it broke).
+CELERY_DB_REUSE_MAX = 10**9
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "callops"
 # Commands and maintenance on "callops", event drains on "events": a worker consumes both (both
