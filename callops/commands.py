@@ -478,9 +478,12 @@ def command_process(*, command_pk: int, reserved_at: float | None = None) -> Nex
     else:
         outcome = Outcome("succeeded", http_status=200, data=data)
         _slow_down(headers)
+    answered = time.monotonic()
     # The outcome is stored first: if Redis fails now, the command stays what Telnyx made it.
+    # The turn still counts from when the answer came back, not from after the bookkeeping.
     step = command_record(command=command, outcome=outcome)
-    _best_effort("release the rate-limit turn", limiter.complete, slot.send)
+    ago = time.monotonic() - answered
+    _best_effort("release the rate-limit turn", limiter.complete, slot.send, ago)
     return step
 
 

@@ -71,9 +71,10 @@ end
 return {tostring(ticket), tostring(ticket - now)}
 """
 
+# ARGV: the send, ms since its answer came back (the caller may record the outcome first)
 COMPLETE = """
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 - tonumber(ARGV[2] or '0')
 redis.call('ZADD', KEYS[1], 'XX', now, ARGV[1])
 return tostring(now)
 """
@@ -134,9 +135,9 @@ class RedisRateLimiter:
         )
         return Reservation(float(at), float(delay) / 1000, send[0].decode() if send else "")
 
-    def complete(self, send: str) -> None:
-        """The send's answer came back (or it failed): it counts from now on."""
-        self._complete(keys=self.keys[:1], args=[send])
+    def complete(self, send: str, ago: float = 0.0) -> None:
+        """The send's answer came back ``ago`` seconds ago (or it failed): it counts from then."""
+        self._complete(keys=self.keys[:1], args=[send, max(0.0, ago) * 1000])
 
     def release(self, send: str) -> None:
         """A turn taken but not used (the command was done or held elsewhere)."""
@@ -195,10 +196,10 @@ class FileRateLimiter:
 
         return self._locked(change)
 
-    def complete(self, send: str) -> None:
+    def complete(self, send: str, ago: float = 0.0) -> None:
         def change(state: dict, now: float) -> None:
             if send in state.get("sends", {}):
-                state["sends"][send] = now
+                state["sends"][send] = now - max(0.0, ago) * 1000
 
         self._locked(change)
 

@@ -213,3 +213,18 @@ def test_a_start_refused_because_the_call_ended_is_recorded_as_never_started(tel
     transcription.refresh_from_db()
     assert (transcription.status, transcription.started_at) == ("failed", None)
     assert transcription.failure_reason == "never started: the call had ended"
+
+
+@pytest.mark.parametrize("kind", ["redis", "file"])
+def test_a_send_counts_from_when_its_answer_came_back_not_from_the_bookkeeping(
+    settings, tmp_path, kind
+):
+    from callops.ratelimit import FileRateLimiter
+
+    settings.TELNYX_RATE_LIMIT = 1
+    limiter = get_limiter() if kind == "redis" else FileRateLimiter(tmp_path / "l", 1, 0, 10)
+    turn = limiter.reserve()
+    assert turn.ready
+    limiter.complete(turn.send, 0.4)  # the outcome took 0.4 s to record after the answer
+    wait = limiter.reserve().delay
+    assert wait == pytest.approx(0.6, abs=0.1)  # the window runs from the answer, not from now
