@@ -29,7 +29,7 @@ from django.utils import timezone
 from callops import actions, queue, state
 from callops.exceptions import CallopsError
 from callops.models import DIAL_PLACEHOLDER, Call, CallSession, Command
-from callops.ratelimit import get_limiter
+from callops.ratelimit import Reservation, get_limiter
 
 logger = logging.getLogger("callops.commands")
 
@@ -229,14 +229,49 @@ def _create_record(start: actions.TelnyxAction, call: Call, body: dict, now: dat
     return record_model(start).objects.create(call=call, requested_at=now, **fields)
 
 
-def command_enqueue(*, command_pk: int, countdown: float = 0, reserved_at: float | None = None):
+def command_enqueue(
+    *,
+    command_pk: int,
+    countdown: float = 0,
+    reserved_at: float | None = None,
+    turn: str | None = None,
+):
     """Hand a command to a worker. Never raises: if the broker is down the command stays
-    queued and ``commands_repair`` enqueues it again."""
-    kwargs = {} if reserved_at is None else {"reserved_at": reserved_at}
+    queued and ``commands_repair`` enqueues it again.
+
+    A new command asks the rate limiter first: it goes with the turn it was given, or, under a
+    burst, is published once to arrive at its ticket, instead of visiting a worker only to
+    learn when to come back."""
+    if reserved_at is None and turn is None and countdown <= 0:
+        reserved_at, countdown, turn = _turn_or_ticket(command_pk)
+    kwargs: dict[str, Any] = {}
+    if reserved_at is not None:
+        kwargs["reserved_at"] = reserved_at
+    if turn is not None:
+        kwargs["turn"] = turn
     try:
         queue.publish(queue.SEND_COMMAND, command_pk, countdown=countdown, **kwargs)
     except Exception:
         logger.warning("command %s not enqueued (broker unavailable); repair will", command_pk)
+        if turn is not None:
+            _best_effort("give back an unused turn", get_limiter().release, turn)
+
+
+def _turn_or_ticket(command_pk: int) -> tuple[float | None, float, str | None]:
+    """(None, 0, turn) with a turn to send now, or (ticket, seconds until it, None). Best
+    effort: without the limiter, the worker asks it itself."""
+    try:
+        slot = get_limiter().reserve()
+    except Exception:
+        logger.warning("rate limiter unavailable: command %s goes without a turn", command_pk)
+        return None, 0.0, None
+    if slot.ready:
+        return None, 0.0, slot.send
+    # The repair task reads a queued command's next attempt: this one is waiting, not lost.
+    Command.objects.filter(pk=command_pk, status=Command.Status.QUEUED).update(
+        next_attempt_at=timezone.now() + timedelta(seconds=slot.delay)
+    )
+    return slot.at, slot.delay, None
 
 
 # --- Classifying what Telnyx answered -------------------------------------------------------
@@ -432,11 +467,14 @@ def command_claim(*, command_pk: int) -> Command | None:
     return Command.objects.select_related("call").get(pk=command_pk)
 
 
-def command_process(*, command_pk: int, reserved_at: float | None = None) -> Next:
+def command_process(
+    *, command_pk: int, reserved_at: float | None = None, turn: str | None = None
+) -> Next:
     # The turn comes first: most visits during a burst only learn when to come back, and that
     # answer needs Redis alone, not the claim and release of the row (three round trips).
+    # ``turn``: one the enqueuer already took for this command.
     limiter = get_limiter()
-    slot = limiter.reserve(reserved_at)
+    slot = Reservation(at=0.0, delay=0.0, send=turn) if turn else limiter.reserve(reserved_at)
     if not slot.ready:
         # No sleeping in a worker: come back at the ticket. next_attempt_at tells the repair
         # task this command is waiting, not lost.

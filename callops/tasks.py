@@ -78,10 +78,14 @@ def sweep_pending_webhook_events() -> int:
 @shared_task(
     name=queue.SEND_COMMAND, ignore_result=True, acks_late=True, reject_on_worker_lost=True
 )
-def send_command(command_pk: int, reserved_at: float | None = None) -> str | None:
+def send_command(
+    command_pk: int, reserved_at: float | None = None, turn: str | None = None
+) -> str | None:
     """Send one outbox command. ``acks_late`` with ``reject_on_worker_lost``: a worker killed
-    mid-send leaves the message to be delivered again, and the claim's lease decides who sends."""
-    step = commands.command_process(command_pk=command_pk, reserved_at=reserved_at)
+    mid-send leaves the message to be delivered again, and the claim's lease decides who sends.
+    ``turn``: the rate-limit turn its enqueuer took for it (a redelivered message reuses it:
+    the attempt it was taken for never completed, or the claim finds the command done)."""
+    step = commands.command_process(command_pk=command_pk, reserved_at=reserved_at, turn=turn)
     if step.delay is not None:
         commands.command_enqueue(
             command_pk=command_pk, countdown=step.delay, reserved_at=step.reserved_at

@@ -228,3 +228,26 @@ def test_a_send_counts_from_when_its_answer_came_back_not_from_the_bookkeeping(
     limiter.complete(turn.send, 0.4)  # the outcome took 0.4 s to record after the answer
     wait = limiter.reserve().delay
     assert wait == pytest.approx(0.6, abs=0.1)  # the window runs from the answer, not from now
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_burst_of_commands_is_published_once_each_at_its_turn(live_call, settings):
+    import json
+
+    from django.conf import settings as django_settings
+
+    settings.TELNYX_RATE_LIMIT = 2
+    broker = redis.Redis.from_url(django_settings.CELERY_BROKER_URL)
+    broker.delete("callops")
+    for _ in range(6):
+        create(live_call, "fork_stop", {})
+    messages = [json.loads(m) for m in broker.lrange("callops", 0, -1)]
+    assert len(messages) == 6  # one each: nobody visits a worker only to learn when to return
+    etas = sorted(m["headers"]["eta"] for m in messages if m["headers"].get("eta"))
+    assert len(etas) == 4  # two turns free now, four tickets half a second apart
+    queued = Command.objects.order_by("next_attempt_at")
+    gaps = [
+        (b.next_attempt_at - a.next_attempt_at).total_seconds()
+        for a, b in zip(queued[2:], queued[3:], strict=False)
+    ]
+    assert gaps == pytest.approx([0.5, 0.5, 0.5], abs=0.1)
