@@ -386,7 +386,8 @@ def add_quiet_options(parser: argparse.ArgumentParser, *, quiet_wait: float) -> 
         "--attempts",
         type=int,
         default=3,
-        help=f"runs of a measurement at most, while other processes take over {NOISE_LIMIT:.0%} "
+        # argparse formats help with %: the percent sign is doubled.
+        help=f"runs of a measurement at most, while other processes take over {NOISE_LIMIT:.0%}% "
         "of the CPU during it",
     )
 
