@@ -291,3 +291,10 @@ def test_premium_detection_of_a_machine_is_hung_up_on_too(acme):
     profile(acme[0], machine_policy="hangup")
     deliver(envelope("call.machine.premium.detection.ended", "v3:prem", result="machine"))
     assert list(Call.objects.get().commands.values_list("action", flat=True)) == ["hangup"]
+
+
+def test_a_profile_setting_callops_does_not_have_is_refused_by_name(acme):
+    body = {"stream_url": STREAM_URL, "answer_policy": "answer", "answer_delay": 3, "id": 7}
+    response = acme[1].post("/api/v1/profiles/", body, format="json")
+    assert response.status_code == 400
+    assert {e["field"] for e in response.json()["errors"]} == {"answer_delay"}  # id: read-only

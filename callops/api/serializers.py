@@ -26,6 +26,13 @@ def choice(values, **kwargs) -> serializers.ChoiceField:
     return serializers.ChoiceField(choices=list(values), required=False, **kwargs)
 
 
+def refuse_unknown(serializer: serializers.Serializer, data: object, message: str) -> None:
+    """A key the serializer does not know is refused by name, never silently dropped (its own
+    read-only fields are let through: a client may send back what it read)."""
+    if isinstance(data, dict) and (unknown := sorted(data.keys() - serializer.fields.keys())):
+        raise serializers.ValidationError({name: [message] for name in unknown})
+
+
 def raise_params_invalid(exc: telnyx_params.ParamsInvalid) -> None:
     raise serializers.ValidationError(exc.errors) from None
 
@@ -259,10 +266,7 @@ class CommandInput(serializers.Serializer):
         return getattr(profile, f"{kind}_params")() if profile and kind else {}
 
     def to_internal_value(self, data):
-        # A parameter callops does not take is refused by name, never silently dropped.
-        if isinstance(data, dict) and (unknown := sorted(data.keys() - self.fields.keys())):
-            message = f"is not a parameter callops sends with {self.action}"
-            raise serializers.ValidationError({name: [message] for name in unknown})
+        refuse_unknown(self, data, f"is not a parameter callops sends with {self.action}")
         return super().to_internal_value(data)
 
     def validate(self, attrs: dict) -> dict:
@@ -329,6 +333,10 @@ DialInput = command_input(actions.get("dial"), base=DialBase)
 
 
 class StreamingProfileSerializer(serializers.ModelSerializer):
+    def to_internal_value(self, data):
+        refuse_unknown(self, data, "is not a setting of a streaming profile")
+        return super().to_internal_value(data)
+
     stream_track = serializers.ChoiceField(
         choices=list(telnyx_params.STREAM_TRACKS), default="inbound_track"
     )
