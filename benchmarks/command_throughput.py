@@ -79,6 +79,7 @@ from harness import (
     Scratch,
     add_quiet_options,
     add_scratch_options,
+    create_answering_partner,
     measure_quietly,
     print_verdicts,
     scratch,
@@ -279,7 +280,7 @@ class Bench:
         web_port: int,
         signer: Signer,
     ):
-        from callops.models import Call, Partner, PartnerConnection, StreamingProfile
+        from callops.models import Call
 
         self.args, self.sim, self.workers = args, sim, workers
         self.web_port, self.signer = web_port, signer
@@ -291,19 +292,7 @@ class Bench:
             for i in range(args.calls)
         ]
         self.created = 0
-        partner = Partner.objects.create(name="cmdbench")
-        PartnerConnection.objects.create(partner=partner, connection_id=CONNECTION_ID)
-        StreamingProfile.objects.create(
-            partner=partner,
-            connection_id=CONNECTION_ID,
-            stream_url=STREAM_URL,
-            stream_track="both_tracks",
-            auto_start=True,
-            transcribe=True,
-            transcription_engine="Google",
-            transcription_tracks="both",
-            answer_policy=StreamingProfile.AnswerPolicy.ANSWER,
-        )
+        create_answering_partner("cmdbench", CONNECTION_ID, STREAM_URL)
         self.incoming = 0
 
     def sessions(self) -> int:

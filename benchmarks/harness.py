@@ -466,3 +466,25 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str | float | Non
                 ]
             )
         )
+
+
+def create_answering_partner(name: str, connection_id: str, stream_url: str):
+    """A partner whose profile has callops answer each incoming call on ``connection_id`` with
+    streaming and transcription inline: one ``answer`` command per call."""
+    # Imported here: the harness is loaded before the benchmark sets Django up.
+    from callops.models import Partner, PartnerConnection, StreamingProfile
+
+    partner = Partner.objects.create(name=name)
+    PartnerConnection.objects.create(partner=partner, connection_id=connection_id)
+    StreamingProfile.objects.create(
+        partner=partner,
+        connection_id=connection_id,
+        stream_url=stream_url,
+        stream_track="both_tracks",
+        auto_start=True,
+        transcribe=True,
+        transcription_engine="Google",
+        transcription_tracks="both",
+        answer_policy=StreamingProfile.AnswerPolicy.ANSWER,
+    )
+    return partner

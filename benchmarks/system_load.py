@@ -99,6 +99,7 @@ from harness import (
     add_quiet_options,
     add_scratch_options,
     copy_database,
+    create_answering_partner,
     drop_database,
     measure_quietly,
     percentile,
@@ -340,21 +341,8 @@ class LoadBench:
         django.setup()
         # Production's logging says INFO to the console: the simulator would log every call.
         logging.getLogger("telnyx_sim").setLevel(logging.WARNING)
-        from callops.models import Partner, PartnerConnection, StreamingProfile
 
-        partner = Partner.objects.create(name="sysbench")
-        PartnerConnection.objects.create(partner=partner, connection_id=CONNECTION_ID)
-        StreamingProfile.objects.create(
-            partner=partner,
-            connection_id=CONNECTION_ID,
-            stream_url=STREAM_URL,
-            stream_track="both_tracks",
-            auto_start=True,
-            transcribe=True,
-            transcription_engine="Google",
-            transcription_tracks="both",
-            answer_policy=StreamingProfile.AnswerPolicy.ANSWER,
-        )
+        create_answering_partner("sysbench", CONNECTION_ID, STREAM_URL)
         self.web = start_web(env, port, self.work / "gunicorn.log")
         self.procs.append(self.web)
         self.worker = start_worker(env, "sysbench", 2, self.work / "worker.log")
