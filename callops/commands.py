@@ -557,16 +557,15 @@ def command_settle(*, command: Command) -> Outcome | None:
 
 
 def _confirmed(spec: actions.TelnyxAction, command: Command, call: Call) -> bool:
-    records = [
-        getattr(command, name) for name in dict.fromkeys((*spec.records, spec.record)) if name
-    ]
-    for record in filter(None, records):
+    names = dict.fromkeys(name for name in (*spec.records, spec.record) if name)
+    records = [record for name in names if (record := getattr(command, name)) is not None]
+    for record in records:
         record.refresh_from_db()
     match spec.confirms:
         case "record_started":
-            return any(r.started_at is not None for r in records if r is not None)
+            return any(r.started_at is not None for r in records)
         case "record_stopped":
-            return any(r.stopped_at is not None for r in records if r is not None)
+            return any(r.stopped_at is not None for r in records)
         case "call_answered":
             return call.answered_at is not None
         case "call_ended":
@@ -648,8 +647,10 @@ def _error_fields(outcome: Outcome, reason: str | None = None) -> dict[str, Any]
 def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | None = None):
     now = timezone.now()
     spec = actions.get(command.action)
-    sessions = [getattr(command, name) for name in spec.records]
-    sessions = [session for session in sessions if session is not None]
+    # The records this command created, by the Command field that points at each.
+    created = {name: getattr(command, name) for name in spec.records}
+    created = {name: record for name, record in created.items() if record is not None}
+    sessions = list(created.values())
     with transaction.atomic():
         extra = {"settlement": outcome.settlement[:255]} if outcome.settlement else {}
         updated = Command.objects.filter(
@@ -685,8 +686,8 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
             for session in sessions:
                 state.session_fail(session, f"{reason or outcome.reason}: {outcome.title}", now)
             if outcome.stop_records:
-                for session in sessions:
-                    stop = actions.STOPS[_record_field(session)]
+                for name, session in created.items():
+                    stop = actions.STOPS[name]
                     params = stop.params_for_stop_of(session)
                     commands_create_stops(
                         targets=[(session, params)],
@@ -697,11 +698,6 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
             # A stop no webhook confirms (transcription_stop): Telnyx's 200 is the evidence.
             call = Call.objects.select_for_update().get(pk=command.call_id)
             state.sessions_stop(record_model(spec).objects.filter(call=call), now)
-
-
-def _record_field(session: CallSession) -> str:
-    """The Command field that points at this kind of record (MediaStream -> "stream")."""
-    return next(f.name for f in Command._meta.get_fields() if f.related_model is type(session))
 
 
 # --- Operators and repair -------------------------------------------------------------------

@@ -30,7 +30,6 @@ from callops.models import (
     CallSession,
     Command,
     DtmfDigit,
-    Fork,
     MediaStream,
     Transcription,
     TranscriptSegment,
@@ -265,13 +264,14 @@ def _spans(facts: list[WebhookEvent]) -> list[_Span]:
 
 
 def _repair(
-    model: type[S],
+    field: str,
     call: Call,
     event: WebhookEvent,
     event_types: tuple[str, ...],
     **key: str,
 ) -> None:
-    """Re-pair the call's streams (or forks) with ``key`` from every fact stored for them.
+    """Re-pair the call's streams (or forks: the Command ``field`` that points at them) with
+    ``key`` from every fact stored for them.
 
     Records that start commands created wait for their span in the order they were requested;
     one whose command Telnyx refused (or that was cancelled) will never have one. A span with
@@ -283,7 +283,7 @@ def _repair(
         status=WebhookEvent.Status.PROCESSED,
     ).exclude(pk=event.pk)
     spans = _spans([e for e in [*stored, event] if _key_of(e) == key])
-    field = "stream" if model is MediaStream else "fork"
+    model = Command._meta.get_field(field).related_model  # "stream" -> MediaStream
     refused = Command.objects.filter(
         **{f"{field}__call": call},
         status__in=[Command.Status.FAILED, Command.Status.CANCELLED],
@@ -325,11 +325,11 @@ def on_stream_event(call: Call, event: WebhookEvent) -> None:
         state.session_record_stop(known, event.occurred_at)
         state.session_save(call, known, event.occurred_at)
         return
-    _repair(MediaStream, call, event, _STREAM_EVENTS, **_key_of(event))
+    _repair("stream", call, event, _STREAM_EVENTS, **_key_of(event))
 
 
 def on_fork_event(call: Call, event: WebhookEvent) -> None:
-    _repair(Fork, call, event, _FORK_EVENTS)
+    _repair("fork", call, event, _FORK_EVENTS)
 
 
 def _matching(
