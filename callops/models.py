@@ -70,6 +70,8 @@ class WebhookEvent(models.Model):
             models.UniqueConstraint(fields=["event_id"], name="webhookevent_event_id_uniq"),
         ]
         ordering = ["-received_at"]
+        # Replaying applies an event again: it changes calls, so it is not part of "view".
+        permissions = [("replay_webhookevent", "Can replay webhook events")]
 
     def __str__(self) -> str:
         return f"{self.event_type} {self.event_id}"
@@ -129,6 +131,9 @@ class Call(models.Model):
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["status", "created_at"], name="call_status_idx")]
+        # Calls are never edited (they are what Telnyx said), so "change" does not fit sending
+        # them commands: answer, reject, hang up, stop streaming / forking / transcription.
+        permissions = [("act_on_call", "Can send commands to calls")]
 
     def __str__(self) -> str:
         return self.call_control_id
@@ -382,6 +387,8 @@ class Command(models.Model):
             ),
             models.Index(fields=["status", "created_at"], name="command_status_idx"),
         ]
+        # Retry and cancel, not "change": the admin never edits a command's fields.
+        permissions = [("act_on_command", "Can retry and cancel commands")]
         # At most one stop in flight per stream, fork or transcription, however many sweepers,
         # operators and partners ask at once: the database refuses the second.
         constraints = [
@@ -453,6 +460,8 @@ class ApiKey(models.Model):
     class Meta:
         verbose_name = "API key"
         ordering = ["-created_at"]
+        # Not "add": a new key reads every call of its partner, so it is granted on its own.
+        permissions = [("create_api_key", "Can create API keys (and so read a partner's calls)")]
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.partner})"
