@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 
 from django.conf import settings
@@ -79,6 +80,23 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+def may_see_readiness_details(request: HttpRequest) -> bool:
+    """The checks' texts and the tasks' results and errors describe the inside (exception
+    types, what failed and why): only a staff session or the holder of CALLOPS_READYZ_TOKEN
+    reads them. Everyone else, a load balancer too, needs only ready or not."""
+    expected = settings.CALLOPS_READYZ_TOKEN
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Constant time, so the token cannot be guessed a character at a time; an empty setting
+    # means no token at all (compare_digest would say an empty one matches).
+    given_ok = hmac.compare_digest(given.strip().encode(), expected.encode())
+    if expected and scheme.lower() == "bearer" and given_ok:
+        return True
+    try:
+        return bool(request.user.is_staff)
+    except DatabaseError:
+        return False  # the session is in the database, which is down: no details, no 500
+
+
 def readyz(request: HttpRequest) -> JsonResponse:
     """Readiness: the database, the broker, and a beat heartbeat younger than the limit."""
     checks: dict[str, str] = {}
@@ -107,6 +125,11 @@ def readyz(request: HttpRequest) -> JsonResponse:
     else:
         age = (timezone.now() - heartbeat).total_seconds()
         checks["beat"] = "ok" if age <= limit else f"last heartbeat {int(age)} s ago"
+    ready = all(value == "ok" for value in checks.values())
+    status = 200 if ready else 503
+    answer = {"status": "ok" if ready else "unavailable"}
+    if not may_see_readiness_details(request):
+        return JsonResponse(answer, status=status)
     runs = (
         {
             run.name: {
@@ -119,8 +142,4 @@ def readyz(request: HttpRequest) -> JsonResponse:
         if checks["database"] == "ok"
         else {}
     )
-    ready = all(value == "ok" for value in checks.values())
-    return JsonResponse(
-        {"status": "ok" if ready else "unavailable", "checks": checks, "tasks": runs},
-        status=200 if ready else 503,
-    )
+    return JsonResponse({**answer, "checks": checks, "tasks": runs}, status=status)

@@ -201,3 +201,78 @@ def _index_oid(name: str) -> int:
     with connection.cursor() as cursor:
         cursor.execute("SELECT %s::regclass::oid", [name])
         return cursor.fetchone()[0]
+
+
+# --- /readyz: ready or not for everyone, the details for staff and the token's holder --------
+
+
+def _readyz(client, token: str | None = None):
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {token}"} if token is not None else {}
+    return client.get("/readyz", **headers)
+
+
+@pytest.fixture
+def failing_task(db):
+    """A task whose last run failed with an error text that must not leak to anyone."""
+    from callops.models import TaskRun
+
+    return TaskRun.objects.create(name="purge_old_records", last_error="relation x: secret-ish")
+
+
+@pytest.mark.django_db
+def test_readyz_tells_an_anonymous_caller_only_whether_it_is_ready(client, failing_task):
+    from callops import tasks
+
+    not_ready = _readyz(client)
+    assert (not_ready.status_code, not_ready.json()) == (503, {"status": "unavailable"})
+    tasks.beat_heartbeat()
+    ready = _readyz(client)
+    assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
+
+
+@pytest.mark.django_db
+def test_readyz_details_need_the_configured_token(client, settings, failing_task):
+    from callops import tasks
+
+    tasks.beat_heartbeat()
+    settings.CALLOPS_READYZ_TOKEN = "readyz-token-1"
+    assert _readyz(client, "readyz-token-2").json() == {"status": "ok"}
+    assert _readyz(client, "readyz-token-").json() == {"status": "ok"}
+    detailed = _readyz(client, "readyz-token-1")
+    assert detailed.status_code == 200
+    body = detailed.json()
+    assert body["checks"] == {"database": "ok", "broker": "ok", "beat": "ok"}
+    assert body["tasks"]["purge_old_records"]["last_error"] == "relation x: secret-ish"
+    assert "beat_heartbeat" in body["tasks"]
+
+
+@pytest.mark.django_db
+def test_readyz_without_a_configured_token_takes_no_token(client, settings, failing_task):
+    settings.CALLOPS_READYZ_TOKEN = ""
+    assert _readyz(client, "").json() == {"status": "unavailable"}
+    assert _readyz(client, "anything").json() == {"status": "unavailable"}
+
+
+@pytest.mark.django_db
+def test_readyz_details_for_a_staff_session_and_no_other(client, failing_task):
+    from django.contrib.auth import get_user_model
+
+    users = get_user_model().objects
+    client.force_login(users.create_user("partner-person", password="pw"))
+    assert _readyz(client).json() == {"status": "unavailable"}
+    client.force_login(users.create_user("ops", password="pw", is_staff=True))
+    body = _readyz(client).json()
+    assert body["checks"]["beat"] == "no heartbeat yet"
+    assert body["tasks"]["purge_old_records"]["last_error"] == "relation x: secret-ish"
+
+
+@pytest.mark.django_db
+def test_readyz_names_a_broker_outage_only_to_the_token_holder(client, settings, broker_down):
+    from callops import tasks
+
+    tasks.beat_heartbeat()
+    settings.CALLOPS_READYZ_TOKEN = "readyz-token-1"
+    assert _readyz(client).json() == {"status": "unavailable"}
+    detailed = _readyz(client, "readyz-token-1")
+    assert detailed.status_code == 503
+    assert detailed.json()["checks"]["broker"].startswith("unavailable: ")

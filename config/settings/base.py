@@ -231,6 +231,9 @@ CALLOPS_SEGMENT_RETENTION_DAYS = env.int("CALLOPS_SEGMENT_RETENTION_DAYS", defau
 CALLOPS_PURGE_BATCH = env.int("CALLOPS_PURGE_BATCH", default=5000)
 # /readyz fails when the beat heartbeat task has not run for this long.
 CALLOPS_HEARTBEAT_MAX_AGE = env.int("CALLOPS_HEARTBEAT_MAX_AGE", default=180)
+# A bearer token that lets a caller (a monitor) read /readyz's checks and the tasks' last
+# runs; without it, or a staff session, /readyz says only ready or not. Empty: no token works.
+CALLOPS_READYZ_TOKEN = env.str("CALLOPS_READYZ_TOKEN", default="")
 
 # --- Event processing -----------------------------------------------------------------------
 # Events still pending this long after arrival are re-enqueued by the sweeper (broker outage).
