@@ -234,6 +234,33 @@ def test_it_answers_400_to_authentic_but_malformed_bodies(client, signer, body, 
     assert not WebhookEvent.objects.exists()
 
 
+ARABIC_INDIC = str.maketrans("0123456789", "".join(chr(0x660 + digit) for digit in range(10)))
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        lambda now: "9" * 400,  # int() took it, then float arithmetic on it overflowed: a 500
+        lambda now: "9" * 13,
+        lambda now: "+" + now,
+        lambda now: " " + now,
+        lambda now: now + "\n",
+        lambda now: now[:1] + "_" + now[1:],
+        lambda now: "-" + now,
+        lambda now: now.translate(ARABIC_INDIC),  # int() reads any Unicode digit
+    ],
+    ids=["400 digits", "13 digits", "plus", "space", "newline", "underscore", "minus", "arabic"],
+)
+def test_it_refuses_a_timestamp_that_is_not_a_plain_ascii_decimal(client, signer, timestamp):
+    body = dumps(envelope("call.answered"))
+    headers = signer.headers(body)
+    headers["HTTP_TELNYX_TIMESTAMP"] = timestamp(headers["HTTP_TELNYX_TIMESTAMP"])
+    response = post_raw(client, body, headers)
+    assert response.status_code == 401
+    assert "telnyx-timestamp is not a Unix time" in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
 def test_it_stores_a_body_with_a_nul_character(post_event):
     event = envelope("call.transcription", transcription_data={"transcript": "a\u0000b"})
     assert post_event(event).status_code == 200
