@@ -112,10 +112,7 @@ class ParsedEvent:
 
 def parse_event(body: bytes) -> ParsedEvent:
     """Check the envelope of an authentic body; raise ``WebhookRejected`` naming what is wrong."""
-    try:
-        envelope = json.loads(body)
-    except (UnicodeDecodeError, ValueError):
-        raise WebhookRejected("body is not JSON") from None
+    text, envelope = _load(body)
     data = envelope.get("data") if isinstance(envelope, dict) else None
     if not isinstance(data, dict):
         raise WebhookRejected("body has no data object")
@@ -136,7 +133,7 @@ def parse_event(body: bytes) -> ParsedEvent:
         attempt = None
     # PostgreSQL's jsonb refuses the NUL character; such a body is re-serialised without it
     # rather than refused, so an authentic event is never lost to a 5xx retry loop.
-    envelope_json = body.decode()
+    envelope_json = text
     if "\\u0000" in envelope_json:
         envelope_json = json.dumps(envelope).replace("\\u0000", "")
     return ParsedEvent(
@@ -149,6 +146,26 @@ def parse_event(body: bytes) -> ParsedEvent:
         shard=drain.shard_of(call_control_id),
         priority=drain.priority_of(event_type),
     )
+
+
+def _load(body: bytes) -> tuple[str, object]:
+    """The body as text, as it will be stored, and as JSON; ``WebhookRejected`` if it is not."""
+    try:
+        # RFC 8259: JSON between systems is UTF-8. Decoding strictly, once, also refuses a
+        # surrogate encoded as bytes, which json.loads(bytes) lets through and jsonb does not.
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise WebhookRejected("body is not JSON in UTF-8") from None
+    if text.startswith("\ufeff"):
+        # A byte order mark is not part of the JSON text (RFC 8259 lets a parser ignore it),
+        # but jsonb refuses it: without it the event is stored exactly as sent.
+        text = text[1:]
+    try:
+        return text, json.loads(text)
+    except RecursionError:
+        raise WebhookRejected("body nests deeper than callops can read") from None
+    except ValueError as exc:
+        raise WebhookRejected(f"body is not JSON ({exc})") from None
 
 
 def parse_time(value: object) -> datetime | None:

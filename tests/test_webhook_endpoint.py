@@ -234,6 +234,17 @@ def test_it_answers_400_to_authentic_but_malformed_bodies(client, signer, body, 
     assert not WebhookEvent.objects.exists()
 
 
+def signed_post(client, signer, body: bytes):
+    return post_raw(client, body, signer.headers(body))
+
+
+def with_payload(raw_payload: bytes, **data: str) -> bytes:
+    """A signed-looking envelope whose ``data.payload`` is exactly ``raw_payload``, unparsed."""
+    fields = {"id": "e-raw", "event_type": "call.transcription", **data}
+    head = json.dumps({"data": fields}, separators=(",", ":")).encode()[:-2]
+    return head + b',"payload":' + raw_payload + b"}}"
+
+
 ARABIC_INDIC = str.maketrans("0123456789", "".join(chr(0x660 + digit) for digit in range(10)))
 
 
@@ -258,6 +269,38 @@ def test_it_refuses_a_timestamp_that_is_not_a_plain_ascii_decimal(client, signer
     response = post_raw(client, body, headers)
     assert response.status_code == 401
     assert "telnyx-timestamp is not a Unix time" in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("raw_payload", "reason"),
+    [
+        (b'{"t":"\xed\xa0\x80"}', "not JSON in UTF-8"),  # a surrogate encoded as bytes
+        (b"[" * 100_000 + b"]" * 100_000, "nests deeper"),
+    ],
+)
+def test_it_refuses_json_postgresql_cannot_hold_with_400_naming_where(
+    client, signer, raw_payload, reason
+):
+    response = signed_post(client, signer, with_payload(raw_payload))
+    assert response.status_code == 400
+    assert reason in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
+def test_it_stores_a_body_after_a_utf8_byte_order_mark_unchanged(client, signer):
+    event = envelope("call.answered")
+    response = signed_post(client, signer, b"\xef\xbb\xbf" + dumps(event))
+    assert response.status_code == 200
+    assert WebhookEvent.objects.get().payload == event
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_it_refuses_a_body_not_in_utf8(client, signer, encoding):
+    body = json.dumps(envelope("call.answered")).encode(encoding)
+    response = signed_post(client, signer, body)
+    assert response.status_code == 400
+    assert "not JSON" in response.json()["error"]
     assert not WebhookEvent.objects.exists()
 
 
