@@ -206,9 +206,15 @@ class ErrorSerializer(serializers.Serializer):
 # --- Commands ---------------------------------------------------------------------------------
 
 # How the API describes a parameter whose rule is not a choice or a bounded string.
+# Addresses are not trimmed: what the address guard checks is what Telnyx gets, so a stray space
+# is refused rather than quietly cut.
 RULE_FIELDS = {
-    telnyx_params.websocket_url: lambda **kw: serializers.CharField(max_length=2048, **kw),
-    telnyx_params.udp_target: lambda **kw: serializers.CharField(max_length=64, **kw),
+    telnyx_params.websocket_url: lambda **kw: serializers.CharField(
+        max_length=2048, trim_whitespace=False, **kw
+    ),
+    telnyx_params.udp_target: lambda **kw: serializers.CharField(
+        max_length=64, trim_whitespace=False, **kw
+    ),
     telnyx_params.boolean: serializers.BooleanField,
     telnyx_params.mapping: serializers.DictField,
     telnyx_params.custom_parameters: lambda **kw: serializers.ListField(
@@ -381,7 +387,10 @@ class StreamingProfileSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["id", "created_at", "updated_at"]
-        extra_kwargs = {"max_stream_duration": {"min_value": 1, "max_value": 7 * 24 * 3600}}
+        extra_kwargs = {
+            "max_stream_duration": {"min_value": 1, "max_value": 7 * 24 * 3600},
+            "stream_url": {"trim_whitespace": False},  # checked as sent (see RULE_FIELDS)
+        }
 
     def validate(self, attrs: dict) -> dict:
         partner = self.context["partner"]
