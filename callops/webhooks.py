@@ -13,9 +13,11 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
+from typing import NoReturn
 
 import psycopg
 from django.conf import settings
@@ -131,18 +133,13 @@ def parse_event(body: bytes) -> ParsedEvent:
     attempt = meta.get("attempt") if isinstance(meta, dict) else None
     if not isinstance(attempt, int) or isinstance(attempt, bool) or not 0 <= attempt < 2**31:
         attempt = None
-    # PostgreSQL's jsonb refuses the NUL character; such a body is re-serialised without it
-    # rather than refused, so an authentic event is never lost to a 5xx retry loop.
-    envelope_json = text
-    if "\\u0000" in envelope_json:
-        envelope_json = json.dumps(envelope).replace("\\u0000", "")
     return ParsedEvent(
         event_id=event_id,
         event_type=event_type,
         occurred_at=parse_time(data.get("occurred_at")) or timezone.now(),
         call_control_id=call_control_id,
         attempt=attempt,
-        envelope_json=envelope_json,
+        envelope_json=text,
         shard=drain.shard_of(call_control_id),
         priority=drain.priority_of(event_type),
     )
@@ -161,11 +158,74 @@ def _load(body: bytes) -> tuple[str, object]:
         # but jsonb refuses it: without it the event is stored exactly as sent.
         text = text[1:]
     try:
-        return text, json.loads(text)
+        envelope = json.loads(text, parse_constant=_refuse_constant)
+    except _NotJSON as exc:
+        # Rare: read it again, keeping the constants, only to say where the first one is.
+        path, _ = _first(json.loads(text, parse_constant=_NotJSON), _not_json)
+        raise WebhookRejected(f"{path} is {exc}, which is not JSON") from None
     except RecursionError:
         raise WebhookRejected("body nests deeper than callops can read") from None
     except ValueError as exc:
         raise WebhookRejected(f"body is not JSON ({exc})") from None
+    # jsonb holds neither NUL nor half of a UTF-16 surrogate pair, and either can only arrive as
+    # a \u escape (raw, one is not JSON and the other not UTF-8): the values are searched only
+    # when the text has such an escape. Storing the rest of the text without them would store
+    # something Telnyx did not send, so the body is refused, naming the field.
+    if "\\u0000" in text or "\\ud" in text or "\\uD" in text:
+        found = _first(envelope, _unstorable)
+        if found:
+            path, problem = found
+            raise WebhookRejected(f"{path} contains {problem}, which callops cannot store")
+    return text, envelope
+
+
+class _NotJSON(Exception):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON and jsonb do not."""
+
+
+def _refuse_constant(name: str) -> NoReturn:
+    raise _NotJSON(name)
+
+
+def _not_json(value: object) -> str | None:
+    return str(value) if isinstance(value, _NotJSON) else None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unstorable(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    if "\x00" in value:
+        return "\\u0000"
+    if not value.isascii() and _SURROGATE.search(value):
+        return "a lone surrogate"
+    return None
+
+
+def _first(document: object, problem: Callable[[object], str | None]) -> tuple[str, str] | None:
+    """``(path, problem)`` of the first key or value of ``document`` with a problem, in document
+    order; a path reads like ``data.payload.items[2]``. Without recursion: Python's limit is
+    what bounds the nesting json.loads accepts, so a walk must not need more of it."""
+    stack: list[tuple[str, object]] = [("body", document)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            children = []
+            for key, child in node.items():
+                # json.dumps escapes a NUL or surrogate the key holds, so the reason shows it.
+                label = json.dumps(key)[1:-1]
+                child_path = label if path == "body" else f"{path}.{label}"
+                if found := problem(key):
+                    return f"key {child_path}"[:200], found
+                children.append((child_path, child))
+            stack.extend(reversed(children))
+        elif isinstance(node, list):
+            stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
+        elif found := problem(node):
+            return path[:200], found
+    return None
 
 
 def parse_time(value: object) -> datetime | None:
