@@ -6,7 +6,7 @@ import hmac
 import logging
 
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, connection
+from django.db import DatabaseError, DataError, InterfaceError, OperationalError, connection
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views import defaults
@@ -59,6 +59,11 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
         # Telnyx retries a non-2xx delivery: nothing is lost while the database is down.
         logger.error("webhook not stored, database unavailable: %s", exc)
         return JsonResponse({"error": "database unavailable"}, status=503)
+    except DataError as exc:
+        # PostgreSQL refuses the value itself (a number beyond its numeric type): every retry
+        # would get the same answer, so the delivery is refused, not deferred with a 503.
+        reason = str(exc).partition("\n")[0]
+        return _reject(request, 400, f"body cannot be stored: {reason}")
     except DatabaseError as exc:
         logger.error("webhook %s not stored: %s", event.event_id, exc)
         return JsonResponse({"error": "event could not be stored"}, status=503)

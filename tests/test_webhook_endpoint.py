@@ -295,6 +295,16 @@ def test_it_refuses_json_postgresql_cannot_hold_with_400_naming_where(
     assert not WebhookEvent.objects.exists()
 
 
+@pytest.mark.django_db(transaction=True)  # the refused INSERT aborts a test's transaction
+def test_it_refuses_a_number_postgresql_cannot_hold_with_400(client, signer):
+    # Valid JSON (RFC 8259 sets no limit) that Python reads as inf but numeric overflows on:
+    # PostgreSQL's answer would be the same on every retry.
+    response = signed_post(client, signer, with_payload(b'{"t":1e1000000}'))
+    assert response.status_code == 400
+    assert response.json()["error"] == "body cannot be stored: value overflows numeric format"
+    assert not WebhookEvent.objects.exists()
+
+
 def test_it_refuses_a_nul_in_the_event_id_naming_it(client, signer):
     body = b'{"data":{"id":"e\\u00001","event_type":"call.answered"}}'
     response = signed_post(client, signer, body)
