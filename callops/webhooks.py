@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import NoReturn
 
@@ -136,7 +136,7 @@ def parse_event(body: bytes) -> ParsedEvent:
     return ParsedEvent(
         event_id=event_id,
         event_type=event_type,
-        occurred_at=parse_time(data.get("occurred_at")) or timezone.now(),
+        occurred_at=_occurred_at(data.get("occurred_at")),
         call_control_id=call_control_id,
         attempt=attempt,
         envelope_json=text,
@@ -226,6 +226,22 @@ def _first(document: object, problem: Callable[[object], str | None]) -> tuple[s
         elif found := problem(node):
             return path[:200], found
     return None
+
+
+# Telnyx's occurred_at is a moment of a live call, delivered within hours of it. Ten years either
+# way of now leave room for any clock, and keep every sum the drains make with it (durations,
+# grace periods, retention) inside Python's years 1 to 9999: 9999-12-31T23:59-01:00 is stored
+# by PostgreSQL as year 10000, which no drain could load again.
+OCCURRED_AT_RANGE = timedelta(days=3653)
+
+
+def _occurred_at(value: object) -> datetime:
+    if value is None:
+        return timezone.now()  # an envelope without a time is ordered by its arrival
+    at = parse_time(value)
+    if at is None or abs(at - timezone.now()) > OCCURRED_AT_RANGE:
+        raise WebhookRejected("data.occurred_at is not an ISO 8601 time within ten years of now")
+    return at
 
 
 def parse_time(value: object) -> datetime | None:

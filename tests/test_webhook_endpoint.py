@@ -344,6 +344,34 @@ def test_it_refuses_a_body_not_in_utf8(client, signer, encoding):
     assert not WebhookEvent.objects.exists()
 
 
+@pytest.mark.parametrize(
+    "occurred_at",
+    [
+        "9999-12-31T23:59:59-01:00",  # year 10000 in UTC: stored, then no drain could load it
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59Z",
+        "2000-01-01T00:00:00Z",
+        "yesterday",
+        17,
+    ],
+)
+def test_it_refuses_an_occurred_at_it_cannot_order_by(client, signer, occurred_at):
+    event = envelope("call.answered")
+    event["data"]["occurred_at"] = occurred_at
+    response = signed_post(client, signer, dumps(event))
+    assert response.status_code == 400
+    assert "data.occurred_at" in response.json()["error"]
+    assert not WebhookEvent.objects.exists()
+
+
+def test_an_event_without_occurred_at_is_ordered_by_arrival(client, signer):
+    event = envelope("call.answered")
+    del event["data"]["occurred_at"]
+    before = timezone.now()
+    assert signed_post(client, signer, dumps(event)).status_code == 200
+    assert WebhookEvent.objects.get().occurred_at >= before
+
+
 def test_it_only_accepts_post(client):
     assert client.get(URL).status_code == 405
 
