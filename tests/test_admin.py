@@ -173,3 +173,163 @@ def test_the_commands_changelist_shows_status_and_last_error(operator, answered_
     page = operator.get("/admin/callops/command/", {"status__exact": "failed"}).content.decode()
     assert "call ended 90018" in page
     assert "v3:admin" in page
+
+
+# --- Who may do what: every action that changes something needs its own permission ---------
+
+VIEW_EVERYTHING = [
+    f"view_{model}"
+    for model in ("call", "command", "webhookevent", "partner", "apikey", "streamingprofile")
+]
+
+
+def staff_user(client, *codenames: str):
+    """A logged-in staff user who may view every callops model and also do ``codenames``."""
+    from django.contrib.auth.models import Permission
+
+    user = get_user_model().objects.create_user("staff", password="pw", is_staff=True)
+    user.user_permissions.set(
+        Permission.objects.filter(
+            content_type__app_label="callops", codename__in=[*VIEW_EVERYTHING, *codenames]
+        )
+    )
+    client.force_login(user)
+    return client
+
+
+def _call(status: str) -> int:
+    return Call.objects.create(call_control_id=f"v3:{status}", status=status).pk
+
+
+def _command(status: str) -> int:
+    from callops.models import Command
+
+    call = Call.objects.create(call_control_id="v3:commanded", status="answered")
+    command = Command.objects.create(
+        call=call,
+        action="fork_stop",
+        requested_by="operator",
+        status=status,
+        expires_at=call.created_at,
+    )
+    return command.pk
+
+
+def _failed_event() -> int:
+    event = envelope("call.answered", "v3:replayed")
+    return WebhookEvent.objects.create(
+        event_id=event["data"]["id"],
+        event_type="call.answered",
+        occurred_at=event["data"]["occurred_at"],
+        payload=event,
+        status="failed",
+    ).pk
+
+
+def _partner() -> int:
+    from callops.models import Partner
+
+    return Partner.objects.create(name="acme").pk
+
+
+def _api_key() -> int:
+    from callops.api_keys import api_key_create
+    from callops.models import Partner
+
+    return api_key_create(partner=Partner.objects.create(name="keyed"))[0].pk
+
+
+def _commands_of(pk: int) -> list[str]:
+    return list(Call.objects.get(pk=pk).commands.values_list("action", flat=True))
+
+
+def _command_status(pk: int) -> str:
+    from callops.models import Command
+
+    return Command.objects.get(pk=pk).status
+
+
+def _keys_of(pk: int) -> int:
+    from callops.models import ApiKey
+
+    return ApiKey.objects.filter(partner_id=pk).count()
+
+
+def _revoked(pk: int) -> bool:
+    from callops.models import ApiKey
+
+    return ApiKey.objects.get(pk=pk).revoked_at is not None
+
+
+# (changelist, action, the permission it needs, make the selected record, what the action changes)
+ACTIONS = [
+    ("call", "answer", "act_on_call", lambda: _call("initiated"), _commands_of),
+    ("call", "reject", "act_on_call", lambda: _call("initiated"), _commands_of),
+    ("call", "hang_up", "act_on_call", lambda: _call("answered"), _commands_of),
+    ("call", "stop_streaming", "act_on_call", lambda: _call("answered"), _commands_of),
+    ("call", "stop_forking", "act_on_call", lambda: _call("answered"), _commands_of),
+    ("call", "stop_transcription", "act_on_call", lambda: _call("answered"), _commands_of),
+    ("command", "retry_now", "act_on_command", lambda: _command("failed"), _command_status),
+    ("command", "cancel", "act_on_command", lambda: _command("queued"), _command_status),
+    (
+        "webhookevent",
+        "replay",
+        "replay_webhookevent",
+        _failed_event,
+        lambda pk: WebhookEvent.objects.get(pk=pk).status,
+    ),
+    ("partner", "create_api_key", "create_api_key", _partner, _keys_of),
+    ("apikey", "revoke", "change_apikey", _api_key, _revoked),
+]
+
+
+def offered_actions(client, model: str) -> set[str]:
+    page = client.get(f"/admin/callops/{model}/")
+    assert page.status_code == 200
+    form = page.context["action_form"]
+    return {name for name, _ in form.fields["action"].choices if name} if form else set()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("model", "action", "permission", "make", "effect"), ACTIONS)
+def test_an_action_is_neither_offered_nor_run_without_its_permission(
+    client, model, action, permission, make, effect
+):
+    staff = staff_user(client)  # may view everything, and do nothing
+    pk = make()
+    before = effect(pk)
+    assert action not in offered_actions(staff, model)
+
+    response = changelist_action(staff, model, action, [pk])  # posted anyway
+    assert response.status_code in (200, 403)
+    assert effect(pk) == before
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(("model", "action", "permission", "make", "effect"), ACTIONS)
+def test_an_action_is_offered_and_runs_with_its_permission(
+    client, model, action, permission, make, effect
+):
+    staff = staff_user(client, permission)
+    pk = make()
+    before = effect(pk)
+    assert action in offered_actions(staff, model)
+
+    response = changelist_action(staff, model, action, [pk])
+    assert response.status_code == 200
+    assert effect(pk) != before
+
+
+@pytest.mark.django_db
+def test_a_view_only_user_is_offered_no_action_anywhere(client):
+    staff = staff_user(client)
+    for model in {model for model, *_ in ACTIONS}:
+        assert offered_actions(staff, model) == set(), model
+
+
+@pytest.mark.django_db
+def test_one_permission_unlocks_only_its_own_actions(client):
+    staff = staff_user(client, "act_on_call")
+    assert offered_actions(staff, "call") == {a for m, a, *_ in ACTIONS if m == "call"}
+    assert offered_actions(staff, "command") == set()
+    assert offered_actions(staff, "partner") == set()
