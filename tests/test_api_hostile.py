@@ -10,6 +10,8 @@ at once each answer in the API's own error shape, never Django's 500 page.
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
 from callops.models import Command, StreamingProfile
@@ -251,3 +253,40 @@ def test_a_profile_url_with_spaces_is_refused_not_trimmed(alice):
         "/api/v1/profiles/", {"stream_url": "wss://media.example.com/ "}, format="json"
     )
     assert_refused(response, "stream_url")
+
+
+# --- Breakage answers in the API's shape --------------------------------------------------------
+
+
+def cursor(query: str) -> str:
+    return base64.b64encode(query.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not base64 !",
+        cursor("p=yesterday"),
+        cursor("p=2026-01-01T00:00:00\x00"),
+        cursor("p=2026-11-25T00:00:00-19:03"),  # PostgreSQL refuses the offset
+        cursor("p=2026-11-25T00:00:00"),  # DRF writes UTC with its offset
+        cursor("p=99999-01-01T00:00:00Z"),
+        cursor("o=-1"),
+        cursor("o=1&r=1&p=" + "9" * 10000),
+    ],
+    ids=["garbage", "word", "nul", "odd-offset", "naive", "year-99999", "negative-offset", "huge"],
+)
+def test_a_tampered_cursor_answers_400_naming_it(alice, value):
+    _, client = alice
+    response = client.get("/api/v1/calls/", {"cursor": value})
+    assert response.status_code == 400, (response.status_code, response.content[:300])
+    assert response.json()["errors"][0]["field"] == "cursor"
+
+
+def test_a_real_cursor_still_pages(alice):
+    _, client = alice
+    make_call("v3:second", "conn-alice")
+    first = client.get("/api/v1/calls/", {"page_size": 1}).json()
+    second = client.get(first["next"]).json()
+    seen = [c["call_control_id"] for c in first["results"] + second["results"]]
+    assert sorted(seen) == ["v3:hostile", "v3:second"]

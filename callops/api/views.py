@@ -4,7 +4,7 @@ service, answer. Another partner's call is a 404, exactly like a call that does 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 from django import forms
 from django.db.models import Prefetch
@@ -18,7 +18,7 @@ from drf_spectacular.utils import (
     extend_schema_view,
 )
 from rest_framework import generics, mixins, renderers, status, viewsets
-from rest_framework.exceptions import NotFound
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import CursorPagination
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -88,6 +88,28 @@ class CallPagination(CursorPagination):
     page_size = 50
     page_size_query_param = "page_size"
     max_page_size = 200
+
+    def decode_cursor(self, request):
+        """DRF checks a cursor's offset and direction, but puts its position straight into the
+        query, so a tampered position was a 500 (or a database error). The position must be
+        the UTC ``created_at`` DRF itself wrote; any bad cursor is a 400 naming it."""
+        try:
+            cursor = super().decode_cursor(request)
+            valid = cursor is None or _is_utc_timestamp(cursor.position)
+        except NotFound:
+            valid = False
+        if not valid:
+            raise ValidationError({"cursor": [self.invalid_cursor_message]})
+        return cursor
+
+
+def _is_utc_timestamp(position: str | None) -> bool:
+    if position is None:  # the first page, or a cursor without one: nothing goes into the query
+        return True
+    try:
+        return datetime.fromisoformat(position).utcoffset() == timedelta(0)
+    except (TypeError, ValueError):
+        return False
 
 
 @extend_schema_view(
