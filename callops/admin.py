@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+
+from django import forms
 from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import OuterRef, QuerySet, Subquery
@@ -39,6 +43,34 @@ def custom_permission(codename: str):
         return request.user.has_perm(f"{self.opts.app_label}.{codename}")
 
     return has_permission
+
+
+# Parameter names whose values are credentials (stream_auth_token, sip_auth_password): never
+# shown in the admin, whoever looks.
+SECRET_NAME = re.compile(r"token|password|secret", re.IGNORECASE)
+MASK = "********"
+
+
+def masked(value):
+    """``value`` with the value of every secret-named key replaced, at any depth."""
+    if isinstance(value, dict):
+        return {
+            k: MASK if SECRET_NAME.search(str(k)) and v not in ("", None) else masked(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [masked(v) for v in value]
+    return value
+
+
+def masked_json(field: str):
+    """A read-only display of the JSON ``field`` with its secrets masked."""
+
+    @admin.display(description=field)
+    def show(self, obj) -> str:
+        return json.dumps(masked(getattr(obj, field)), ensure_ascii=False)
+
+    return show
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -236,7 +268,11 @@ class WebhookEventAdmin(admin.ModelAdmin):
     search_fields = ("=event_id", "=call_control_id")
     date_hierarchy = "received_at"
     actions = ["replay"]
-    readonly_fields = [f.name for f in WebhookEvent._meta.fields]
+    readonly_fields = [
+        "payload_shown" if f.name == "payload" else f.name for f in WebhookEvent._meta.fields
+    ]
+    payload_shown = masked_json("payload")
+    exclude = ["payload"]  # else the form would bring it back, unmasked
     has_replay_permission = custom_permission("replay_webhookevent")
 
     def has_add_permission(self, request) -> bool:
@@ -274,7 +310,11 @@ class CommandAdmin(admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ("call",)
     actions = ["retry_now", "cancel"]
-    readonly_fields = [f.name for f in Command._meta.fields] + ["last_error"]
+    readonly_fields = [
+        "params_shown" if f.name == "params" else f.name for f in Command._meta.fields
+    ] + ["last_error"]
+    params_shown = masked_json("params")  # streaming_start, answer and dial carry tokens
+    exclude = ["params"]  # else the form would bring it back, unmasked
     # A permission of its own, not change_command: the admin never edits a command's fields
     # (has_change_permission is always False), it only asks for it to be sent again or not.
     has_act_on_command_permission = custom_permission("act_on_command")
@@ -331,7 +371,41 @@ class ApiKeyInline(admin.TabularInline):
         return False  # keys are made by the "Create an API key" action, which shows it once
 
 
-class StreamingProfileInline(admin.StackedInline):
+class StreamingProfileForm(forms.ModelForm):
+    """The stream auth token is write-only: the stored token is never sent back to a browser,
+    and an empty field keeps it, so saving a profile does not wipe the token."""
+
+    class Meta:
+        model = StreamingProfile
+        fields = "__all__"  # noqa: DJ007 - the admin that uses the form picks its fields
+        widgets = {"stream_auth_token": forms.PasswordInput(render_value=False)}
+        help_texts = {"stream_auth_token": "Leave empty to keep the current token."}
+
+    def clean_stream_auth_token(self) -> str:
+        return self.cleaned_data["stream_auth_token"] or self.instance.stream_auth_token
+
+
+class StreamingProfileSecrets:
+    """What the profile admin and its inline share: whether a token is set, never the token.
+
+    Who may not change a profile would see every field read-only, and Django shows a read-only
+    field's raw value; so for them the token field is left out altogether."""
+
+    form = StreamingProfileForm
+    readonly_fields = ("auth_token",)
+
+    def get_exclude(self, request, obj=None):
+        excluded = list(super().get_exclude(request, obj) or ())
+        if not self.has_change_permission(request, obj):
+            excluded.append("stream_auth_token")
+        return excluded
+
+    @admin.display(description="stream auth token")
+    def auth_token(self, profile: StreamingProfile) -> str:
+        return "set" if profile.stream_auth_token else "not set"
+
+
+class StreamingProfileInline(StreamingProfileSecrets, admin.StackedInline):
     model = StreamingProfile
     extra = 0
 
@@ -378,7 +452,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
 
 @admin.register(StreamingProfile)
-class StreamingProfileAdmin(admin.ModelAdmin):
+class StreamingProfileAdmin(StreamingProfileSecrets, admin.ModelAdmin):
     list_display = ("__str__", "partner", "connection_id", "stream_url", "auto_start", "transcribe")
     list_filter = ("partner", "auto_start", "transcribe")
 

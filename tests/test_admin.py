@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.contrib.auth import get_user_model
 
@@ -333,3 +335,106 @@ def test_one_permission_unlocks_only_its_own_actions(client):
     assert offered_actions(staff, "call") == {a for m, a, *_ in ACTIONS if m == "call"}
     assert offered_actions(staff, "command") == set()
     assert offered_actions(staff, "partner") == set()
+
+
+# --- Secrets stay secret ----------------------------------------------------------------------
+
+TOKEN = "tok-1d9c-very-secret"
+
+
+@pytest.fixture
+def profile(db):
+    from callops.models import Partner, StreamingProfile
+
+    partner = Partner.objects.create(name="tokened")
+    return StreamingProfile.objects.create(
+        partner=partner, stream_url="wss://media.example.com/a", stream_auth_token=TOKEN
+    )
+
+
+def profile_form(profile, **changes) -> dict:
+    """The profile's change form as a browser would post it (the token field left empty)."""
+    data = {
+        "partner": profile.partner_id,
+        "connection_id": "",
+        "name": "",
+        "stream_url": profile.stream_url,
+        "stream_track": profile.stream_track,
+        "stream_auth_token": "",
+        "transcription_engine_config": "{}",
+        "answer_policy": profile.answer_policy,
+        "reject_cause": profile.reject_cause,
+        "machine_policy": profile.machine_policy,
+    }
+    return {**data, **changes}
+
+
+@pytest.mark.django_db
+def test_a_stream_auth_token_is_never_shown_in_the_admin(client, profile):
+    from django.test import Client
+
+    profile_url = f"/admin/callops/streamingprofile/{profile.pk}/change/"
+    partner_url = f"/admin/callops/partner/{profile.partner_id}/change/"
+    viewer = staff_user(client)
+    superuser = Client()
+    superuser.force_login(get_user_model().objects.create_superuser("root", "r@example.com", "pw"))
+    pages = {
+        "the profile, read-only": viewer.get(profile_url),
+        "the partner's inline, read-only": viewer.get(partner_url),
+        "the profiles list": viewer.get("/admin/callops/streamingprofile/"),
+        "the profile's form": superuser.get(profile_url),
+        "the partner's inline form": superuser.get(partner_url),
+    }
+    for where, page in pages.items():
+        assert page.status_code == 200, where
+        assert TOKEN not in page.content.decode(), where
+    # Whether a token is set is shown; the ones who may change it get an empty field for it.
+    assert re.search(r"Stream auth token.*?\bset\b", pages["the profile, read-only"].text, re.S)
+    assert 'type="password" name="stream_auth_token"' in pages["the profile's form"].text
+    assert 'name="profiles-0-stream_auth_token"' in pages["the partner's inline form"].text
+
+
+@pytest.mark.django_db
+def test_saving_a_profile_keeps_its_token_unless_a_new_one_is_typed(operator, profile):
+    url = f"/admin/callops/streamingprofile/{profile.pk}/change/"
+    response = operator.post(url, profile_form(profile, name="renamed"))
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    profile.refresh_from_db()
+    assert (profile.name, profile.stream_auth_token) == ("renamed", TOKEN)
+
+    operator.post(url, profile_form(profile, stream_auth_token="tok-new"))
+    profile.refresh_from_db()
+    assert profile.stream_auth_token == "tok-new"
+
+
+@pytest.mark.django_db
+def test_secrets_in_command_params_and_event_payloads_are_masked(operator, answered_call):
+    from callops.models import Command
+
+    command = Command.objects.create(
+        call=answered_call,
+        action="streaming_start",
+        requested_by="partner",
+        params={
+            "stream_url": "wss://media.example.com/a",
+            "stream_auth_token": TOKEN,
+            "transcription_config": {"nested": {"sip_auth_password": TOKEN}},
+        },
+        expires_at=answered_call.created_at,
+    )
+    page = operator.get(f"/admin/callops/command/{command.pk}/change/").content.decode()
+    assert TOKEN not in page
+    assert "wss://media.example.com/a" in page
+    assert page.count("********") == 2
+
+    event = envelope("call.initiated", "v3:admin")
+    event["data"]["payload"]["stream_auth_token"] = TOKEN
+    stored = WebhookEvent.objects.create(
+        event_id=event["data"]["id"],
+        event_type="call.initiated",
+        occurred_at=event["data"]["occurred_at"],
+        payload=event,
+    )
+    page = operator.get(f"/admin/callops/webhookevent/{stored.pk}/change/").content.decode()
+    assert TOKEN not in page
+    assert "********" in page and "v3:admin" in page
