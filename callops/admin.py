@@ -10,6 +10,8 @@ from django.contrib import admin, messages
 from django.db import transaction
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.utils.cache import add_never_cache_headers
 
 from callops import commands, drain, events
 from callops.actions import ACTIONS, STOPS, TelnyxAction
@@ -421,14 +423,27 @@ class PartnerAdmin(admin.ModelAdmin):
     has_create_api_key_permission = custom_permission("create_api_key")
 
     @admin.action(description="Create an API key (shown once)", permissions=["create_api_key"])
-    def create_api_key(self, request: HttpRequest, queryset: QuerySet[Partner]) -> None:
-        for partner in queryset:
-            _, plain = api_key_create(partner=partner, name=f"admin: {request.user}")
-            self.message_user(
-                request,
-                f"New API key for {partner.name} (copy it now, it is not stored): {plain}",
-                messages.WARNING,
-            )
+    def create_api_key(self, request: HttpRequest, queryset: QuerySet[Partner]) -> TemplateResponse:
+        # The new keys are shown in this response and nowhere else. Not as a message: the
+        # default message storage puts messages in a cookie (signed, not encrypted: anyone
+        # who sees the cookie reads the key), and the session storage would keep it in the
+        # database, where only the key's hash may be.
+        created = [
+            (partner, api_key_create(partner=partner, name=f"admin: {request.user}")[1])
+            for partner in queryset
+        ]
+        response = TemplateResponse(
+            request,
+            "admin/callops/partner/api_keys_created.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "New API keys",
+                "opts": self.opts,
+                "created": created,
+            },
+        )
+        add_never_cache_headers(response)  # no-store: no cache keeps a copy of the page
+        return response
 
 
 @admin.register(ApiKey)

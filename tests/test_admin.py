@@ -438,3 +438,36 @@ def test_secrets_in_command_params_and_event_payloads_are_masked(operator, answe
     page = operator.get(f"/admin/callops/webhookevent/{stored.pk}/change/").content.decode()
     assert TOKEN not in page
     assert "********" in page and "v3:admin" in page
+
+
+# --- A new API key is shown once, in the page, never in a cookie -------------------------------
+
+
+@pytest.mark.django_db
+def test_a_new_api_key_is_shown_in_the_page_and_never_set_in_a_cookie(client):
+    from django.contrib.messages.storage.cookie import CookieStorage
+
+    from callops.api_keys import hash_key
+    from callops.models import ApiKey, Partner
+
+    staff = staff_user(client, "create_api_key")
+    partner = Partner.objects.create(name="acme")
+    # Not followed: the action's own answer is what must carry the key, and only in its body.
+    response = staff.post(
+        "/admin/callops/partner/", {"action": "create_api_key", "_selected_action": [partner.pk]}
+    )
+    assert response.status_code == 200
+
+    (shown,) = re.findall(r"cok_[\w-]+", response.content.decode())
+    assert ApiKey.objects.get(partner=partner).hashed_key == hash_key(shown)
+    assert "no-store" in response["Cache-Control"]
+    for cookie in response.cookies.values():
+        assert shown not in cookie.value, cookie.key
+    # The messages cookie is signed and compressed, not encrypted: decode it to look inside.
+    messages_cookie = response.cookies.get("messages")
+    if messages_cookie is not None and messages_cookie.value:
+        stored = CookieStorage(response.wsgi_request)._decode(messages_cookie.value) or []
+        assert not [m for m in stored if shown in m.message]
+    assert shown not in str(dict(staff.session.items()))
+    # And the changelist shown next does not repeat it.
+    assert shown not in staff.get("/admin/callops/partner/").content.decode()

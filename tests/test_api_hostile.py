@@ -290,3 +290,20 @@ def test_a_real_cursor_still_pages(alice):
     second = client.get(first["next"]).json()
     seen = [c["call_control_id"] for c in first["results"] + second["results"]]
     assert sorted(seen) == ["v3:hostile", "v3:second"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_cache_outage_under_the_throttle_answers_503_with_retry_after(alice, settings):
+    _, client = alice
+    # Port 1: nothing listens, the connection is refused at once.
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": "redis://127.0.0.1:1/0",
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        }
+    }
+    response = client.get("/api/v1/calls/")
+    assert response.status_code == 503, (response.status_code, response.content[:300])
+    assert int(response["Retry-After"]) > 0
+    assert response.json()["errors"][0]["message"].startswith("rate limit unavailable")

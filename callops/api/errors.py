@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from django.db import InterfaceError, OperationalError
 from rest_framework import exceptions
-from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
@@ -21,17 +20,25 @@ def _flatten(detail, field: str | None = None):
         yield {"field": field, "message": str(detail)}
 
 
+# Seconds a client is told to wait when a service behind the API is down.
+RETRY_AFTER = 5
+
+
+class Unavailable(exceptions.APIException):
+    """A service the API needs is down: a retryable 503 with ``Retry-After``, not a 500."""
+
+    status_code = 503
+    default_detail = "service unavailable, retry later"
+
+
 def exception_handler(exc, context):
     if isinstance(exc, OperationalError | InterfaceError):
-        # The database is unreachable: a retryable 503, not a 500.
-        return Response(
-            {"errors": [{"field": None, "message": "database unavailable, retry later"}]},
-            status=503,
-            headers={"Retry-After": "5"},
-        )
+        exc = Unavailable("database unavailable, retry later")
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
+    if isinstance(exc, Unavailable):
+        response["Retry-After"] = str(RETRY_AFTER)
     detail = exc.detail if isinstance(exc, exceptions.APIException) else response.data
     response.data = {"errors": list(_flatten(detail))}
     return response

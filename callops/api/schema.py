@@ -1,7 +1,10 @@
 """OpenAPI pieces drf-spectacular cannot infer, and the per-partner throttle."""
 
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from redis.exceptions import RedisError
 from rest_framework.throttling import SimpleRateThrottle
+
+from callops.api.errors import Unavailable
 
 
 class PartnerKeyScheme(OpenApiAuthenticationExtension):
@@ -21,3 +24,12 @@ class PartnerRateThrottle(SimpleRateThrottle):
         if not getattr(request.user, "is_authenticated", False):
             return None
         return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
+
+    def allow_request(self, request, view) -> bool:
+        # The cache is down: without it no process knows the partner's count. Letting every
+        # request through would lift the limit for all partners at once, so the API answers a
+        # retryable 503 instead. A Redis cache raises RedisError, the file cache OSError.
+        try:
+            return super().allow_request(request, view)
+        except (RedisError, OSError) as exc:
+            raise Unavailable("rate limit unavailable, retry later") from exc

@@ -38,6 +38,7 @@ ERRORS = {
         (403, "Inactive partner"),
         (404, "No such call (or not yours)"),
         (429, "Too many requests; see Retry-After"),
+        (503, "The database or the rate limit's cache is down; retry after Retry-After"),
     )
 }
 IDEMPOTENCY = OpenApiParameter(
