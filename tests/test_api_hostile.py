@@ -292,7 +292,6 @@ def test_a_real_cursor_still_pages(alice):
     assert sorted(seen) == ["v3:hostile", "v3:second"]
 
 
-@pytest.mark.django_db(transaction=True)
 def test_a_cache_outage_under_the_throttle_answers_503_with_retry_after(alice, settings):
     _, client = alice
     # Port 1: nothing listens, the connection is refused at once.
