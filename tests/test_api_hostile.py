@@ -11,12 +11,15 @@ at once each answer in the API's own error shape, never Django's 500 page.
 from __future__ import annotations
 
 import base64
+import threading
+from contextlib import contextmanager
 
 import pytest
+from django.db import connection, transaction
 
 from callops.models import Command, StreamingProfile
 from tests import helpers
-from tests.helpers import make_call, partner_with_key
+from tests.helpers import make_call, partner_with_key, wait_for
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fake_dns")]
 
@@ -306,3 +309,68 @@ def test_a_cache_outage_under_the_throttle_answers_503_with_retry_after(alice, s
     assert response.status_code == 503, (response.status_code, response.content[:300])
     assert int(response["Retry-After"]) > 0
     assert response.json()["errors"][0]["message"].startswith("rate limit unavailable")
+
+
+URL = "wss://media.example.com/"
+
+
+def blocked_on_a_lock() -> bool:
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        return cur.fetchone()[0] > 0
+
+
+@contextmanager
+def profile_committed_meanwhile(partner, connection_id: str):
+    """Insert a profile in another transaction that commits only once the request's own
+    INSERT waits for it on the unique index: the request's check saw no profile, its write
+    collides with one."""
+    inserted = threading.Event()
+
+    def racer():
+        try:
+            with transaction.atomic():
+                StreamingProfile.objects.create(
+                    partner=partner, connection_id=connection_id, stream_url=URL
+                )
+                inserted.set()
+                wait_for(blocked_on_a_lock)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=racer)
+    thread.start()
+    assert inserted.wait(10)
+    yield
+    thread.join(15)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_creating_a_profile_another_request_creates_meanwhile_answers_400(alice):
+    partner, client = alice
+    with profile_committed_meanwhile(partner, "conn-alice"):
+        response = client.post(
+            "/api/v1/profiles/", {"stream_url": URL, "connection_id": "conn-alice"}, format="json"
+        )
+    assert response.status_code == 400, (response.status_code, response.content[:300])
+    assert response.json()["errors"] == [
+        {"field": "connection_id", "message": "already has a profile; change that one instead"}
+    ]
+    assert StreamingProfile.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_moving_a_profile_onto_a_connection_taken_meanwhile_answers_400(alice):
+    partner, client = alice
+    profile = StreamingProfile.objects.create(partner=partner, stream_url=URL)
+    with profile_committed_meanwhile(partner, "conn-alice"):
+        response = client.patch(
+            f"/api/v1/profiles/{profile.pk}/", {"connection_id": "conn-alice"}, format="json"
+        )
+    assert response.status_code == 400, (response.status_code, response.content[:300])
+    assert response.json()["errors"][0]["field"] == "connection_id"
+    profile.refresh_from_db()
+    assert profile.connection_id == ""

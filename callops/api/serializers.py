@@ -3,7 +3,10 @@ whose rules (callops.telnyx_params) and the address guard (validators) do the ch
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from django.conf import settings
+from django.db import IntegrityError, transaction
 from rest_framework import serializers
 
 from callops import actions, telnyx_params
@@ -337,6 +340,24 @@ DialInput = command_input(actions.get("dial"), base=DialBase)
 
 # --- Streaming profiles -----------------------------------------------------------------------
 
+PROFILE_TAKEN = {"connection_id": ["already has a profile; change that one instead"]}
+ONE_PROFILE_PER_CONNECTION = "one_profile_per_connection"  # StreamingProfile's constraint
+
+
+@contextmanager
+def profile_slot_held():
+    """``validate`` reads before the save writes: a profile another request commits for the
+    same connection in between is caught by the unique constraint, and answered as if
+    ``validate`` had seen it."""
+    try:
+        with transaction.atomic():  # a savepoint: the request's transaction survives the error
+            yield
+    except IntegrityError as exc:
+        constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
+        if constraint != ONE_PROFILE_PER_CONNECTION:
+            raise
+        raise serializers.ValidationError(PROFILE_TAKEN) from None
+
 
 class StreamingProfileSerializer(serializers.ModelSerializer):
     def to_internal_value(self, data):
@@ -411,9 +432,7 @@ class StreamingProfileSerializer(serializers.ModelSerializer):
         if self.instance is not None:
             clash = clash.exclude(pk=self.instance.pk)
         if clash.exists():
-            raise serializers.ValidationError(
-                {"connection_id": ["already has a profile; change that one instead"]}
-            )
+            raise serializers.ValidationError(PROFILE_TAKEN)
         candidate = StreamingProfile(partner=partner, **merged)
         try:
             actions.validate("streaming_start", candidate.streaming_params())
@@ -424,3 +443,11 @@ class StreamingProfileSerializer(serializers.ModelSerializer):
         public_stream_url(candidate.stream_url)
         attrs["connection_id"] = connection_id
         return attrs
+
+    def create(self, validated_data):
+        with profile_slot_held():
+            return super().create(validated_data)
+
+    def update(self, instance, validated_data):
+        with profile_slot_held():
+            return super().update(instance, validated_data)
