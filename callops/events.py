@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from django.conf import settings
-from django.db import transaction
+from django.db import DataError, transaction
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from callops import state
@@ -69,7 +70,8 @@ def events_drain(*, limit: int | None = None, shard: int | None = None) -> int:
             if shard is not None:
                 pending = pending.filter(shard=shard)
             size = min(settings.CALLOPS_DRAIN_CLAIM, limit - applied)
-            batch = list(pending.order_by("priority", "received_at")[:size])
+            claimed = pending.order_by("priority", "received_at")[:size]
+            batch = _load(claimed)
             if not batch:
                 break
             _apply(batch)
@@ -77,36 +79,83 @@ def events_drain(*, limit: int | None = None, shard: int | None = None) -> int:
     return applied
 
 
+def _load(claimed: QuerySet[WebhookEvent]) -> list[WebhookEvent]:
+    """Claim and load the events; one that cannot be loaded (a time PostgreSQL holds but Python
+    cannot, past year 9999) is marked failed instead of stopping every drain at that row."""
+    try:
+        return list(claimed)
+    except (DataError, ValueError, OverflowError):
+        pks = list(claimed.values_list("pk", flat=True))  # the rows this transaction holds
+    batch = []
+    for pk in pks:
+        try:
+            batch.append(WebhookEvent.objects.get(pk=pk))
+        except (DataError, ValueError, OverflowError) as exc:
+            logger.error("event row %s cannot be loaded: %s", pk, exc)
+            WebhookEvent.objects.filter(pk=pk).update(
+                status=WebhookEvent.Status.FAILED,
+                error=f"cannot load the stored event: {type(exc).__name__}: {exc}"[:4000],
+                processed_at=timezone.now(),
+            )
+    return batch
+
+
 def _apply(batch: list[WebhookEvent]) -> dict[int, str]:
-    """Apply locked, pending events, grouped by call, and record each verdict. Each handler runs
-    in a savepoint: if it raises, its writes are rolled back and the event is marked failed with
-    the error, ready for a replay, and the others go on. Returns each event's new status."""
-    by_call: dict[str, list[WebhookEvent]] = {}
-    for event in batch:
-        by_call.setdefault(event.call_control_id, []).append(event)
+    """Apply locked, pending events and record each verdict. Returns each event's new status.
+
+    The batch's known calls are locked in one statement, in one order (their id) by every drain,
+    and new ones are created in that order too: two drains holding events of the same calls (the
+    sweeper drains every shard) wait for each other rather than deadlock. A call's lifecycle
+    events are applied one by one, each in a savepoint (a new call is created in its first
+    event's): if a handler raises, its writes are rolled back and the event is marked failed
+    with the error, ready for a replay, and the others go on. Transcript segments, most of the
+    traffic, are then applied in bulk (``_apply_segments``).
+    """
     verdicts: dict[int, str] = {}
     failures: dict[int, str] = {}
-    # Calls are locked in one order (their id) by every drain: two drains holding events of the
-    # same calls (the sweeper drains every shard) wait for each other, never deadlock.
-    for _, events_of_call in sorted(by_call.items()):
-        call: Call | None = None
+    by_call: dict[str, list[WebhookEvent]] = {}
+    for event in batch:
+        if not has_handler(event.event_type):
+            verdicts[event.pk] = WebhookEvent.Status.IGNORED
+        elif not event.call_control_id:
+            failures[event.pk] = "EventError: event has no data.payload.call_control_id"
+        else:
+            by_call.setdefault(event.call_control_id, []).append(event)
+    calls = _lock_calls(sorted(by_call))
+    segments: list[tuple[Call, WebhookEvent]] = []
+    for ccid, events_of_call in sorted(by_call.items()):
+        call = calls.get(ccid)
         for event in events_of_call:
-            handler = HANDLERS.get(event.event_type)
-            if handler is None:
-                verdicts[event.pk] = WebhookEvent.Status.IGNORED
+            if event.event_type == SEGMENT_EVENT:
                 continue
             try:
                 with transaction.atomic():
-                    call = _lock_call(event, call)
-                    handler(call, event)
+                    call = call or _create_call(ccid)
+                    _merge(call, event)
+                    HANDLERS[event.event_type](call, event)
                     call.save()
             except Exception as exc:
                 logger.exception("event %s (%s) failed", event.event_id, event.event_type)
-                verdicts[event.pk] = WebhookEvent.Status.FAILED
                 failures[event.pk] = f"{type(exc).__name__}: {exc}"[:4000]
-                call = None  # it may hold the failed handler's changes: read it again
+                call = _reread(call)  # it may hold the failed handler's changes
             else:
                 verdicts[event.pk] = WebhookEvent.Status.PROCESSED
+        for event in events_of_call:
+            if event.event_type != SEGMENT_EVENT:
+                continue
+            if not isinstance(event.body.get("transcription_data"), dict):
+                failures[event.pk] = (
+                    "EventError: call.transcription has no transcription_data object"
+                )
+                continue
+            call = call or _create_call(ccid)
+            segments.append((call, event))
+    _apply_segments(segments, verdicts, failures)
+    _record_verdicts(batch, verdicts, failures)
+    return {**verdicts, **dict.fromkeys(failures, WebhookEvent.Status.FAILED)}
+
+
+def _record_verdicts(batch: list[WebhookEvent], verdicts: dict, failures: dict) -> None:
     now = timezone.now()
     for status in (WebhookEvent.Status.PROCESSED, WebhookEvent.Status.IGNORED):
         pks = [pk for pk, verdict in verdicts.items() if verdict == status]
@@ -119,9 +168,11 @@ def _apply(batch: list[WebhookEvent]) -> dict[int, str]:
             status=WebhookEvent.Status.FAILED, error=error, processed_at=now
         )
     for event in batch:
-        event.status, event.error = verdicts[event.pk], failures.get(event.pk, "")
+        if event.pk in failures:
+            event.status, event.error = WebhookEvent.Status.FAILED, failures[event.pk]
+        else:
+            event.status, event.error = verdicts[event.pk], ""
         event.processed_at = now
-    return verdicts
 
 
 def events_replay(*, event_ids: Iterable[int]) -> int:
@@ -132,25 +183,37 @@ def events_replay(*, event_ids: Iterable[int]) -> int:
 
 
 def has_handler(event_type: str) -> bool:
-    return event_type in HANDLERS
+    return event_type in HANDLERS or event_type == SEGMENT_EVENT
 
 
 # --- The call -------------------------------------------------------------------------------
 
 
-def _lock_call(event: WebhookEvent, call: Call | None = None) -> Call:
-    """The event's call, created if this is the first we hear of it, locked for this transaction
-    (``call``: already locked by an earlier event of the batch), with the event's facts merged."""
-    if not event.call_control_id:
-        raise EventError("event has no data.payload.call_control_id")
+def _lock_calls(ccids: list[str]) -> dict[str, Call]:
+    """The calls we know of, locked for this transaction in the order of their ids (PostgreSQL
+    locks rows as the sorted scan returns them)."""
+    locked = Call.objects.select_for_update().filter(call_control_id__in=ccids)
+    return {call.call_control_id: call for call in locked.order_by("call_control_id")}
+
+
+def _create_call(ccid: str) -> Call:
+    """The first we hear of a call: create it (another drain may be creating it too) and lock
+    it."""
+    Call.objects.bulk_create([Call(call_control_id=ccid)], ignore_conflicts=True)
+    return Call.objects.select_for_update().get(call_control_id=ccid)
+
+
+def _reread(call: Call | None) -> Call | None:
+    """A call after a rolled-back savepoint: as stored, or None if the savepoint created it."""
     if call is None:
-        Call.objects.bulk_create(
-            [Call(call_control_id=event.call_control_id)], ignore_conflicts=True
-        )
-        call = Call.objects.select_for_update().get(call_control_id=event.call_control_id)
+        return None
+    return Call.objects.filter(pk=call.pk).first()
+
+
+def _merge(call: Call, event: WebhookEvent) -> None:
+    """What every event says about its call, merged into the locked call."""
     body = event.body
     state.call_merge_payload(call, body, event.occurred_at, parse_time(body.get("start_time")))
-    return call
 
 
 def on_call_initiated(call: Call, event: WebhookEvent) -> None:
@@ -332,18 +395,6 @@ def on_fork_event(call: Call, event: WebhookEvent) -> None:
     _repair("fork", call, event, _FORK_EVENTS)
 
 
-def _matching(
-    model: type[S],
-    call: Call,
-    at: datetime,
-    find: Callable[[list[S], datetime], S | None],
-    **filters: object,
-) -> S:
-    sessions = list(model.objects.filter(call=call, **filters).order_by("requested_at", "pk"))
-    found = find(sessions, at)
-    return found if found is not None else model(call=call, requested_at=at, **filters)
-
-
 def _for_segment(sessions: list[Transcription], at: datetime) -> Transcription | None:
     """Telnyx sends no transcription start or stop events: a segment belongs to the latest
     transcription requested before it, else to the earliest one we know."""
@@ -353,29 +404,129 @@ def _for_segment(sessions: list[Transcription], at: datetime) -> Transcription |
     return sessions[0] if sessions else None
 
 
-def on_call_transcription(call: Call, event: WebhookEvent) -> None:
-    data = event.body.get("transcription_data")
-    if not isinstance(data, dict):
-        raise EventError("call.transcription has no transcription_data object")
-    at = event.occurred_at
-    transcription = _matching(Transcription, call, at, _for_segment)
-    state.session_record_start(transcription, at)
-    state.session_save(call, transcription, at)
-    confidence = data.get("confidence")
-    TranscriptSegment.objects.update_or_create(
-        event=event,
-        defaults={
-            "call": call,
-            "transcription": transcription,
-            "transcript": _text(data.get("transcript"), 100_000),
-            "confidence": float(confidence)
-            if isinstance(confidence, int | float) and not isinstance(confidence, bool)
-            else None,
-            "is_final": data.get("is_final") is True,
-            "track": _text(data.get("transcription_track"), 16),
-            "occurred_at": at,
-        },
+SEGMENT_EVENT = "call.transcription"
+_SEGMENT_FIELDS = ("call", "transcription", "transcript", "confidence", "is_final", "track")
+
+
+def _apply_segments(
+    segments: list[tuple[Call, WebhookEvent]], verdicts: dict, failures: dict
+) -> None:
+    """Apply the batch's well-formed ``call.transcription`` events (their calls locked) in
+    bulk, and add their verdicts. If the bulk write fails, each event is applied alone in a
+    savepoint of its own, so the one at fault is marked failed and the others go on."""
+    if not segments:
+        return
+    try:
+        with transaction.atomic():
+            done = _write_segments(segments)
+    except Exception as exc:
+        for call in {id(call): call for call, _ in segments}.values():
+            call.refresh_from_db()  # it holds the rolled-back merges
+        if len(segments) > 1:
+            logger.warning("bulk segment write failed (%s); applying them one by one", exc)
+            for pair in segments:
+                _apply_segments([pair], verdicts, failures)
+            return
+        event = segments[0][1]
+        logger.exception("event %s (%s) failed", event.event_id, event.event_type)
+        failures[event.pk] = f"{type(exc).__name__}: {exc}"[:4000]
+        return
+    verdicts.update(dict.fromkeys(done, WebhookEvent.Status.PROCESSED))
+
+
+def _write_segments(segments: list[tuple[Call, WebhookEvent]]) -> list[int]:
+    """One query loads every transcription of the segments' calls, one writes every segment
+    (a redelivered or replayed event updates its own), one per set of changed fields updates
+    the calls; a transcription is saved only when a segment changed its facts. Returns the
+    applied events' ids."""
+    calls = {call.pk: call for call, _ in segments}
+    before = {pk: _facts(call) for pk, call in calls.items()}
+    known: dict[int, list[Transcription]] = {pk: [] for pk in calls}
+    for transcription in Transcription.objects.filter(call__in=list(calls)).order_by(
+        "requested_at", "pk"
+    ):
+        known[transcription.call_id].append(transcription)
+    limits: dict[int, timedelta] = {}
+
+    def limit_of(call: Call) -> timedelta:  # the profile lookup, once per call when needed
+        if call.pk not in limits:
+            limits[call.pk] = state.max_duration(call)
+        return limits[call.pk]
+
+    done, rows, changed = [], [], {}
+    for call, event in segments:
+        data = event.body["transcription_data"]  # a dict: checked by _apply
+        _merge(call, event)
+        at = event.occurred_at
+        transcription = _for_segment(known[call.pk], at) or Transcription(
+            call=call, requested_at=at
+        )
+        moved = transcription.started_at is None or at < transcription.started_at
+        state.session_record_start(transcription, at)
+        if state.session_merge(
+            call, transcription, at, limit=lambda call=call: limit_of(call), recompute=moved
+        ):
+            if transcription.pk is None:
+                transcription.save()  # the segments that follow must find it
+                known[call.pk].append(transcription)
+                known[call.pk].sort(key=lambda t: (t.requested_at, t.pk))
+            else:
+                changed[transcription.pk] = transcription
+        rows.append(_segment(call, transcription, event, data))
+        done.append(event.pk)
+    for transcription in changed.values():
+        transcription.save()
+    TranscriptSegment.objects.bulk_create(
+        rows,
+        update_conflicts=True,
+        unique_fields=["event"],
+        update_fields=[*_SEGMENT_FIELDS, "occurred_at"],
     )
+    _save_changed_calls(calls.values(), before)
+    return done
+
+
+def _segment(
+    call: Call, transcription: Transcription, event: WebhookEvent, data: dict
+) -> TranscriptSegment:
+    confidence = data.get("confidence")
+    return TranscriptSegment(
+        call=call,
+        transcription=transcription,
+        event=event,
+        transcript=_text(data.get("transcript"), 100_000),
+        confidence=float(confidence)
+        if isinstance(confidence, int | float) and not isinstance(confidence, bool)
+        else None,
+        is_final=data.get("is_final") is True,
+        track=_text(data.get("transcription_track"), 16),
+        occurred_at=event.occurred_at,
+    )
+
+
+_CALL_FIELDS = [f for f in Call._meta.concrete_fields if not f.primary_key]
+
+
+def _facts(call: Call) -> tuple:
+    return tuple(getattr(call, f.attname) for f in _CALL_FIELDS)
+
+
+def _save_changed_calls(calls: Iterable[Call], before: dict[int, tuple]) -> None:
+    """One UPDATE for the calls whose same fields changed (most often only last_event_at)."""
+    by_fields: dict[tuple[str, ...], list[Call]] = {}
+    now = timezone.now()
+    for call in calls:
+        after = _facts(call)
+        names = tuple(
+            f.name
+            for f, old, new in zip(_CALL_FIELDS, before[call.pk], after, strict=True)
+            if old != new and f.name != "updated_at"
+        )
+        if names:
+            call.updated_at = now
+            by_fields.setdefault(names, []).append(call)
+    for names, group in by_fields.items():
+        Call.objects.bulk_update(group, [*names, "updated_at"])
 
 
 HANDLERS: dict[str, Callable[[Call, WebhookEvent], None]] = {
@@ -387,7 +538,6 @@ HANDLERS: dict[str, Callable[[Call, WebhookEvent], None]] = {
     "streaming.failed": on_stream_event,
     "call.fork.started": on_fork_event,
     "call.fork.stopped": on_fork_event,
-    "call.transcription": on_call_transcription,
     "call.machine.detection.ended": on_machine_detection_ended,
     # Premium detection reports human_residence / human_business / machine / silence...
     "call.machine.premium.detection.ended": on_machine_detection_ended,

@@ -18,7 +18,7 @@ merging facts of one call serialise instead of losing an update.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import TypeVar
 
@@ -102,14 +102,34 @@ def session_save(call: Call, session: S, at: datetime, *, limit: timedelta | Non
     before or after this fact, the result is the same. ``limit`` is ``max_duration(call)`` when
     the caller already has it.
     """
+    session_merge(call, session, at, limit=lambda: limit or max_duration(call), recompute=True)
+    session.save()
+    return session
+
+
+_SESSION_FACTS = ("requested_at", "started_at", "stopped_at", "stop_after", "status")
+
+
+def session_merge(
+    call: Call,
+    session: CallSession,
+    at: datetime,
+    *,
+    limit: Callable[[], timedelta],
+    recompute: bool = False,
+) -> bool:
+    """``session_save`` without the save: merge, derive the status, and say whether anything
+    changed (the drain's bulk path saves only what did). ``limit`` is asked for only when the
+    stop deadline must be derived: it has none yet, or ``recompute`` (the start moved, or the
+    duration limit may have changed since)."""
+    before = tuple(getattr(session, name) for name in _SESSION_FACTS)
     session.requested_at = earliest(session.requested_at, at)
     if call.ended_at is not None:
         session_record_stop(session, call.ended_at)
-    if session.started_at is not None:
-        session.stop_after = session.started_at + (limit or max_duration(call))
+    if session.started_at is not None and (recompute or session.stop_after is None):
+        session.stop_after = session.started_at + limit()
     session_refresh_status(session)
-    session.save()
-    return session
+    return before != tuple(getattr(session, name) for name in _SESSION_FACTS)
 
 
 def session_fail(session: CallSession, reason: str, at: datetime) -> None:

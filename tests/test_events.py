@@ -9,12 +9,13 @@ from functools import partial
 
 import pytest
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from callops import events, webhooks
-from callops.models import Call, MediaStream, WebhookEvent
+from callops.models import Call, MediaStream, Transcription, TranscriptSegment, WebhookEvent
 from tests.helpers import deliver, run_concurrently
 from tests.telnyx_events import T0, call_life, dumps, envelope
 
@@ -279,3 +280,85 @@ def test_a_backlog_applies_the_calls_lifecycle_before_transcripts():
         WebhookEvent.objects.filter(status="processed").values_list("event_type", flat=True)
     ) == ["call.hangup"]
     assert Call.objects.get().status == "ended"
+
+
+def store(event: dict) -> int:
+    parsed = webhooks.parse_event(dumps(event))
+    webhooks.store_event(parsed, handled=events.has_handler(parsed.event_type))
+    return WebhookEvent.objects.get(event_id=parsed.event_id).pk
+
+
+def segment_event(ccid: str, transcript: str, at_second: int) -> dict:
+    return envelope(
+        "call.transcription",
+        ccid,
+        occurred_at=T0 + timedelta(seconds=at_second),
+        transcription_data={"transcript": transcript, "is_final": True},
+    )
+
+
+@pytest.mark.django_db
+def test_a_drain_applies_segments_in_a_few_queries_however_many_there_are(settings):
+    """Transcript segments are most of the traffic: claiming, loading, writing and marking
+    them costs the same queries for 10 of them as for 60."""
+    settings.CALLOPS_DRAIN_CLAIM = settings.CALLOPS_DRAIN_BATCH = 500
+    calls = [f"v3:bulk-{i}" for i in range(5)]
+    for ccid in calls:  # the calls and their transcriptions exist, as mid-call
+        store(segment_event(ccid, "first", 1))
+    events.events_drain()
+
+    def queries_to_apply(per_call: int, offset: int) -> int:
+        for ccid in calls:
+            for k in range(per_call):
+                store(segment_event(ccid, f"words {k}", offset + k))
+        with CaptureQueriesContext(connection) as queries:
+            assert events.events_drain() == per_call * len(calls)
+        return len(queries)
+
+    few, many = queries_to_apply(2, 10), queries_to_apply(12, 100)
+    assert few == many <= 14
+    assert not WebhookEvent.objects.exclude(status="processed").exists()
+    assert TranscriptSegment.objects.count() == 5 * (1 + 2 + 12)
+    assert Transcription.objects.filter(status="active").count() == 5
+
+
+@pytest.mark.django_db
+def test_a_row_that_cannot_be_loaded_is_marked_failed_and_the_drain_goes_on():
+    """PostgreSQL holds times past Python's year 9999; such a row must not stop every drain."""
+    bad = store(envelope("call.answered", "v3:far"))
+    good = store(envelope("call.answered", "v3:near"))
+    WebhookEvent.objects.filter(pk=bad).update(occurred_at=T0)  # then past year 9999, in SQL:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {WebhookEvent._meta.db_table} SET occurred_at = "  # noqa: S608
+            "'9999-12-31 23:00:00-05:00' WHERE id = %s",
+            [bad],
+        )
+    assert events.events_drain() == 1
+    statuses = dict(WebhookEvent.objects.values_list("pk", "status"))
+    assert statuses == {bad: "failed", good: "processed"}
+    error = WebhookEvent.objects.filter(pk=bad).values_list("error", flat=True).get()
+    assert error.startswith("cannot load the stored event")
+    assert Call.objects.get(call_control_id="v3:near").status == "answered"
+    assert not WebhookEvent.objects.filter(status="pending").exists()
+
+
+@pytest.mark.django_db
+def test_a_segment_the_database_refuses_fails_alone_and_the_batch_lands():
+    with connection.cursor() as cursor:  # a real refusal by the database, undone with the test
+        cursor.execute(
+            f"ALTER TABLE {TranscriptSegment._meta.db_table} ADD CONSTRAINT test_no_poison"
+            " CHECK (transcript <> 'poison')"
+        )
+    ok = [store(segment_event("v3:a", "fine", 1)), store(segment_event("v3:b", "also fine", 2))]
+    poison = store(segment_event("v3:a", "poison", 3))
+    events.events_drain()
+    statuses = dict(WebhookEvent.objects.values_list("pk", "status"))
+    assert statuses == {ok[0]: "processed", ok[1]: "processed", poison: "failed"}
+    assert "test_no_poison" in WebhookEvent.objects.get(pk=poison).error
+    assert sorted(TranscriptSegment.objects.values_list("transcript", flat=True)) == [
+        "also fine",
+        "fine",
+    ]
+    # The refused segment's merge was rolled back with it: the call heard last at 1 s, not 3 s.
+    assert Call.objects.get(call_control_id="v3:a").last_event_at == T0 + timedelta(seconds=1)
