@@ -235,6 +235,8 @@ def test_healthz_is_liveness_only(client):
 
 @pytest.mark.django_db
 def test_readyz_needs_database_broker_and_a_fresh_heartbeat(client, settings):
+    settings.CALLOPS_READYZ_TOKEN = "ops-token"
+    client.defaults["HTTP_AUTHORIZATION"] = "Bearer ops-token"  # the details are for operators
     response = client.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"] == {
@@ -252,9 +254,10 @@ def test_readyz_needs_database_broker_and_a_fresh_heartbeat(client, settings):
 
 
 @pytest.mark.django_db
-def test_readyz_reports_a_broker_outage(client, broker_down):
+def test_readyz_reports_a_broker_outage(client, broker_down, settings):
+    settings.CALLOPS_READYZ_TOKEN = "ops-token"
     tasks.beat_heartbeat()
-    response = client.get("/readyz")
+    response = client.get("/readyz", HTTP_AUTHORIZATION="Bearer ops-token")
     assert response.status_code == 503
     assert response.json()["checks"]["broker"].startswith("unavailable")
 
