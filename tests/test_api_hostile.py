@@ -11,6 +11,7 @@ at once each answer in the API's own error shape, never Django's 500 page.
 from __future__ import annotations
 
 import base64
+import json
 import threading
 from contextlib import contextmanager
 
@@ -374,3 +375,58 @@ def test_moving_a_profile_onto_a_connection_taken_meanwhile_answers_400(alice):
     assert response.json()["errors"][0]["field"] == "connection_id"
     profile.refresh_from_db()
     assert profile.connection_id == ""
+
+
+# PostgreSQL text and jsonb cannot hold NUL, and no UTF-8 encodes an unpaired surrogate: sent
+# on to the database, either was a 500.
+UNSTORABLE = {"nul": "a\x00b", "surrogate": "a\ud800b"}
+# Soniox's config takes a free string (most engines' take enums).
+SONIOX = {"transcription_engine": "Soniox", "transcription_engine_config": {"language": "{}"}}
+
+
+@pytest.mark.parametrize("text", UNSTORABLE.values(), ids=UNSTORABLE.keys())
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("hangup/", {"reason": "{}"}),
+        ("streaming/", {"stream_url": URL, "dialogflow_config": {"k": "{}"}}),
+        ("streaming/", {"stream_url": URL, "dialogflow_config": {"{}": True}}),
+        ("/api/v1/calls/", {"connection_id": "conn-alice", "to": "{}", "from": "+15551230001"}),
+        ("/api/v1/profiles/", {"stream_url": URL, "name": "{}"}),
+        ("transcription/", SONIOX),
+        ("/api/v1/profiles/", {"stream_url": URL, "transcribe": True, **SONIOX}),
+    ],
+    ids=[
+        "hangup-reason",
+        "mapping-value",
+        "mapping-key",
+        "dial-to",
+        "profile-name",
+        "engine-config",
+        "profile-engine-config",
+    ],
+)
+def test_text_the_database_cannot_store_answers_400(alice, text, path, body):
+    _, client = alice
+    raw = json.dumps(body).replace("{}", json.dumps(text)[1:-1])
+    url = path if path.startswith("/") else f"{CALL}{path}"
+    response = client.post(url, raw, content_type="application/json")
+    assert response.status_code == 400, (response.status_code, response.content[:300])
+    assert response.json()["errors"][0]["message"]
+    assert not Command.objects.exists() and not StreamingProfile.objects.exists()
+
+
+@pytest.mark.parametrize("path", ["", "transcript/", "hangup/"])
+def test_a_call_id_with_a_nul_is_no_call(alice, path):
+    _, client = alice
+    url = f"/api/v1/calls/v3:%00x/{path}"
+    response = client.post(url, {}, format="json") if path == "hangup/" else client.get(url)
+    assert response.status_code == 404, (response.status_code, response.content[:300])
+    assert response.json()["errors"][0]["message"] == "No such call."
+
+
+def test_an_idempotency_key_with_a_nul_answers_400(alice):
+    _, client = alice
+    response = client.post(f"{CALL}hangup/", {}, format="json", HTTP_IDEMPOTENCY_KEY="k\x00")
+    assert response.status_code == 400, (response.status_code, response.content[:300])
+    assert response.json()["errors"][0]["field"] == "Idempotency-Key"

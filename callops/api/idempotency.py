@@ -41,6 +41,8 @@ def idempotent(handler):
                 return handler(view, request, *args, **kwargs)
         if not 0 < len(key) <= 255:
             return _error(400, "must be 1 to 255 characters")
+        if "\x00" in key:  # PostgreSQL cannot store it: a 500 at the record's INSERT
+            return _error(400, "must not contain a NUL character")
         fingerprint = _fingerprint(request)
         with transaction.atomic():
             IdempotencyRecord.objects.filter(

@@ -6,8 +6,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from django.conf import settings
+from django.core.validators import ProhibitNullCharactersValidator
 from django.db import IntegrityError, transaction
 from rest_framework import serializers
+from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
 from callops import actions, telnyx_params
 from callops.api.validators import UnsafeTarget, check_stream_url, check_udp_target
@@ -34,6 +36,22 @@ def refuse_unknown(serializer: serializers.Serializer, data: object, message: st
     read-only fields are let through: a client may send back what it read)."""
     if isinstance(data, dict) and (unknown := sorted(data.keys() - serializer.fields.keys())):
         raise serializers.ValidationError({name: [message] for name in unknown})
+
+
+def storable(value: object) -> None:
+    """Refuse what PostgreSQL cannot store: NUL, and unpaired surrogates (UTF-8 has no bytes
+    for them). DRF's CharField refuses both; a free-form object's keys and values are checked
+    here the same way, with the same messages, or they reached the database as a 500."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            storable(key)
+            storable(item)
+    elif isinstance(value, list):
+        for item in value:
+            storable(item)
+    elif isinstance(value, str):
+        ProhibitNullCharactersValidator()(value)
+        ProhibitSurrogateCharactersValidator()(value)
 
 
 def raise_params_invalid(exc: telnyx_params.ParamsInvalid) -> None:
@@ -219,7 +237,7 @@ RULE_FIELDS = {
         max_length=64, trim_whitespace=False, **kw
     ),
     telnyx_params.boolean: serializers.BooleanField,
-    telnyx_params.mapping: serializers.DictField,
+    telnyx_params.mapping: lambda **kw: serializers.DictField(validators=[storable], **kw),
     telnyx_params.custom_parameters: lambda **kw: serializers.ListField(
         child=serializers.DictField(child=serializers.CharField(max_length=256)),
         max_length=20,
@@ -411,6 +429,7 @@ class StreamingProfileSerializer(serializers.ModelSerializer):
         extra_kwargs = {
             "max_stream_duration": {"min_value": 1, "max_value": 7 * 24 * 3600},
             "stream_url": {"trim_whitespace": False},  # checked as sent (see RULE_FIELDS)
+            "transcription_engine_config": {"validators": [storable]},
         }
 
     def validate(self, attrs: dict) -> dict:
