@@ -165,8 +165,15 @@ def _load(body: bytes) -> tuple[str, object]:
         raise WebhookRejected(f"{path} is {exc}, which is not JSON") from None
     except RecursionError:
         raise WebhookRejected("body nests deeper than callops can read") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise WebhookRejected(f"body is not JSON ({exc})") from None
+    except ValueError as exc:
+        # JSON sets no limit on a number's digits; Python refuses to read an integer of more
+        # than 4300 (a guard against quadratic conversion). Its advice on raising the limit is
+        # for us, not for the sender, so it is cut.
+        raise WebhookRejected(
+            f"body has a number callops cannot read: {exc}".split(";")[0]
+        ) from None
     # jsonb holds neither NUL nor half of a UTF-16 surrogate pair, and either can only arrive as
     # a \u escape (raw, one is not JSON and the other not UTF-8): the values are searched only
     # when the text has such an escape. Storing the rest of the text without them would store
@@ -208,7 +215,7 @@ def _first(document: object, problem: Callable[[object], str | None]) -> tuple[s
     """``(path, problem)`` of the first key or value of ``document`` with a problem, in document
     order; a path reads like ``data.payload.items[2]``. Without recursion: Python's limit is
     what bounds the nesting json.loads accepts, so a walk must not need more of it."""
-    stack: list[tuple[str, object]] = [("body", document)]
+    stack: list[tuple[str, object]] = [("", document)]
     while stack:
         path, node = stack.pop()
         if isinstance(node, dict):
@@ -216,7 +223,7 @@ def _first(document: object, problem: Callable[[object], str | None]) -> tuple[s
             for key, child in node.items():
                 # json.dumps escapes a NUL or surrogate the key holds, so the reason shows it.
                 label = json.dumps(key)[1:-1]
-                child_path = label if path == "body" else f"{path}.{label}"
+                child_path = f"{path}.{label}" if path else label
                 if found := problem(key):
                     return f"key {child_path}"[:200], found
                 children.append((child_path, child))
@@ -224,7 +231,7 @@ def _first(document: object, problem: Callable[[object], str | None]) -> tuple[s
         elif isinstance(node, list):
             stack.extend(reversed([(f"{path}[{i}]", child) for i, child in enumerate(node)]))
         elif found := problem(node):
-            return path[:200], found
+            return (path or "body")[:200], found
     return None
 
 

@@ -282,6 +282,8 @@ def test_it_refuses_a_timestamp_that_is_not_a_plain_ascii_decimal(client, signer
         (b'{"t":"\\udc00\\ud83d"}', "data.payload.t contains a lone surrogate"),
         (b'{"t":NaN}', "data.payload.t is NaN, which is not JSON"),
         (b'{"t":[1,-Infinity]}', "data.payload.t[1] is -Infinity, which is not JSON"),
+        (b'{"t":[' + b"1" * 5000 + b"]}", "a number callops cannot read: Exceeds the limit"),
+        (b'"\\u0000"', "data.payload contains"),
         (b'{"t":"\xed\xa0\x80"}', "not JSON in UTF-8"),  # a surrogate encoded as bytes
         (b"[" * 100_000 + b"]" * 100_000, "nests deeper"),
     ],
@@ -305,11 +307,18 @@ def test_it_refuses_a_number_postgresql_cannot_hold_with_400(client, signer):
     assert not WebhookEvent.objects.exists()
 
 
-def test_it_refuses_a_nul_in_the_event_id_naming_it(client, signer):
-    body = b'{"data":{"id":"e\\u00001","event_type":"call.answered"}}'
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b'{"data":{"id":"e\\u00001","event_type":"call.answered"}}', "data.id contains \\u0000"),
+        (b'{"body":{"t":"\\u0000"},"data":{"id":"e1","event_type":"x"}}', "body.t contains"),
+        (b'"\\u0000"', "body contains \\u0000"),
+    ],
+)
+def test_it_names_where_the_nul_is_in_the_whole_body(client, signer, body, reason):
     response = signed_post(client, signer, body)
     assert response.status_code == 400
-    assert "data.id contains \\u0000" in response.json()["error"]
+    assert response.json()["error"].startswith(reason)
 
 
 @pytest.mark.parametrize(
