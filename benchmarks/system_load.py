@@ -13,8 +13,9 @@ Load mode (the default), on this machine only:
    and transcription inline: one ``answer`` command per call.
 2. Starts the production-like stack from the project's own files, with
    ``config.settings.production`` on the scratch services: gunicorn with ``config/gunicorn.py``
-   as docker-compose runs it (its worker count: 2 per core), ONE Celery worker
-   (``celery -A config worker``, prefork, ``--concurrency 2``, INFO logs), Celery beat (the
+   as docker-compose runs it (its worker count: 2 per core), the two Celery workers of
+   docker-compose (``worker -Q callops`` for commands and ``worker -Q events`` for drains,
+   prefork, ``--concurrency 2`` each, INFO logs), Celery beat (the
    maintenance schedules at their default periods), and in this process the simulator:
    ``TelnyxAPISimulator`` for the command API and ``CallSimulator`` placing calls and POSTing
    signed webhooks, without media. The simulator's rate limit and ``TELNYX_RATE_LIMIT`` are both
@@ -189,11 +190,12 @@ def start_web(env: dict, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError("gunicorn did not answer /healthz in time")
 
 
-def start_worker(env: dict, name: str, concurrency: int, log: Path) -> subprocess.Popen:
-    """A Celery worker as docker-compose's ``worker`` runs it (its name made unique)."""
+def start_worker(env: dict, name: str, concurrency: int, log: Path, queue: str) -> subprocess.Popen:
+    """A Celery worker as docker-compose runs it: ``worker`` takes queue ``callops``,
+    ``worker-events`` queue ``events`` (its name made unique)."""
     proc = start_process(
         [
-            *(sys.executable, "-m", "celery", "-A", "config", "worker"),
+            *(sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", queue),
             *("--loglevel", "INFO", "--pool", "prefork", "--concurrency", str(concurrency)),
             *("-n", f"{name}@%h"),
         ],
@@ -345,15 +347,22 @@ class LoadBench:
         create_answering_partner("sysbench", CONNECTION_ID, STREAM_URL)
         self.web = start_web(env, port, self.work / "gunicorn.log")
         self.procs.append(self.web)
-        self.worker = start_worker(env, "sysbench", 2, self.work / "worker.log")
-        self.procs.append(self.worker)
+        self.worker = start_worker(env, "sysbench", 2, self.work / "worker.log", "callops")
+        self.events_worker = start_worker(
+            env, "sysbench-events", 2, self.work / "worker-events.log", "events"
+        )
+        self.procs += [self.worker, self.events_worker]
         wait_for_log(self.worker, self.work / "worker.log", "Telnyx client ready", 2)
         self.beat = start_beat(env, self.work)
         self.procs.append(self.beat)
         self.calls.start()
         self.meter = CpuMeter(
             self.run.database_url,
-            {"web": [self.web.pid], "worker": [self.worker.pid], "beat": [self.beat.pid]},
+            {
+                "web": [self.web.pid],
+                "worker": [self.worker.pid, self.events_worker.pid],
+                "beat": [self.beat.pid],
+            },
         )
         self.sampler = Sampler(self.run.database_url)
         self.sampler.start()
@@ -361,7 +370,8 @@ class LoadBench:
         with open(f"/proc/{backend}/stat") as f:
             self.postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
         print(
-            f"stack up: gunicorn on 127.0.0.1:{port} (config/gunicorn.py), 1 worker x 2, beat, "
+            f"stack up: gunicorn on 127.0.0.1:{port} (config/gunicorn.py), workers: commands x 2"
+            " and events x 2, beat, "
             f"simulator {self.api.base_url} (rate limit {args.limit}/s); logs in {self.work}",
             flush=True,
         )
@@ -599,10 +609,11 @@ def ms(value: float) -> str:
 
 def report_load(args, results: list[RateResult]) -> bool:
     print(
-        f"\nWhole system, {os.cpu_count()} cores: gunicorn (config/gunicorn.py), 1 Celery worker "
-        f"x 2 children, beat, PostgreSQL, Redis, simulator without media in the benchmark "
-        f"process.\nCalls of {args.call_duration:g} s (+-20 %), answered with streaming and "
-        f"transcription inline; rate limits {args.limit}/s (not reached). Each rate held "
+        f"\nWhole system, {os.cpu_count()} cores: gunicorn (config/gunicorn.py), Celery workers "
+        "for commands and for events x 2 children each, beat, PostgreSQL, Redis, simulator "
+        f"without media in the benchmark process.\nCalls of {args.call_duration:g} s (+-20 %), "
+        f"answered with streaming and transcription inline; rate limits {args.limit}/s (not "
+        "reached). Each rate held "
         f"{args.hold:g} s; figures over the last {results[0].window:.0f} s of it, losses over "
         "all of it.\nanswer: call.initiated received -> the answer at the simulator.\n"
         if results
@@ -825,7 +836,7 @@ def drain_once(args, run: Scratch, env: dict, template: str, workers: int, work:
     meter = None
     try:
         for i, log in enumerate(logs):
-            procs.append(start_worker(env, f"sysbench-backlog{i}", 1, log))
+            procs.append(start_worker(env, f"sysbench-backlog{i}", 1, log, "events"))
         for proc, log in zip(procs, logs, strict=True):  # its SDK import is over too
             wait_for_log(proc, log, "Telnyx client ready")
         meter = CpuMeter(run.database_url, {"workers": [p.pid for p in procs]})

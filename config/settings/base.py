@@ -168,10 +168,16 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_DB_REUSE_MAX = 10**9
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "callops"
-# Commands and maintenance on "callops", event drains on "events": a worker consumes both (both
-# are declared, so a worker started without -Q takes both), and may be split by queue.
+# Commands and maintenance on "callops", event drains on "events". Production runs a worker per
+# queue (docker-compose: worker -Q callops, worker-events -Q events), so an answer or a start is
+# never queued behind a backlog of transcript drains. Both are declared: a worker started
+# without -Q (the embedded ./bin/run) takes both.
 CELERY_TASK_QUEUES = (Queue("callops"), Queue("events"))
-CELERY_TASK_ROUTES = {"callops.tasks.drain_webhook_events": {"queue": "events"}}
+CELERY_TASK_ROUTES = {
+    "callops.tasks.drain_webhook_events": {"queue": "events"},
+    # It drains every shard, for as long as a backlog takes: never on the commands' worker.
+    "callops.tasks.sweep_pending_webhook_events": {"queue": "events"},
+}
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # The default schedules are created by a migration (callops 0005) so operators can change them
@@ -242,7 +248,7 @@ CALLOPS_PENDING_EVENT_GRACE = env.int("CALLOPS_PENDING_EVENT_GRACE", default=60)
 # which share the workers, wait behind one short drain at most).
 CALLOPS_DRAIN_BATCH = env.int("CALLOPS_DRAIN_BATCH", default=100)
 # How many events a drain claims and applies in one transaction.
-CALLOPS_DRAIN_CLAIM = env.int("CALLOPS_DRAIN_CLAIM", default=25)
+CALLOPS_DRAIN_CLAIM = env.int("CALLOPS_DRAIN_CLAIM", default=50)
 # Events are spread over this many drain shards by call: one drain per shard at a time, shards
 # in parallel on any number of workers. Changing it is safe: pending events keep their shard.
 CALLOPS_DRAIN_SHARDS = env.int("CALLOPS_DRAIN_SHARDS", default=8)
