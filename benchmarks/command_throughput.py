@@ -10,7 +10,8 @@ What it does, on this machine only:
    Redis db 12 (broker, cache and the fleet-wide rate limiter of the run).
 2. Starts the Telnyx simulator in this process with ``rate_limit=--limit`` (it answers 429 above
    it, as Telnyx does) and ``--workers`` real Celery worker processes (prefork, ``--concurrency``
-   children each) pointed at it, with ``TELNYX_RATE_LIMIT=--limit``, on ``config.settings.test``.
+   children each) pointed at it, with ``TELNYX_RATE_LIMIT=--limit``, on ``config.settings.test``
+   with production's database connection reuse (``DATABASE_CONN_MAX_AGE=60``).
    (Celery's Django fixup closes a child's database connections around every task whatever
    ``CONN_MAX_AGE`` says, unless ``CELERY_DB_REUSE_MAX`` is set: phases B and C print the
    database sessions opened per command and per call.) They run
@@ -805,6 +806,9 @@ def run_bench(args: argparse.Namespace, run: Scratch) -> int:
             TELNYX_RATE_LIMIT=str(args.limit),
             TELNYX_TIMEOUT="5",
             PYTHONUNBUFFERED="1",
+            # Production's connection reuse (base.py's default), not the tests' 0: a worker
+            # child otherwise opens a PostgreSQL session, a backend fork, per task.
+            DATABASE_CONN_MAX_AGE="60",
         )
     )
     if args.guard is not None:

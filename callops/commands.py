@@ -464,7 +464,9 @@ def command_claim(*, command_pk: int) -> Command | None:
     )
     if not claimed:
         return None
-    return Command.objects.select_related("call").get(pk=command_pk)
+    # The records it creates or targets come along: recording the outcome reads them.
+    records = {name for spec in actions.ACTIONS.values() for name in spec.records}
+    return Command.objects.select_related("call", *sorted(records)).get(pk=command_pk)
 
 
 def command_process(

@@ -15,7 +15,8 @@ DATABASES = {
     "default": database(
         {
             **env.db_url("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/callops"),
-            "CONN_MAX_AGE": 0,
+            # Tests close connections (0); a benchmark's workers reuse them as production does.
+            "CONN_MAX_AGE": env.int("DATABASE_CONN_MAX_AGE", default=0),
         }
     ),
 }
