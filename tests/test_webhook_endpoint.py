@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 import pytest
 import redis
@@ -371,6 +371,14 @@ def test_it_refuses_an_occurred_at_it_cannot_order_by(client, signer, occurred_a
     assert response.status_code == 400
     assert "data.occurred_at" in response.json()["error"]
     assert not WebhookEvent.objects.exists()
+
+
+def test_an_occurred_at_without_an_offset_is_read_as_utc(client, signer):
+    event = envelope("call.answered")
+    written = timezone.now().replace(microsecond=0, tzinfo=None)
+    event["data"]["occurred_at"] = written.isoformat()
+    assert signed_post(client, signer, dumps(event)).status_code == 200
+    assert WebhookEvent.objects.get().occurred_at == written.replace(tzinfo=UTC)
 
 
 def test_an_event_without_occurred_at_is_ordered_by_arrival(client, signer):
