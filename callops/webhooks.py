@@ -160,9 +160,7 @@ def _load(body: bytes) -> tuple[str, object]:
     try:
         envelope = _DECODER.decode(text)
     except _NotJSON as exc:
-        # Rare: read it again, keeping the constants, only to say where the first one is.
-        path, _ = _first(json.loads(text, parse_constant=_NotJSON), _not_json)
-        raise WebhookRejected(f"{path} is {exc}, which is not JSON") from None
+        raise WebhookRejected(f"{_where_constant(text)} is {exc}, which is not JSON") from None
     except RecursionError:
         raise WebhookRejected("body nests deeper than callops can read") from None
     except json.JSONDecodeError as exc:
@@ -200,6 +198,17 @@ _DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 
 def _not_json(value: object) -> str | None:
     return str(value) if isinstance(value, _NotJSON) else None
+
+
+def _where_constant(text: str) -> str:
+    """The path of the first NaN or Infinity in ``text``. Rare, so it may read the text again,
+    keeping the constants; that read goes past where the first one stopped, so it may find the
+    nesting too deep, and then the reason says only "body"."""
+    try:
+        found = _first(json.loads(text, parse_constant=_NotJSON), _not_json)
+    except RecursionError:
+        return "body"
+    return found[0] if found else "body"
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -286,6 +286,7 @@ def test_it_refuses_a_timestamp_that_is_not_a_plain_ascii_decimal(client, signer
         (b'"\\u0000"', "data.payload contains"),
         (b'{"t":"\xed\xa0\x80"}', "not JSON in UTF-8"),  # a surrogate encoded as bytes
         (b"[" * 100_000 + b"]" * 100_000, "nests deeper"),
+        (b"[NaN," + b"[" * 100_000 + b"]" * 100_000 + b"]", "is NaN, which is not JSON"),
     ],
 )
 def test_it_refuses_json_postgresql_cannot_hold_with_400_naming_where(

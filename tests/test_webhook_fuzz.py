@@ -87,7 +87,8 @@ json_bodies = st.builds(
 tokens = st.sampled_from(
     [b'"\\u0000"', b'"\\\\u0000"', b'"\\\\\\u0000"', b'"\\ud800"', b'"\\ud83d\\ude00"',
      b'"\\uDBFF"', b'"\xed\xa0\x80"', b"NaN", b"-Infinity", b"1e1000000", b"1e400", b"1" * 5000,
-     b'"\x00"', b'"\n"', b"[" * 3000 + b"]" * 3000, b"[" * 500 + b"]" * 500, b"01", b"-0"]
+     b'"\x00"', b'"\n"', b"[" * 3000 + b"]" * 3000, b"[" * 500 + b"]" * 500, b"01", b"-0",
+     b"[NaN," + b"[" * 3000 + b"]" * 3000 + b"]"]
 )  # fmt: skip
 bodies = st.one_of(json_bodies, json_bodies, tokens.map(spliced), st.binary(max_size=64))
 
