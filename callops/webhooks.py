@@ -3,6 +3,10 @@
 Verification uses PyNaCl directly rather than the ``telnyx`` SDK helper: importing the SDK costs
 ~1.3 s and ~40 MiB per web process, and its helper re-parses the public key on every call. The
 scheme is the one Telnyx documents: Ed25519 over ``f"{telnyx-timestamp}|{raw body}"``.
+
+An authentic body is stored as the exact text Telnyx sent, or refused with a 400 that names
+the field: what PostgreSQL's jsonb cannot hold (NUL, lone surrogates, NaN) is never cut out
+to make it fit, and no body is answered with a 503 that every retry would get again.
 """
 
 from __future__ import annotations
