@@ -46,11 +46,36 @@ def sessions_stop_stale(*, limit: int = 500) -> dict[str, int] | None:
         cache.delete(SWEEP_LOCK)
 
 
+def _start_settled(model: type[CallSession], since) -> Exists:
+    """No command that starts it is still queued, being sent or retried (a backlog of 429s
+    can hold one for minutes), nor accepted by Telnyx after ``since``: its webhook may still
+    be on its way. Failing and stopping such a start would have Telnyx get the stop first.
+
+    A start still in flight is left to its command, which fails the record itself if it gives
+    up (and stops it when Telnyx may have applied it: ``commands.command_settle``)."""
+    field = next(
+        name for name, stop in actions.STOPS.items() if commands.record_model(stop) is model
+    )
+    starters = [spec.name for spec in actions.ACTIONS.values() if field in spec.records]
+    return ~Exists(
+        Command.objects.filter(
+            Q(status__in=[Command.Status.QUEUED, Command.Status.SENDING])
+            | Q(status=Command.Status.SUCCEEDED, finished_at__gte=since),
+            **{field: OuterRef("pk")},
+            action__in=starters,
+        )
+    )
+
+
 def unstarted(model: type[CallSession], now) -> QuerySet:
-    """Asked for, never confirmed within the grace period, on a live call."""
-    grace = timedelta(seconds=settings.CALLOPS_START_GRACE)
+    """Asked for, never confirmed within the grace period, on a live call, and its start no
+    longer in flight: the grace runs from Telnyx's answer to it as well as from the request."""
+    since = now - timedelta(seconds=settings.CALLOPS_START_GRACE)
     return model.objects.filter(
-        LIVE, status=CallSession.Status.REQUESTED, requested_at__lt=now - grace
+        LIVE,
+        _start_settled(model, since),
+        status=CallSession.Status.REQUESTED,
+        requested_at__lt=since,
     ).select_related("call")
 
 

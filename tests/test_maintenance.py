@@ -3,6 +3,7 @@ rows purged, and the health checks that report it."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from functools import partial
 
@@ -11,7 +12,7 @@ from django.db import connection
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
-from callops import maintenance, tasks
+from callops import commands, maintenance, tasks
 from callops.models import (
     Call,
     Command,
@@ -112,6 +113,82 @@ def test_a_start_never_confirmed_is_failed_and_stopped(call, settings):
     young.refresh_from_db()
     fork.refresh_from_db()
     assert (young.status, fork.status) == ("requested", "failed")
+
+
+STREAM = {"stream_url": "wss://media.example.com/s", "stream_track": "both_tracks"}
+
+
+def start_stream(call: Call) -> Command:
+    return commands.command_create(
+        call=call, action="streaming_start", params=STREAM, requested_by="partner"
+    )
+
+
+def requested_long_ago(command: Command, ago: timedelta = HOUR) -> None:
+    """Move a start's request into the past, as if Telnyx had rate-limited it for that long."""
+    MediaStream.objects.filter(pk=command.stream_id).update(requested_at=timezone.now() - ago)
+
+
+def test_a_start_still_retrying_after_429s_is_neither_failed_nor_stopped(
+    telnyx, live_call, settings
+):
+    settings.CALLOPS_START_GRACE = 60
+    start = start_stream(live_call)
+    telnyx.inject(status=429, headers={"retry-after-ms": "300"})
+    assert commands.command_process(command_pk=start.pk).outcome.kind == "retry"
+    start.refresh_from_db()
+    assert start.status == "queued" and start.next_attempt_at > timezone.now()
+    requested_long_ago(start)
+
+    done = maintenance.sessions_stop_stale()
+    assert (done["never_started"], done["stops_sent"]) == (0, 0)
+    assert MediaStream.objects.get().status == "requested"
+    assert not Command.objects.filter(action="streaming_stop").exists()
+
+    # Being sent (claimed by a worker) holds the sweeper off just the same.
+    Command.objects.filter(pk=start.pk).update(status="sending")
+    assert maintenance.sessions_stop_stale()["never_started"] == 0
+    Command.objects.filter(pk=start.pk).update(status="queued")
+
+    # Telnyx accepts it at last: its webhook gets the grace period from then, not from the
+    # request, so the stop never overtakes the start.
+    time.sleep(0.35)
+    assert commands.command_process(command_pk=start.pk).outcome.kind == "succeeded"
+    assert maintenance.sessions_stop_stale()["never_started"] == 0
+    assert not Command.objects.filter(action="streaming_stop").exists()
+    assert [r.action for r in telnyx.requests] == ["streaming_start", "streaming_start"]
+    deliver(envelope("streaming.started", live_call.call_control_id, **STREAM))
+    assert MediaStream.objects.get().status == "active"
+
+
+def test_a_start_accepted_but_never_confirmed_is_failed_a_grace_period_after_its_answer(
+    telnyx, live_call, settings
+):
+    settings.CALLOPS_START_GRACE = 60
+    start = start_stream(live_call)
+    assert commands.command_process(command_pk=start.pk).outcome.kind == "succeeded"
+    requested_long_ago(start)
+    Command.objects.filter(pk=start.pk).update(finished_at=timezone.now() - HOUR)
+
+    assert maintenance.sessions_stop_stale()["never_started"] == 1
+    stream = MediaStream.objects.get()
+    assert (stream.status, stream.failure_reason) == ("failed", "never started")
+    assert Command.objects.get(action="streaming_stop").stream_id == stream.pk
+
+
+def test_a_start_that_gave_up_fails_its_record_itself_and_sends_no_stop(
+    telnyx, live_call, settings
+):
+    settings.CALLOPS_START_GRACE = 60
+    settings.TELNYX_COMMAND_MAX_ATTEMPTS = 1
+    start = start_stream(live_call)
+    telnyx.inject(status=429, headers={"retry-after-ms": "10"})
+    commands.command_process(command_pk=start.pk)
+    requested_long_ago(start)
+    stream = MediaStream.objects.get()
+    assert stream.status == "failed" and stream.failure_reason.startswith("gave up")
+    # Telnyx never accepted it: nothing to stop.
+    assert maintenance.sessions_stop_stale()["stops_sent"] == 0
 
 
 @pytest.mark.django_db
