@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from callops import commands
 from callops.commands import command_create
-from callops.models import Call, Command, MediaStream
+from callops.models import Call, Command, MediaStream, Transcription
 from callops.ratelimit import get_limiter
 from tests.helpers import deliver
 from tests.telnyx_events import envelope
@@ -251,3 +251,52 @@ def test_a_burst_of_commands_is_published_once_each_at_its_turn(live_call, setti
         for a, b in zip(queued[2:], queued[3:], strict=False)
     ]
     assert gaps == pytest.approx([0.5, 0.5, 0.5], abs=0.1)
+
+
+@pytest.mark.parametrize("hangup_first", [False, True], ids=["90018-first", "hangup-first"])
+def test_the_hangup_gives_the_call_its_cause_and_end_whichever_is_learnt_first(
+    telnyx, live_call, hangup_first
+):
+    """A command told "call has already ended" knows only that the call is over, and when it
+    learnt so. The hang-up, however late it is delivered (here after the sweeper ran), gives
+    the call its cause and its end, and whatever that closed stops at the hang-up too."""
+    from callops import maintenance
+
+    ccid = live_call.call_control_id
+    hung_up = timezone.now() - timedelta(minutes=10)  # delivered ten minutes late
+    deliver(envelope("streaming.started", ccid, occurred_at=hung_up - timedelta(hours=1), **STREAM))
+    stop = create(live_call, "streaming_stop", {})
+    start = create(live_call, "transcription_start", {})
+    telnyx.end_call(ccid)
+    hangup = envelope(
+        "call.hangup",
+        ccid,
+        occurred_at=hung_up,
+        hangup_cause="normal_clearing",
+        hangup_source="callee",
+        sip_hangup_cause="200",
+    )
+    if hangup_first:
+        deliver(hangup)
+    assert process(stop).outcome.kind == "call_ended"
+    assert process(start).outcome.kind == "call_ended"
+    maintenance.sessions_stop_stale()
+    if not hangup_first:
+        deliver(hangup)
+
+    call = Call.objects.get()
+    assert (call.status, call.ended_at, call.hangup_at) == ("ended", hung_up, hung_up)
+    assert (call.hangup_cause, call.hangup_source, call.sip_hangup_cause) == (
+        "normal_clearing",
+        "callee",
+        "200",
+    )
+    stream = MediaStream.objects.get()
+    assert (stream.status, stream.stopped_at) == ("stopped", hung_up)
+    transcription = Transcription.objects.get()
+    assert (transcription.status, transcription.stopped_at) == ("failed", hung_up)
+    assert transcription.failure_reason == "never started: the call had ended"
+    assert set(Command.objects.values_list("action", "status")) == {
+        ("streaming_stop", "failed"),
+        ("transcription_start", "failed"),
+    }
