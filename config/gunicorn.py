@@ -5,7 +5,14 @@ keep a buffering proxy (or the load balancer) in front for slow clients. Command
 override anything here.
 """
 
+import importlib
 import os
+
+# Read the Django settings in the master, before any worker forks: a configuration mistake then
+# stops gunicorn with its one sentence (config.settings.environment). Read only in the workers,
+# it would kill each one as it boots and the master would start them again, forever.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.dev")
+importlib.import_module(os.environ["DJANGO_SETTINGS_MODULE"])
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 # Two per core. A webhook request waits for PostgreSQL's commit for about a quarter of its

@@ -32,7 +32,7 @@ def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
-        env={**clean, **env},
+        env={**clean, "CALLOPS_ENV_FILE": "", **env},  # a developer's .env changes nothing here
         capture_output=True,
         text=True,
         timeout=60,

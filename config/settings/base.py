@@ -5,18 +5,35 @@ Every knob an operator may turn is read here from the environment (or a ``.env``
 production) only change defaults and security settings.
 """
 
+import os
 from pathlib import Path
 
-import environ
 from kombu import Queue
 
 from callops import telnyx_spec
 
+from .environment import (
+    BROKER_SCHEMES,
+    REDIS_SCHEMES,
+    Env,
+    check_public_keys,
+    check_url,
+)
+
 BASE_DIR = Path(__file__).resolve().parent.parent.parent
 
-env = environ.Env()
-if (BASE_DIR / ".env").is_file():
-    env.read_env(str(BASE_DIR / ".env"))
+env = Env()
+# The test settings never read .env: a developer's file (a dev database, a real key, another
+# Redis db) must not change what the suite checks; tests are configured by the environment only.
+# CALLOPS_ENV_FILE names another file, or none when empty. The file never chooses the settings
+# module: DJANGO_SETTINGS_MODULE is read before it is.
+ENV_FILE = os.environ.get("CALLOPS_ENV_FILE", str(BASE_DIR / ".env"))
+if (
+    ENV_FILE
+    and os.environ.get("DJANGO_SETTINGS_MODULE") != "config.settings.test"
+    and Path(ENV_FILE).is_file()
+):
+    env.read_env(ENV_FILE)
 
 # The embedded default's files (SQLite, the file broker, the cache, the simulator's key).
 VAR_DIR = Path(env.str("CALLOPS_VAR_DIR", default=str(BASE_DIR / "var")))
@@ -40,6 +57,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: liveness probes address the process by IP, which host validation would refuse.
+    "config.middleware.HealthzMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -112,8 +131,14 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # --- Redis, broker and cache ----------------------------------------------------------------
 # REDIS_URL is a shorthand: it fills in the broker and the cache unless they are set on their own.
 REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL:
+    check_url("REDIS_URL", REDIS_URL, ("redis", "rediss"), "redis://host:6379/0")
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
+if CELERY_BROKER_URL != "filesystem://":
+    check_url("CELERY_BROKER_URL", CELERY_BROKER_URL, BROKER_SCHEMES, "redis://host:6379/0")
 CACHE_URL = env.str("CACHE_URL", default=REDIS_URL or "")
+if CACHE_URL:
+    check_url("CACHE_URL", CACHE_URL, REDIS_SCHEMES, "redis://host:6379/1")
 
 # A publisher (the webhook's doorbell) gives up on an unreachable broker within ~1 s instead of
 # kombu's default 4 s connect timeout times several retries: Telnyx's budget is 2 s, and the
@@ -186,8 +211,15 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # --- Telnyx ---------------------------------------------------------------------------------
 TELNYX_API_KEY = env.str("TELNYX_API_KEY", default="")
 # One base64 Ed25519 key, or several separated by commas while Telnyx rotates the account key.
-TELNYX_PUBLIC_KEYS = env.list("TELNYX_PUBLIC_KEY", default=[])
-TELNYX_BASE_URL = env.str("TELNYX_BASE_URL", default="https://api.telnyx.com/v2")
+TELNYX_PUBLIC_KEYS = check_public_keys(
+    "TELNYX_PUBLIC_KEY", env.list("TELNYX_PUBLIC_KEY", default=[])
+)
+TELNYX_BASE_URL = check_url(
+    "TELNYX_BASE_URL",
+    env.str("TELNYX_BASE_URL", default="https://api.telnyx.com/v2"),
+    ("https", "http"),
+    "https://api.telnyx.com/v2",
+)
 TELNYX_WEBHOOK_TOLERANCE = env.int("TELNYX_WEBHOOK_TOLERANCE", default=300)
 TELNYX_WEBHOOK_MAX_BYTES = env.int("TELNYX_WEBHOOK_MAX_BYTES", default=1024 * 1024)
 
@@ -214,11 +246,13 @@ TELNYX_COMMAND_ID_WINDOW = env.float("TELNYX_COMMAND_ID_WINDOW", default=60.0)
 TELNYX_TRANSCRIPTION_ENGINES = env.list(
     "TELNYX_TRANSCRIPTION_ENGINES", default=list(telnyx_spec.TRANSCRIPTION_ENGINES)
 )
-# Where workers share the rate limit: Redis if there is one, else a locked file in var/.
-CALLOPS_RATE_LIMIT_URL = env.str(
-    "CALLOPS_RATE_LIMIT_URL",
-    default=CACHE_URL if CACHE_URL.startswith("redis") else "",
-)
+# Where workers share the rate limit: Redis if there is one (the cache's), else a locked file in
+# var/, which only the processes of one machine share (production refuses it).
+CALLOPS_RATE_LIMIT_URL = env.str("CALLOPS_RATE_LIMIT_URL", default=CACHE_URL)
+if CALLOPS_RATE_LIMIT_URL:
+    check_url(
+        "CALLOPS_RATE_LIMIT_URL", CALLOPS_RATE_LIMIT_URL, REDIS_SCHEMES, "redis://host:6379/1"
+    )
 # Stream URLs and fork targets may point at loopback or private addresses (development only).
 CALLOPS_ALLOW_PRIVATE_TARGETS = env.bool("CALLOPS_ALLOW_PRIVATE_TARGETS", default=False)
 # Plain ws:// stream URLs are refused unless this is on (development only).
@@ -231,9 +265,13 @@ CALLOPS_STUCK_COMMAND_GRACE = env.int("CALLOPS_STUCK_COMMAND_GRACE", default=30)
 CALLOPS_MAX_STREAM_DURATION = env.int("CALLOPS_MAX_STREAM_DURATION", default=4 * 3600)
 # A start still without its started webhook after this many seconds is failed and stopped.
 CALLOPS_START_GRACE = env.int("CALLOPS_START_GRACE", default=120)
-# Retention: processed webhook events and transcript segments older than this are deleted.
+# Retention: processed webhook events and transcript segments older than this are deleted,
+# failed events (kept longer, for a replay) and Idempotency-Key answers (not below the 24 h
+# the partner API replays them) too; CALLOPS_PURGE_BATCH rows per DELETE.
 CALLOPS_EVENT_RETENTION_DAYS = env.int("CALLOPS_EVENT_RETENTION_DAYS", default=30)
+CALLOPS_FAILED_EVENT_RETENTION_DAYS = env.int("CALLOPS_FAILED_EVENT_RETENTION_DAYS", default=90)
 CALLOPS_SEGMENT_RETENTION_DAYS = env.int("CALLOPS_SEGMENT_RETENTION_DAYS", default=90)
+CALLOPS_IDEMPOTENCY_RETENTION_HOURS = env.int("CALLOPS_IDEMPOTENCY_RETENTION_HOURS", default=24)
 CALLOPS_PURGE_BATCH = env.int("CALLOPS_PURGE_BATCH", default=5000)
 # /readyz fails when the beat heartbeat task has not run for this long.
 CALLOPS_HEARTBEAT_MAX_AGE = env.int("CALLOPS_HEARTBEAT_MAX_AGE", default=180)
