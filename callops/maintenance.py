@@ -12,11 +12,19 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import models, transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
 from callops import actions, commands, state
-from callops.models import Call, CallSession, Command, TranscriptSegment, WebhookEvent
+from callops.models import (
+    Call,
+    CallSession,
+    Command,
+    IdempotencyRecord,
+    TranscriptSegment,
+    WebhookEvent,
+)
 
 logger = logging.getLogger("callops.maintenance")
 
@@ -114,25 +122,66 @@ def _sweep(limit: int) -> dict[str, int]:
     return done
 
 
-def records_purge(*, budget_seconds: float = 20.0) -> dict[str, int]:
-    """Delete processed events and transcript segments past retention, in bounded batches."""
-    now = timezone.now()
-    deadline = time.monotonic() + budget_seconds
-    jobs = {
-        "webhook_events": WebhookEvent.objects.filter(
+def past_retention(now) -> dict[str, QuerySet]:
+    """What the purge deletes, by kind (README: *Retention*). Pending events are never
+    purged: they wait to be applied. Unordered, so each walks its own time index."""
+    days = settings.CALLOPS_EVENT_RETENTION_DAYS, settings.CALLOPS_FAILED_EVENT_RETENTION_DAYS
+    events = WebhookEvent.objects.order_by()
+    return {
+        "webhook_events": events.filter(
             status__in=[WebhookEvent.Status.PROCESSED, WebhookEvent.Status.IGNORED],
-            received_at__lt=now - timedelta(days=settings.CALLOPS_EVENT_RETENTION_DAYS),
+            received_at__lt=now - timedelta(days=days[0]),
         ),
-        "transcript_segments": TranscriptSegment.objects.filter(
+        "failed_webhook_events": events.filter(
+            status=WebhookEvent.Status.FAILED, received_at__lt=now - timedelta(days=days[1])
+        ),
+        "transcript_segments": TranscriptSegment.objects.order_by().filter(
             occurred_at__lt=now - timedelta(days=settings.CALLOPS_SEGMENT_RETENTION_DAYS)
         ),
+        "idempotency_records": IdempotencyRecord.objects.order_by().filter(
+            created_at__lt=now - timedelta(hours=settings.CALLOPS_IDEMPOTENCY_RETENTION_HOURS)
+        ),
     }
-    deleted = dict.fromkeys(jobs, 0)
-    for name, queryset in jobs.items():
-        while time.monotonic() < deadline:
-            batch = list(queryset.values_list("pk", flat=True)[: settings.CALLOPS_PURGE_BATCH])
-            if not batch:
+
+
+def records_purge(*, budget_seconds: float = 20.0) -> dict[str, int]:
+    """Delete what is past its retention, in batches of at most ``CALLOPS_PURGE_BATCH`` rows,
+    each batch its own short transaction: a purge of millions never holds one long transaction
+    or its locks. The kinds take turns, a batch each, so a backlog of one does not starve the
+    others; what the budget leaves is purged by the next run. Returns the rows deleted per
+    kind and the number of batches."""
+    deadline = time.monotonic() + budget_seconds
+    jobs = past_retention(timezone.now())
+    done = {**dict.fromkeys(jobs, 0), "batches": 0}
+    while jobs and time.monotonic() < deadline:
+        for name, queryset in list(jobs.items()):
+            deleted = _purge_batch(queryset, settings.CALLOPS_PURGE_BATCH)
+            done[name] += deleted
+            done["batches"] += bool(deleted)
+            if deleted < settings.CALLOPS_PURGE_BATCH:
+                del jobs[name]  # nothing more (or only rows locked right now: next run)
+            if time.monotonic() >= deadline:
                 break
-            count, _ = queryset.model.objects.filter(pk__in=batch).delete()
-            deleted[name] += len(batch) if count else 0
-    return deleted
+    return done
+
+
+def _purge_batch(queryset: QuerySet, size: int) -> int:
+    """Delete up to ``size`` rows of ``queryset`` in one transaction. Rows another transaction
+    holds (a replay, an API request) are skipped, never waited for; the ones taken are locked,
+    so none changes between the SELECT and the DELETE."""
+    model = queryset.model
+    with transaction.atomic():
+        pks = list(queryset.select_for_update(skip_locked=True).values_list("pk", flat=True)[:size])
+        if not pks:
+            return 0
+        rows = model.objects.filter(pk__in=pks)
+        relations = model._meta.related_objects
+        if any(relation.on_delete is not models.SET_NULL for relation in relations):
+            return rows.delete()[1].get(model._meta.label, 0)
+        # What refers to these rows lets go in one UPDATE per relation (a segment outlives its
+        # event), then one DELETE: Django's delete() would load every row (an event's whole
+        # payload) to do the same and delete them a hundred at a time.
+        for relation in relations:
+            name = relation.field.name
+            relation.related_model.objects.filter(**{f"{name}__in": pks}).update(**{name: None})
+        return rows._raw_delete(rows.db)

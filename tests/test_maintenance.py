@@ -9,6 +9,7 @@ from functools import partial
 
 import pytest
 from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
 
@@ -16,7 +17,9 @@ from callops import commands, maintenance, tasks
 from callops.models import (
     Call,
     Command,
+    DtmfDigit,
     Fork,
+    IdempotencyRecord,
     MediaStream,
     Partner,
     PartnerConnection,
@@ -238,42 +241,109 @@ def test_two_sweeps_at_once_send_one_stop_per_stream(settings, sweep):
     assert {c.stream_id for c in Command.objects.all()} == {s.pk for s in streams}
 
 
-@pytest.mark.django_db
-def test_the_purge_deletes_only_what_is_past_retention(settings):
-    settings.CALLOPS_PURGE_BATCH = 2  # several batches
+NOTHING_PURGED = {
+    "webhook_events": 0,
+    "failed_webhook_events": 0,
+    "transcript_segments": 0,
+    "idempotency_records": 0,
+    "batches": 0,
+}
+
+
+def old_event(name: str, status: str, age: timedelta) -> WebhookEvent:
     now = timezone.now()
-    for index, (status, age_days) in enumerate(
-        [
-            ("processed", 31),
-            ("processed", 40),
-            ("ignored", 45),
-            ("processed", 29),
-            ("failed", 60),
-            ("pending", 60),
-            ("processed", 35),
-        ]
-    ):
-        WebhookEvent.objects.create(
-            event_id=f"e{index}",
-            event_type="call.answered",
-            occurred_at=now,
-            payload={},
-            status=status,
-            received_at=now - timedelta(days=age_days),
-        )
-    call = Call.objects.create(call_control_id="v3:old")
-    transcription = Transcription.objects.create(call=call)
-    for age_days in (91, 120, 89):
-        TranscriptSegment.objects.create(
-            call=call,
-            transcription=transcription,
-            transcript=str(age_days),
-            occurred_at=now - timedelta(days=age_days),
+    return WebhookEvent.objects.create(
+        event_id=name,
+        event_type="call.answered",
+        occurred_at=now,
+        payload={},
+        status=status,
+        received_at=now - age,
+    )
+
+
+def old_segment(call: Call, age: timedelta, **fields) -> TranscriptSegment:
+    transcription = Transcription.objects.filter(call=call).first()
+    return TranscriptSegment.objects.create(
+        call=call,
+        transcription=transcription or Transcription.objects.create(call=call),
+        occurred_at=timezone.now() - age,
+        **fields,
+    )
+
+
+@pytest.mark.django_db
+def test_the_purge_deletes_each_kind_past_its_retention_and_keeps_the_rest(call, settings):
+    settings.CALLOPS_EVENT_RETENTION_DAYS = 30
+    settings.CALLOPS_FAILED_EVENT_RETENTION_DAYS = 90
+    settings.CALLOPS_SEGMENT_RETENTION_DAYS = 60
+    settings.CALLOPS_IDEMPOTENCY_RETENTION_HOURS = 24
+    day = timedelta(days=1)
+    for name, status, age in [
+        ("processed-old", "processed", 31 * day),
+        ("processed-young", "processed", 29 * day),
+        ("ignored-old", "ignored", 31 * day),
+        ("failed-old", "failed", 91 * day),
+        ("failed-young", "failed", 89 * day),  # past the processed events' 30 days: kept
+        ("pending-ancient", "pending", 1000 * day),  # waits to be applied, never purged
+    ]:
+        old_event(name, status, age)
+    for age_days in (61, 59):
+        old_segment(call, age_days * day, transcript=f"{age_days} days")
+    partner = Partner.objects.create(name="p")
+    for key, age in [("key-old", 25 * HOUR), ("key-young", 23 * HOUR)]:
+        IdempotencyRecord.objects.create(
+            partner=partner, key=key, request_fingerprint="f", created_at=timezone.now() - age
         )
 
-    assert maintenance.records_purge() == {"webhook_events": 4, "transcript_segments": 2}
-    assert set(WebhookEvent.objects.values_list("event_id", flat=True)) == {"e3", "e4", "e5"}
-    assert list(TranscriptSegment.objects.values_list("transcript", flat=True)) == ["89"]
+    assert maintenance.records_purge() == {
+        "webhook_events": 2,
+        "failed_webhook_events": 1,
+        "transcript_segments": 1,
+        "idempotency_records": 1,
+        "batches": 4,
+    }
+    assert set(WebhookEvent.objects.values_list("event_id", flat=True)) == {
+        "processed-young",
+        "failed-young",
+        "pending-ancient",
+    }
+    assert list(TranscriptSegment.objects.values_list("transcript", flat=True)) == ["59 days"]
+    assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["key-young"]
+    assert maintenance.records_purge() == NOTHING_PURGED
+
+
+@pytest.mark.django_db
+def test_a_purge_larger_than_a_batch_deletes_everything_one_batch_per_statement(call, settings):
+    settings.CALLOPS_PURGE_BATCH = 3
+    settings.CALLOPS_SEGMENT_RETENTION_DAYS = 1
+    for _ in range(10):
+        old_segment(call, timedelta(days=2))
+    kept = old_segment(call, HOUR)
+
+    with CaptureQueriesContext(connection) as queries:
+        done = maintenance.records_purge()
+    assert (done["transcript_segments"], done["batches"]) == (10, 4)
+    deletes = [q["sql"] for q in queries if q["sql"].startswith("DELETE")]
+    assert len(deletes) == 4  # 3 + 3 + 3 + 1, each in its own transaction
+    assert list(TranscriptSegment.objects.all()) == [kept]
+
+
+@pytest.mark.django_db
+def test_a_purged_event_leaves_its_segment_and_digit_in_place(call, settings):
+    settings.CALLOPS_EVENT_RETENTION_DAYS = 30
+    settings.CALLOPS_PURGE_BATCH = 2
+    events = [old_event(f"e{i}", "processed", timedelta(days=40)) for i in range(3)]
+    segment = old_segment(call, timedelta(days=1), event=events[0])
+    digit = DtmfDigit.objects.create(
+        call=call, digit="5", occurred_at=timezone.now(), event=events[2]
+    )
+
+    assert maintenance.records_purge()["webhook_events"] == 3
+    segment.refresh_from_db()
+    digit.refresh_from_db()
+    assert (segment.event_id, digit.event_id) == (None, None)
+    assert not WebhookEvent.objects.exists()
 
 
 @pytest.mark.django_db
@@ -285,10 +355,7 @@ def test_each_periodic_task_records_its_runs(call, settings):
     assert run.runs == 1 and run.last_finished_at is not None
     assert run.last_result["over_duration"] == 1
     tasks.purge_old_records()
-    assert TaskRun.objects.get(name="purge_old_records").last_result == {
-        "webhook_events": 0,
-        "transcript_segments": 0,
-    }
+    assert TaskRun.objects.get(name="purge_old_records").last_result == NOTHING_PURGED
 
 
 @pytest.mark.django_db
