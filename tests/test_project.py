@@ -26,17 +26,23 @@ PRODUCTION_ENV = {
 }
 
 
-def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+def run(argv: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:
+    """``argv`` in the checkout with only ``env`` for configuration: none of ours inherited, and a
+    developer's .env changes nothing."""
     ours = ("DJANGO_", "TELNYX_", "CALLOPS_", "DATABASE_URL", "REDIS_URL", "CELERY_", "CACHE_URL")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     return subprocess.run(
-        [sys.executable, "manage.py", *args],
+        argv,
         cwd=ROOT,
-        env={**clean, "CALLOPS_ENV_FILE": "", **env},  # a developer's .env changes nothing here
+        env={**clean, "CALLOPS_ENV_FILE": "", **env},
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
+
+
+def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return run([sys.executable, "manage.py", *args], env)
 
 
 def test_production_settings_pass_check_deploy():
