@@ -104,22 +104,50 @@ def _sweep(limit: int) -> dict[str, int]:
     for stop in actions.STOPS.values():
         model = commands.record_model(stop)
         done["closed_on_ended_call"] += state.sessions_close_on_ended_calls(model)
-        # Failed, and stopped in case Telnyx did start it without telling us.
-        never = list(unstarted(model, now)[:limit])
-        if never:
-            done["never_started"] += state.sessions_fail_unstarted(
-                model.objects.filter(pk__in=[s.pk for s in never]), reason="never started", at=now
-            )
+        failed, stops = _fail_unstarted(stop, now, limit)
+        done["never_started"] += failed
         late = list(overdue(stop, now)[:limit])
         done["over_duration"] += len(late)
-        done["stops_sent"] += commands.commands_create_stops(
-            targets=[(s, stop.params_for_stop_of(s)) for s in never + late],
-            action=stop.name,
-            requested_by=Command.RequestedBy.SCHEDULE,
-        )
+        done["stops_sent"] += stops + _stop(stop, late)
     if any(done.values()):
         logger.info("stale sessions: %s", done)
     return done
+
+
+def _fail_unstarted(stop: actions.TelnyxAction, now, limit: int) -> tuple[int, int]:
+    """Fail the starts never confirmed, and stop them in case Telnyx did start them without
+    telling us. Returns (failed, stops created).
+
+    Under their calls' locks, as a drain applies the started webhook: the webhook is applied
+    either before (the start is no longer unstarted) or after (it merges into a failed record
+    with its stop on the way), never in between, where its stop would hit a stream that has
+    just started. A call a drain holds right now is left to the next sweep, never waited for."""
+    model = commands.record_model(stop)
+    candidates = list(unstarted(model, now).values_list("pk", "call_id")[:limit])
+    if not candidates:
+        return 0, 0
+    with transaction.atomic():
+        calls = Call.objects.select_for_update(skip_locked=True).filter(
+            pk__in={call for _, call in candidates}
+        )
+        never = list(
+            unstarted(model, now).filter(
+                pk__in=[pk for pk, _ in candidates],
+                call__in=list(calls.values_list("pk", flat=True)),
+            )
+        )
+        failed = state.sessions_fail_unstarted(
+            model.objects.filter(pk__in=[s.pk for s in never]), reason="never started", at=now
+        )
+        return failed, _stop(stop, never)
+
+
+def _stop(stop: actions.TelnyxAction, sessions: list[CallSession]) -> int:
+    return commands.commands_create_stops(
+        targets=[(s, stop.params_for_stop_of(s)) for s in sessions],
+        action=stop.name,
+        requested_by=Command.RequestedBy.SCHEDULE,
+    )
 
 
 def past_retention(now) -> dict[str, QuerySet]:

@@ -3,12 +3,13 @@ rows purged, and the health checks that report it."""
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 from functools import partial
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from django_celery_beat.models import PeriodicTask
@@ -192,6 +193,40 @@ def test_a_start_that_gave_up_fails_its_record_itself_and_sends_no_stop(
     assert stream.status == "failed" and stream.failure_reason.startswith("gave up")
     # Telnyx never accepted it: nothing to stop.
     assert maintenance.sessions_stop_stale()["stops_sent"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_start_confirmed_while_the_sweep_runs_is_neither_failed_nor_stopped(settings):
+    """The started webhook is being applied (its drain holds the call) as the sweep finds the
+    start overdue: the sweep leaves that call to the next run instead of failing a stream that
+    has just started and sending it a stop."""
+    settings.CALLOPS_START_GRACE = 60
+    call = Call.objects.create(call_control_id="v3:race", status="answered")
+    MediaStream.objects.create(
+        call=call, stream_url=STREAM["stream_url"], requested_at=timezone.now() - HOUR
+    )
+    holding, swept = threading.Event(), threading.Event()
+
+    def drain_holding_the_call():
+        with transaction.atomic():
+            Call.objects.select_for_update().get(pk=call.pk)
+            holding.set()
+            swept.wait(2)  # without waiting for the sweep for ever: it may be waiting for us
+            deliver(envelope("streaming.started", "v3:race", **STREAM))
+
+    def sweep():
+        holding.wait(10)
+        try:
+            return maintenance.sessions_stop_stale()
+        finally:
+            swept.set()
+
+    results, errors = run_concurrently(drain_holding_the_call, sweep)
+    assert errors == []
+    assert [r for r in results if r is not None][0]["never_started"] == 0
+    assert MediaStream.objects.get().status == "active"
+    assert not Command.objects.exists()
+    assert maintenance.sessions_stop_stale()["never_started"] == 0
 
 
 @pytest.mark.django_db
