@@ -60,6 +60,18 @@ KEY_16_BYTES = base64.b64encode(bytes(16)).decode()
             "callops: REDIS_URL is not a valid URL (expected redis://host:6379/0)",
         ),
         (
+            {"CELERY_BROKER_URL": "redis//redis:6379/0"},
+            "callops: CELERY_BROKER_URL is not a valid URL (expected redis://host:6379/0)",
+        ),
+        (
+            {"CACHE_URL": "memcached://cache:11211"},
+            "callops: CACHE_URL is not a valid URL (expected redis://host:6379/1)",
+        ),
+        (
+            {"CALLOPS_RATE_LIMIT_URL": "/var/lib/callops/ratelimit.json"},
+            "callops: CALLOPS_RATE_LIMIT_URL is not a valid URL (expected redis://host:6379/1)",
+        ),
+        (
             {"TELNYX_BASE_URL": "api.telnyx.com/v2"},
             "callops: TELNYX_BASE_URL is not a valid URL (expected https://api.telnyx.com/v2)",
         ),
