@@ -19,8 +19,8 @@ from datetime import datetime, timedelta
 from typing import TypeVar
 
 from django.conf import settings
-from django.db import DataError, transaction
-from django.db.models import QuerySet
+from django.db import DataError, connection, transaction
+from django.db.models import Field, Model, QuerySet
 from django.utils import timezone
 
 from callops import state
@@ -76,6 +76,8 @@ def events_drain(*, limit: int | None = None, shard: int | None = None) -> int:
                 break
             _apply(batch)
         applied += len(batch)
+        if len(batch) < size:  # nothing else was claimable: spare the empty claim
+            break
     return applied
 
 
@@ -513,20 +515,47 @@ def _facts(call: Call) -> tuple:
 
 def _save_changed_calls(calls: Iterable[Call], before: dict[int, tuple]) -> None:
     """One UPDATE for the calls whose same fields changed (most often only last_event_at)."""
-    by_fields: dict[tuple[str, ...], list[Call]] = {}
+    by_fields: dict[tuple[Field, ...], list[Call]] = {}
     now = timezone.now()
     for call in calls:
         after = _facts(call)
-        names = tuple(
-            f.name
+        changed = tuple(
+            f
             for f, old, new in zip(_CALL_FIELDS, before[call.pk], after, strict=True)
             if old != new and f.name != "updated_at"
         )
-        if names:
+        if changed:
             call.updated_at = now
-            by_fields.setdefault(names, []).append(call)
-    for names, group in by_fields.items():
-        Call.objects.bulk_update(group, [*names, "updated_at"])
+            by_fields.setdefault(changed, []).append(call)
+    updated_at = Call._meta.get_field("updated_at")
+    for fields, group in by_fields.items():
+        _update_rows(Call, group, [*fields, updated_at])
+
+
+def _update_rows(model: type[Model], rows: list[Model], fields: list[Field]) -> None:
+    """Write ``fields`` of ``rows`` in one statement. On PostgreSQL an ``UPDATE ... FROM
+    unnest(...)`` of typed arrays: Django's ``bulk_update`` compiles a CASE per field and row,
+    which cost a drain more CPU than the segments it writes."""
+    if connection.vendor != "postgresql":
+        model.objects.bulk_update(rows, [f.name for f in fields])
+        return
+    pk = model._meta.pk
+    columns = [pk, *fields]
+    table = connection.ops.quote_name(model._meta.db_table)
+    sets = ", ".join(
+        f"{connection.ops.quote_name(f.column)} = v.c{i}" for i, f in enumerate(fields)
+    )
+    arrays = ", ".join(f"%s::{f.cast_db_type(connection)}[]" for f in columns)
+    names = ", ".join(["id", *(f"c{i}" for i in range(len(fields)))])
+    values = [
+        [f.get_db_prep_save(getattr(row, f.attname), connection) for row in rows] for f in columns
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET {sets} FROM unnest({arrays}) AS v({names})"  # noqa: S608
+            f" WHERE {table}.{connection.ops.quote_name(pk.column)} = v.id",
+            values,
+        )
 
 
 HANDLERS: dict[str, Callable[[Call, WebhookEvent], None]] = {
