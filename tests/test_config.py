@@ -145,19 +145,26 @@ def test_production_runs_every_fleet_wide_store_on_redis():
     ("value", "problem"),
     [
         ("nonsense", "is not a database URL"),
-        ("postgres://callops@db", "must name a host and a database"),
-        ("postgres:///callops", "must name a host and a database"),
+        ("postgres://callops@db", "must name a database"),
+        ("postgres://callops@db:5432/", "must name a database"),
+        ("postgres://callops@db:port/callops", "is not a valid URL"),
         ("", "must be set"),
     ],
 )
-def test_it_refuses_a_database_url_that_names_no_database(value, problem):
+def test_it_refuses_a_database_url_it_cannot_use(value, problem):
     with pytest.raises(SystemExit, match=f"^callops: DATABASE_URL {problem}"):
         environment.check_database_url("DATABASE_URL", value)
 
 
 @pytest.mark.parametrize(
     "value",
-    ["sqlite:////tmp/callops.sqlite3", "postgres://u:p@db:5432/callops", "pgsql://db/callops"],
+    [
+        "sqlite:////tmp/callops.sqlite3",
+        "sqlite://:memory:",
+        "postgres://u:p@db:5432/callops",
+        "postgres://callops@/callops?host=/var/run/postgresql",
+        "pgsql://db/callops",
+    ],
 )
 def test_it_takes_the_database_urls_django_environ_reads(value):
     assert environment.check_database_url("DATABASE_URL", value) == value

@@ -70,11 +70,14 @@ def check_database_url(name: str, value: str) -> str:
     expected = "postgres://user:password@host:5432/name"
     if not value:
         raise ConfigurationError(f"{name} must be set (expected {expected})")
-    parts = _parts(name, value, expected)
-    if parts.scheme not in environ.Env.DB_SCHEMES:
+    scheme = value.partition("://")[0]
+    if scheme not in environ.Env.DB_SCHEMES:
         raise ConfigurationError(f"{name} is not a database URL (expected {expected})")
-    if not parts.scheme.startswith("sqlite") and not (parts.hostname and parts.path.strip("/")):
-        raise ConfigurationError(f"{name} must name a host and a database (expected {expected})")
+    if scheme.startswith("sqlite"):
+        return value  # a path, or django-environ's own sqlite://:memory:
+    # No host is libpq's local socket (or ?host=/path): only the database name is required.
+    if not _parts(name, value, expected).path.strip("/"):
+        raise ConfigurationError(f"{name} must name a database (expected {expected})")
     return value
 
 
