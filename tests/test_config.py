@@ -170,6 +170,15 @@ def test_it_takes_the_database_urls_django_environ_reads(value):
     assert environment.check_database_url("DATABASE_URL", value) == value
 
 
+def accepted(name: str, value: str, schemes: tuple[str, ...]) -> bool:
+    try:
+        assert environment.check_url(name, value, schemes, "redis://host:6379/0") == value
+    except SystemExit as refused:
+        assert str(refused).startswith(f"callops: {name} ")
+        return False
+    return True
+
+
 @pytest.mark.parametrize(
     ("value", "ok"),
     [
@@ -183,12 +192,19 @@ def test_it_takes_the_database_urls_django_environ_reads(value):
     ],
 )
 def test_it_takes_only_redis_for_a_shared_store(value, ok):
-    check = (environment.check_url, "CACHE_URL", value, environment.REDIS_SCHEMES, "redis://")
-    if ok:
-        assert check[0](*check[1:]) == value
-    else:
-        with pytest.raises(SystemExit, match="^callops: CACHE_URL "):
-            check[0](*check[1:])
+    assert accepted("CACHE_URL", value, environment.REDIS_SCHEMES) is ok
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("sentinel://s1:26379;sentinel://s2:26379", True),
+        ("redis://r1:6379/0;redis://r2:6379/0", True),
+        ("redis://r1:6379/0;amqp://mq", False),
+    ],
+)
+def test_it_checks_each_url_of_a_broker_failover_list(value, ok):
+    assert accepted("CELERY_BROKER_URL", value, environment.BROKER_SCHEMES) is ok
 
 
 def test_a_sentence_never_repeats_the_value_it_refuses():

@@ -57,12 +57,16 @@ def _parts(name: str, value: str, expected: str):
 
 
 def check_url(name: str, value: str, schemes: tuple[str, ...], expected: str) -> str:
-    """``value`` if it is a URL with one of ``schemes`` and a host (a path for ``unix://``)."""
-    parts = _parts(name, value, expected)
-    if parts.scheme not in schemes:
-        raise ConfigurationError(f"{name} is not a valid URL (expected {expected})")
-    if not (parts.path if parts.scheme == "unix" else parts.hostname):
-        raise ConfigurationError(f"{name} has no host (expected {expected})")
+    """``value`` if it is a URL with one of ``schemes`` and a host (a path for ``unix://``).
+
+    Several URLs separated by ``;`` (kombu's failover list, Redis Sentinels) are each checked.
+    """
+    for url in value.split(";"):
+        parts = _parts(name, url, expected)
+        if parts.scheme not in schemes:
+            raise ConfigurationError(f"{name} is not a valid URL (expected {expected})")
+        if not (parts.path if parts.scheme == "unix" else parts.hostname):
+            raise ConfigurationError(f"{name} has no host (expected {expected})")
     return value
 
 
