@@ -6,7 +6,14 @@ import hmac
 import logging
 
 from django.conf import settings
-from django.db import DatabaseError, DataError, InterfaceError, OperationalError, connection
+from django.db import (
+    DatabaseError,
+    DataError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    transaction,
+)
 from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 from django.views import defaults
@@ -119,11 +126,15 @@ def readyz(request: HttpRequest) -> JsonResponse:
         checks["broker"] = f"unavailable: {type(exc).__name__}"
     heartbeat = None
     if checks["database"] == "ok":
-        heartbeat = (
-            TaskRun.objects.filter(name="beat_heartbeat")
-            .values_list("last_finished_at", flat=True)
-            .first()
-        )
+        try:
+            with transaction.atomic():  # a savepoint: a failed query must not poison the rest
+                heartbeat = (
+                    TaskRun.objects.filter(name="beat_heartbeat")
+                    .values_list("last_finished_at", flat=True)
+                    .first()
+                )
+        except DatabaseError as exc:  # reachable, but not migrated (or not readable)
+            checks["database"] = f"schema not ready: {type(exc).__name__}"
     limit = settings.CALLOPS_HEARTBEAT_MAX_AGE
     if heartbeat is None:
         checks["beat"] = "no heartbeat yet"
