@@ -134,7 +134,8 @@ class CallState:
 class Fault:
     """An injected response, returned by `TelnyxAPISimulator.inject`.
 
-    ``remaining`` counts down as requests consume it (None: never runs out).
+    ``remaining`` counts down as requests consume it (None: never runs out). With ``every``
+    n, only every n-th matching request gets it; ``seen`` counts the matching ones.
     """
 
     status: int = 500
@@ -146,6 +147,8 @@ class Fault:
     apply: bool = False
     action: str | None = None
     call_control_id: str | None = None
+    every: int = 1
+    seen: int = 0
 
     def matches(self, action: str | None, call_control_id: str | None) -> bool:
         return (
@@ -153,6 +156,11 @@ class Fault:
             and (self.action is None or self.action == action)
             and (self.call_control_id is None or self.call_control_id == call_control_id)
         )
+
+    def strikes(self) -> bool:
+        """Count one matching request; True if it is the one in ``every`` that gets the fault."""
+        self.seen += 1
+        return self.seen % self.every == 0
 
 
 # --- Responses --------------------------------------------------------------------------------
@@ -448,6 +456,7 @@ class TelnyxAPISimulator:
         action: str | None = None,
         call_control_id: str | None = None,
         apply: bool = False,
+        every: int = 1,
     ) -> Fault:
         """Answer the next `times` matching requests with a fault (None: until `clear_faults`).
 
@@ -466,8 +475,14 @@ class TelnyxAPISimulator:
         (`CommandRecord.result` has them; its webhooks carry the dial's ``client_state``).
         A retry with the same ``command_id`` is then a duplicate: acknowledged, not applied.
 
+        ``every`` n gives the fault to every n-th matching request only, counting from the
+        injection (``every=3, times=None``: a third of them, for good); the others are answered
+        as if it were not there. `times` counts the requests that got it.
+
         Faults are consulted before authentication, in the order they were injected.
         """
+        if every < 1:
+            raise ValueError("every must be at least 1")
         fault = Fault(
             status=status,
             body=body,
@@ -478,6 +493,7 @@ class TelnyxAPISimulator:
             apply=apply,
             action=action,
             call_control_id=call_control_id,
+            every=every,
         )
         with self._lock:
             self._faults.append(fault)
@@ -567,7 +583,7 @@ class TelnyxAPISimulator:
         with self._lock:
             # Read the clock under the lock so the rate window and the log stay in time order.
             now, wall = self._clock(), time.time()
-            fault = next((f for f in self._faults if f.matches(action, ccid)), None)
+            fault = next((f for f in self._faults if f.matches(action, ccid) and f.strikes()), None)
             if fault is not None and fault.remaining is not None:
                 fault.remaining -= 1
             if fault is None or fault.apply:
