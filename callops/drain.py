@@ -11,10 +11,18 @@ Shards: every event of a call is in the same shard (a hash of its ``call_control
 drain at a time works a shard, so events of one call never race for its row lock, while
 ``CALLOPS_DRAIN_SHARDS`` shards are drained in parallel by any number of workers and hosts.
 
-Correctness: the flag is lowered only by a drain task, *before* its last look for pending
-events, so an event stored while the flag was up is either drained by that task or seen by its
-last look. If the broker is down the event stays pending and the periodic sweeper drains it
-once it is back; a flag whose drain was lost counts as lowered after ``FLAG_TTL``.
+Lanes: each shard has two flags. An event that a caller is waiting on (``URGENT_EVENTS``: the
+call.initiated that callops answers, the call.answered that starts media, a machine-detection
+result a policy acts on) raises the shard's ``now`` flag, and its drain is published at once.
+Every other event (transcript segments, most of the traffic) raises the ``soon`` flag, whose
+drain is published ``CALLOPS_DRAIN_DELAY`` seconds later: what arrives meanwhile joins the same
+batch, so a busy shard costs a few tasks a second, not one per event or two. Either drain
+applies everything pending in its shard, the calls' lifecycle first.
+
+Correctness: a flag is lowered only by a drain task of its lane, *before* its last look for
+pending events, so an event stored while the flag was up is either drained by that task or
+seen by its last look. If the broker is down the event stays pending and the periodic sweeper
+drains it once it is back; a flag whose drain was lost counts as lowered after ``FLAG_TTL``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,17 @@ logger = logging.getLogger("callops.drain")
 FLAG_TTL = timedelta(seconds=30)
 # Applied after the call's lifecycle under a backlog (their order is irrelevant to the records).
 BULK_EVENTS = frozenset({"call.transcription"})
+# Events whose drain is published at once: a caller or a partner is waiting on what they start.
+URGENT_EVENTS = frozenset(
+    {
+        "call.initiated",
+        "call.answered",
+        "call.machine.detection.ended",
+        "call.machine.premium.detection.ended",
+    }
+)
+NOW, SOON = "now", "soon"
+_NOW_FLAGS = 1000  # the now lane's flag ids follow the soon lane's (1..shards)
 
 
 def shard_of(call_control_id: str) -> int:
@@ -48,8 +67,16 @@ def priority_of(event_type: str) -> int:
     return 1 if event_type in BULK_EVENTS else 0
 
 
-def flag_id(shard: int) -> int:
-    return shard + 1
+def lane_of(event_type: str) -> str:
+    return NOW if event_type in URGENT_EVENTS else SOON
+
+
+def flag_id(shard: int, lane: str = SOON) -> int:
+    return shard + 1 + (_NOW_FLAGS if lane == NOW else 0)
+
+
+def _delay(lane: str) -> float:
+    return 0.0 if lane == NOW else settings.CALLOPS_DRAIN_DELAY
 
 
 def raise_in(insert_sql: str) -> str:
@@ -76,49 +103,52 @@ def raise_in(insert_sql: str) -> str:
     )
 
 
-def flag_raise(shard: int) -> bool:
-    """Raise the shard's flag unless it is up. True if this call raised it: the caller must then
-    publish a drain. (``raise_in`` does the same inside the webhook's INSERT.)"""
+def flag_raise(shard: int, lane: str = NOW) -> bool:
+    """Raise the shard's flag of ``lane`` unless it is up. True if this call raised it: the
+    caller must then publish a drain. (``raise_in`` does the same inside the webhook's INSERT.)"""
     now = timezone.now()
     due = Q(requested_at__isnull=True) | Q(requested_at__lt=now - FLAG_TTL)
-    if DrainFlag.objects.filter(due, pk=flag_id(shard)).update(requested_at=now):
+    flag = flag_id(shard, lane)
+    if DrainFlag.objects.filter(due, pk=flag).update(requested_at=now):
         return True
-    _, created = DrainFlag.objects.get_or_create(pk=flag_id(shard), defaults={"requested_at": now})
+    _, created = DrainFlag.objects.get_or_create(pk=flag, defaults={"requested_at": now})
     return created
 
 
-def flag_lower(shard: int | None = None) -> None:
-    """Lower the shard's flag (every flag: None)."""
+def flag_lower(shard: int | None = None, lane: str | None = None) -> None:
+    """Lower the shard's flag of ``lane`` (None: every shard, or both lanes)."""
     flags = DrainFlag.objects.all()
     if shard is not None:
-        flags = flags.filter(pk=flag_id(shard))
+        lanes = [lane] if lane is not None else [NOW, SOON]
+        flags = flags.filter(pk__in=[flag_id(shard, each) for each in lanes])
     flags.update(requested_at=None)
 
 
-def publish(shard: int) -> bool:
-    """Publish a drain for a flag just raised; lower it again if the broker is unreachable."""
+def publish(shard: int, lane: str = NOW) -> bool:
+    """Publish a drain for a flag just raised (the ``soon`` lane's after the delay); lower it
+    again if the broker is unreachable."""
     try:
-        queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard)
+        queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard, lane, countdown=_delay(lane))
     except Exception:
         logger.warning("drain: broker unavailable; the sweeper will drain pending events")
         try:
-            flag_lower(shard)
+            flag_lower(shard, lane)
         except DatabaseError:
             logger.debug("drain: could not lower the flag; it expires on its own")
         return False
     return True
 
 
-def request(shard: int | None = None) -> bool:
+def request(shard: int | None = None, lane: str = NOW) -> bool:
     """Make sure a drain will look at the shard's pending events (None: every shard that has
     some, as after a replay). Never raises. True if a drain was published."""
     try:
         shards = [shard] if shard is not None else _pending_shards()
-        raised = [s for s in shards if flag_raise(s)]
+        raised = [s for s in shards if flag_raise(s, lane)]
     except DatabaseError:
         logger.warning("drain: database unavailable; the sweeper will drain pending events")
         return False
-    return any([publish(s) for s in raised])
+    return any([publish(s, lane) for s in raised])
 
 
 def _pending_shards() -> list[int]:
@@ -126,27 +156,28 @@ def _pending_shards() -> list[int]:
     return sorted(set(pending.values_list("shard", flat=True).distinct()))
 
 
-def after_store(*, status: str, raised: bool | None, shard: int = 0) -> None:
+def after_store(*, status: str, raised: bool | None, shard: int = 0, lane: str = NOW) -> None:
     """What the webhook does once its event is stored. ``raised`` is whether its INSERT raised
-    the flag, or None where the database could not do it in the same statement (SQLite, the
-    embedded default): then a pending event raises it here, in a second statement."""
+    the lane's flag, or None where the database could not do it in the same statement (SQLite,
+    the embedded default): then a pending event raises it here, in a second statement."""
     if raised:
-        publish(shard)
+        publish(shard, lane)
     elif raised is None and status == WebhookEvent.Status.PENDING:
-        request(shard)
+        request(shard, lane)
 
 
-def after_batch(*, shard: int, applied: int) -> None:
+def after_batch(*, shard: int, applied: int, lane: str = NOW) -> None:
     """What a shard's drain does after applying ``applied`` events: a full batch hands the rest
-    to a fresh task, so other tasks interleave; otherwise lower the flag and look once more."""
+    to a fresh task at once (a backlog waits for no delay), so other tasks interleave;
+    otherwise lower the lane's flag and look once more."""
     if applied >= settings.CALLOPS_DRAIN_BATCH:
         try:
-            queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard)
+            queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard, lane)
         except Exception:
             logger.warning("drain: broker unavailable; the sweeper will drain the rest")
-            flag_lower(shard)
+            flag_lower(shard, lane)
         return
-    flag_lower(shard)
+    flag_lower(shard, lane)
     pending = WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING, shard=shard)
     if pending.exists():
-        request(shard)
+        request(shard, lane)

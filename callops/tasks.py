@@ -49,11 +49,11 @@ def recorded(func):
 
 
 @shared_task(name=queue.DRAIN_WEBHOOK_EVENTS, ignore_result=True)
-def drain_webhook_events(shard: int = 0) -> int:
-    """Apply a shard's pending events in a batch; hand the rest to a fresh task so others
-    (other shards, commands) interleave."""
+def drain_webhook_events(shard: int = 0, lane: str = drain.NOW) -> int:
+    """Apply a shard's pending events in a batch; hand the rest to a fresh task so other
+    shards interleave. ``lane``: the flag that published it (``callops.drain``)."""
     applied = events.events_drain(shard=shard)
-    drain.after_batch(shard=shard, applied=applied)
+    drain.after_batch(shard=shard, applied=applied, lane=lane)
     return applied
 
 

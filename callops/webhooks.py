@@ -341,7 +341,7 @@ def insert_params(db: BaseDatabaseWrapper, event: ParsedEvent, *, handled: bool)
         "stale": adapt(now - drain.FLAG_TTL),
         "shard": event.shard,
         "priority": event.priority,
-        "flag": drain.flag_id(event.shard),
+        "flag": drain.flag_id(event.shard, drain.lane_of(event.event_type)),
     }
 
 

@@ -81,13 +81,38 @@ def queued_messages() -> int:
 
 
 def test_it_rings_the_doorbell_once_per_burst(post_event):
-    for kind in ("call.initiated", "call.answered", "streaming.started"):
+    for kind in ("call.initiated", "call.answered", "call.machine.detection.ended"):
         post_event(envelope(kind))
     assert queued_messages() == 1  # one drain for the burst, not one task per event
     assert DrainFlag.objects.get().requested_at is not None
     drain.flag_lower()  # what the drain task does before its last look
-    post_event(envelope("call.hangup"))
+    post_event(envelope("call.answered"))
     assert queued_messages() == 2
+
+
+def drain_messages() -> list[dict]:
+    """The drain tasks waiting in the broker: their (shard, lane) and whether they wait (eta)."""
+    broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    found = []
+    for raw in broker.lrange("events", 0, -1):
+        message = json.loads(raw)
+        args = json.loads(base64.b64decode(message["body"]))[0]
+        found.append({"args": args, "eta": message["headers"].get("eta")})
+    return found
+
+
+def test_segments_ring_a_delayed_drain_and_an_answer_is_not_held_behind_it(post_event, settings):
+    settings.CALLOPS_DRAIN_DELAY = 5.0
+    segment = {"transcript": "hello", "is_final": True}
+    for _ in range(3):
+        post_event(envelope("call.transcription", "v3:lanes", transcription_data=segment))
+    (soon,) = drain_messages()  # one drain for the segments, published to run 5 s later
+    shard = drain.shard_of("v3:lanes")
+    assert soon["args"] == [shard, "soon"] and soon["eta"] is not None
+    post_event(envelope("call.initiated", "v3:lanes"))  # the soon flag is up: not waited on
+    now = [m for m in drain_messages() if m["args"] == [shard, "now"]]
+    assert len(now) == 1 and now[0]["eta"] is None
+    assert len(drain_messages()) == 2
 
 
 def test_a_duplicate_of_a_processed_event_rings_nothing(post_event):

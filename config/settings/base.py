@@ -290,6 +290,10 @@ CALLOPS_DRAIN_CLAIM = env.int("CALLOPS_DRAIN_CLAIM", default=50)
 # Events are spread over this many drain shards by call: one drain per shard at a time, shards
 # in parallel on any number of workers. Changing it is safe: pending events keep their shard.
 CALLOPS_DRAIN_SHARDS = env.int("CALLOPS_DRAIN_SHARDS", default=8)
+# Seconds a drain for transcript segments and other events no caller waits on is published
+# after the first of them arrives, so what follows joins its batch (the call's answer, media
+# start and machine-detection results are drained at once).
+CALLOPS_DRAIN_DELAY = env.float("CALLOPS_DRAIN_DELAY", default=0.25)
 
 # --- Internationalisation and static files --------------------------------------------------
 LANGUAGE_CODE = "en-us"
