@@ -20,7 +20,11 @@ the fault and the recovery each case checks, and prints in one line:
 
 Time is scaled down for CI (documented knobs, set on the processes): beat runs the sweeper and
 the repair every 2 s, with ``CALLOPS_PENDING_EVENT_GRACE`` and ``CALLOPS_STUCK_COMMAND_GRACE``
-of 2 s, so a lost message is noticed in seconds rather than a minute.
+of 2 s, so a lost message is noticed in seconds rather than a minute. A worker that exits is
+started again, as docker-compose's ``restart: unless-stopped`` does, and the line says so:
+Celery 5.7 with kombu 5.7 sometimes exits with ``AttributeError: 'NoneType' object has no
+attribute 'hostname'`` when Redis goes away while it holds unacknowledged messages (its close
+tries to restore them to the Redis that is gone).
 """
 
 from __future__ import annotations
@@ -282,7 +286,11 @@ def _supervise(stack: Stack, restart, done: threading.Event) -> None:
             if worker.poll() is None:
                 continue
             why = next(
-                (line.strip() for line in worker.log if "Unrecoverable error" in line),
+                (
+                    line.strip().partition("Unrecoverable error: ")[2]
+                    for line in worker.log
+                    if "Unrecoverable error: " in line
+                ),
                 f"exit status {worker.returncode}",
             )
             stack.restarts.append((worker.pid, why))
