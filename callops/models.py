@@ -9,6 +9,9 @@ fields carry the ``occurred_at`` that set them.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from django.db import models
 from django.db.models.functions import Now
@@ -63,7 +66,11 @@ class WebhookEvent(models.Model):
             models.Index(fields=["received_at"], name="webhookevent_received_idx"),
             models.Index(fields=["status", "received_at"], name="webhookevent_status_idx"),
             models.Index(fields=["event_type", "received_at"], name="webhookevent_type_idx"),
-            models.Index(fields=["call_control_id"], name="webhookevent_call_idx"),
+            # A call's events of some types (a stream's starts and stops): one index answers
+            # both conditions, so no plan intersects it with a whole-table type index.
+            models.Index(
+                fields=["call_control_id", "event_type"], name="webhookevent_call_type_idx"
+            ),
         ]
         constraints = [
             # The webhook's INSERT ... ON CONFLICT (event_id) relies on it.
@@ -467,6 +474,12 @@ class ApiKey(models.Model):
         return f"{self.prefix}… ({self.partner})"
 
 
+# Set by StreamingProfile.looked_up_once: connection id -> its profile (or None).
+_PROFILES: ContextVar[dict[str, StreamingProfile | None] | None] = ContextVar(
+    "callops_profiles", default=None
+)
+
+
 class StreamingProfile(models.Model):
     """How a partner wants its calls streamed (and transcribed), and whether to start on answer.
 
@@ -574,16 +587,34 @@ class StreamingProfile(models.Model):
     def for_connection(cls, connection_id: str) -> StreamingProfile | None:
         if not connection_id:
             return None
+        memo = _PROFILES.get()
+        if memo is not None and connection_id in memo:
+            return memo[connection_id]
         owner = PartnerConnection.objects.filter(connection_id=connection_id).first()
-        if owner is None:
-            return None
-        profiles = {
-            p.connection_id: p
-            for p in cls.objects.filter(
-                partner_id=owner.partner_id, connection_id__in=[connection_id, ""]
-            )
-        }
-        return profiles.get(connection_id) or profiles.get("")
+        profile = None
+        if owner is not None:
+            profiles = {
+                p.connection_id: p
+                for p in cls.objects.filter(
+                    partner_id=owner.partner_id, connection_id__in=[connection_id, ""]
+                )
+            }
+            profile = profiles.get(connection_id) or profiles.get("")
+        if memo is not None:
+            memo[connection_id] = profile
+        return profile
+
+    @staticmethod
+    @contextmanager
+    def looked_up_once() -> Iterator[None]:
+        """Within the block, each connection's profile is read once. A drain wraps a batch in
+        it: a call's policies and duration limit ask for the profile on every lifecycle event
+        (two queries each); a profile changed meanwhile is seen from the next batch on."""
+        token = _PROFILES.set({})
+        try:
+            yield
+        finally:
+            _PROFILES.reset(token)
 
 
 class IdempotencyRecord(models.Model):
