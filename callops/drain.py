@@ -13,11 +13,13 @@ drain at a time works a shard, so events of one call never race for its row lock
 
 Lanes: each shard has two flags. An event that a caller is waiting on (``URGENT_EVENTS``: the
 call.initiated that callops answers, the call.answered that starts media, a machine-detection
-result a policy acts on) raises the shard's ``now`` flag, and its drain is published at once.
-Every other event (transcript segments, most of the traffic) raises the ``soon`` flag, whose
-drain is published ``CALLOPS_DRAIN_DELAY`` seconds later: what arrives meanwhile joins the same
-batch, so a busy shard costs a few tasks a second, not one per event or two. Either drain
-applies everything pending in its shard, the calls' lifecycle first.
+result a policy acts on) raises the shard's ``now`` flag, and its drain is published at once,
+on the commands' queue: it applies only urgent events, so it is short, and it never waits
+behind a backlog of transcript drains. Every other event (transcript segments, most of the
+traffic) raises the ``soon`` flag, whose drain (queue ``events``) is published
+``CALLOPS_DRAIN_DELAY`` seconds later: what arrives meanwhile joins the same batch, so a busy
+shard costs a few tasks a second, not one per event. It applies everything pending in its
+shard, the calls' lifecycle first.
 
 Correctness: a flag is lowered only by a drain task of its lane, *before* its last look for
 pending events, so an event stored while the flag was up is either drained by that task or
@@ -124,11 +126,18 @@ def flag_lower(shard: int | None = None, lane: str | None = None) -> None:
     flags.update(requested_at=None)
 
 
+def _publish_drain(shard: int, lane: str, countdown: float = 0.0) -> None:
+    if lane == NOW:
+        queue.publish(queue.DRAIN_URGENT_EVENTS, shard)
+    else:
+        queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard, lane, countdown=countdown)
+
+
 def publish(shard: int, lane: str = NOW) -> bool:
     """Publish a drain for a flag just raised (the ``soon`` lane's after the delay); lower it
     again if the broker is unreachable."""
     try:
-        queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard, lane, countdown=_delay(lane))
+        _publish_drain(shard, lane, _delay(lane))
     except Exception:
         logger.warning("drain: broker unavailable; the sweeper will drain pending events")
         try:
@@ -139,16 +148,18 @@ def publish(shard: int, lane: str = NOW) -> bool:
     return True
 
 
-def request(shard: int | None = None, lane: str = NOW) -> bool:
+def request(shard: int | None = None, lane: str | None = None) -> bool:
     """Make sure a drain will look at the shard's pending events (None: every shard that has
-    some, as after a replay). Never raises. True if a drain was published."""
+    some, as after a replay) in ``lane`` (None: both). Never raises. True if a drain was
+    published."""
+    lanes = [lane] if lane is not None else [NOW, SOON]
     try:
         shards = [shard] if shard is not None else _pending_shards()
-        raised = [s for s in shards if flag_raise(s, lane)]
+        raised = [(s, each) for s in shards for each in lanes if flag_raise(s, each)]
     except DatabaseError:
         logger.warning("drain: database unavailable; the sweeper will drain pending events")
         return False
-    return any([publish(s, lane) for s in raised])
+    return any([publish(s, each) for s, each in raised])
 
 
 def _pending_shards() -> list[int]:
@@ -172,12 +183,14 @@ def after_batch(*, shard: int, applied: int, lane: str = NOW) -> None:
     otherwise lower the lane's flag and look once more."""
     if applied >= settings.CALLOPS_DRAIN_BATCH:
         try:
-            queue.publish(queue.DRAIN_WEBHOOK_EVENTS, shard, lane)
+            _publish_drain(shard, lane)
         except Exception:
             logger.warning("drain: broker unavailable; the sweeper will drain the rest")
             flag_lower(shard, lane)
         return
     flag_lower(shard, lane)
     pending = WebhookEvent.objects.filter(status=WebhookEvent.Status.PENDING, shard=shard)
+    if lane == NOW:
+        pending = pending.filter(event_type__in=URGENT_EVENTS)
     if pending.exists():
         request(shard, lane)

@@ -53,9 +53,12 @@ def event_process(*, event: WebhookEvent) -> str:
     return _apply([event])[event.pk]
 
 
-def events_drain(*, limit: int | None = None, shard: int | None = None) -> int:
-    """Apply pending events of ``shard`` (every shard: None), the calls' lifecycle before
-    transcript segments and oldest first, until none is left or ``limit`` were applied.
+def events_drain(
+    *, limit: int | None = None, shard: int | None = None, types: Iterable[str] | None = None
+) -> int:
+    """Apply pending events of ``shard`` (every shard: None) and of ``types`` (every type:
+    None), the calls' lifecycle before transcript segments and oldest first, until none is left
+    or ``limit`` were applied.
 
     Events are claimed ``CALLOPS_DRAIN_CLAIM`` at a time with ``SKIP LOCKED`` and applied in one
     transaction, so any number of drains can run side by side and none waits for, or applies
@@ -70,6 +73,8 @@ def events_drain(*, limit: int | None = None, shard: int | None = None) -> int:
             )
             if shard is not None:
                 pending = pending.filter(shard=shard)
+            if types is not None:
+                pending = pending.filter(event_type__in=list(types))
             size = min(settings.CALLOPS_DRAIN_CLAIM, limit - applied)
             claimed = pending.order_by("priority", "received_at")[:size]
             batch = _load(claimed)

@@ -14,6 +14,7 @@ from celery import current_app
 SEND_COMMAND = "callops.tasks.send_command"
 SEND_COMMANDS = "callops.tasks.send_commands"
 DRAIN_WEBHOOK_EVENTS = "callops.tasks.drain_webhook_events"
+DRAIN_URGENT_EVENTS = "callops.tasks.drain_urgent_events"
 
 
 def publish(name: str, *args: Any, countdown: float = 0.0, **kwargs: Any) -> None:

@@ -49,11 +49,20 @@ def recorded(func):
 
 
 @shared_task(name=queue.DRAIN_WEBHOOK_EVENTS, ignore_result=True)
-def drain_webhook_events(shard: int = 0, lane: str = drain.NOW) -> int:
+def drain_webhook_events(shard: int = 0, lane: str = drain.SOON) -> int:
     """Apply a shard's pending events in a batch; hand the rest to a fresh task so other
     shards interleave. ``lane``: the flag that published it (``callops.drain``)."""
     applied = events.events_drain(shard=shard)
     drain.after_batch(shard=shard, applied=applied, lane=lane)
+    return applied
+
+
+@shared_task(name=queue.DRAIN_URGENT_EVENTS, ignore_result=True)
+def drain_urgent_events(shard: int = 0) -> int:
+    """Apply a shard's pending events that a caller waits on (``drain.URGENT_EVENTS``), on the
+    commands' queue, so an answer is never held behind transcript drains."""
+    applied = events.events_drain(shard=shard, types=drain.URGENT_EVENTS)
+    drain.after_batch(shard=shard, applied=applied, lane=drain.NOW)
     return applied
 
 

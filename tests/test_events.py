@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from callops import events, webhooks
+from callops import drain, events, tasks, webhooks
 from callops.models import Call, MediaStream, Transcription, TranscriptSegment, WebhookEvent
 from tests.helpers import deliver, run_concurrently
 from tests.telnyx_events import T0, call_life, dumps, envelope
@@ -362,3 +362,14 @@ def test_a_segment_the_database_refuses_fails_alone_and_the_batch_lands():
     ]
     # The refused segment's merge was rolled back with it: the call heard last at 1 s, not 3 s.
     assert Call.objects.get(call_control_id="v3:a").last_event_at == T0 + timedelta(seconds=1)
+
+
+@pytest.mark.django_db
+def test_an_urgent_drain_applies_what_a_caller_waits_on_and_leaves_the_rest():
+    """The commands' worker runs it: it must stay short, whatever else is pending."""
+    segment = store(segment_event("v3:urgent", "hello", 1))
+    hangup = store(envelope("call.hangup", "v3:other", hangup_cause="normal_clearing"))
+    initiated = store(envelope("call.initiated", "v3:urgent", direction="incoming"))
+    assert tasks.drain_urgent_events.run(drain.shard_of("v3:urgent")) == 1
+    statuses = dict(WebhookEvent.objects.values_list("pk", "status"))
+    assert statuses == {initiated: "processed", segment: "pending", hangup: "pending"}

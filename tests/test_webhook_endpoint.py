@@ -91,13 +91,20 @@ def test_it_rings_the_doorbell_once_per_burst(post_event):
 
 
 def drain_messages() -> list[dict]:
-    """The drain tasks waiting in the broker: their (shard, lane) and whether they wait (eta)."""
+    """The tasks waiting in the broker: queue, task, arguments and whether they wait (eta)."""
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     found = []
-    for raw in broker.lrange("events", 0, -1):
-        message = json.loads(raw)
-        args = json.loads(base64.b64decode(message["body"]))[0]
-        found.append({"args": args, "eta": message["headers"].get("eta")})
+    for name in ("callops", "events"):
+        for raw in broker.lrange(name, 0, -1):
+            message = json.loads(raw)
+            found.append(
+                {
+                    "queue": name,
+                    "task": message["headers"]["task"].rpartition(".")[2],
+                    "args": json.loads(base64.b64decode(message["body"]))[0],
+                    "eta": message["headers"].get("eta"),
+                }
+            )
     return found
 
 
@@ -108,10 +115,15 @@ def test_segments_ring_a_delayed_drain_and_an_answer_is_not_held_behind_it(post_
         post_event(envelope("call.transcription", "v3:lanes", transcription_data=segment))
     (soon,) = drain_messages()  # one drain for the segments, published to run 5 s later
     shard = drain.shard_of("v3:lanes")
-    assert soon["args"] == [shard, "soon"] and soon["eta"] is not None
+    assert (soon["queue"], soon["task"], soon["args"]) == (
+        "events",
+        "drain_webhook_events",
+        [shard, "soon"],
+    )
+    assert soon["eta"] is not None
     post_event(envelope("call.initiated", "v3:lanes"))  # the soon flag is up: not waited on
-    now = [m for m in drain_messages() if m["args"] == [shard, "now"]]
-    assert len(now) == 1 and now[0]["eta"] is None
+    urgent = [m for m in drain_messages() if m["task"] == "drain_urgent_events"]
+    assert [(m["queue"], m["args"], m["eta"]) for m in urgent] == [("callops", [shard], None)]
     assert len(drain_messages()) == 2
 
 

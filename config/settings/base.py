@@ -193,15 +193,19 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_DB_REUSE_MAX = 10**9
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = "callops"
-# Commands and maintenance on "callops", event drains on "events". Production runs a worker per
-# queue (docker-compose: worker -Q callops, worker-events -Q events), so an answer or a start is
-# never queued behind a backlog of transcript drains. Both are declared: a worker started
+# Commands, the drains of events a caller waits on, and short maintenance on "callops"; other
+# event drains on "events". Production runs a worker per queue (docker-compose: worker -Q
+# callops, worker-events -Q events), so an answer or a start is never queued behind a backlog
+# of transcript drains. Both are declared: a worker started
 # without -Q (the embedded ./bin/run) takes both.
 CELERY_TASK_QUEUES = (Queue("callops"), Queue("events"))
 CELERY_TASK_ROUTES = {
     "callops.tasks.drain_webhook_events": {"queue": "events"},
-    # It drains every shard, for as long as a backlog takes: never on the commands' worker.
+    # Long-running maintenance is never on the commands' worker: the pending-event sweeper
+    # drains every shard for as long as a backlog takes, the purge deletes in batches.
     "callops.tasks.sweep_pending_webhook_events": {"queue": "events"},
+    "callops.tasks.purge_old_records": {"queue": "events"},
+    # drain_urgent_events stays on "callops": the events a caller waits on (callops.drain).
 }
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
