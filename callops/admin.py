@@ -32,6 +32,7 @@ from callops.models import (
     TranscriptSegment,
     WebhookEvent,
 )
+from callops.targets import UnsafeTarget, check_stream_url
 from callops.telnyx_params import ParamsInvalid
 
 
@@ -385,6 +386,16 @@ class StreamingProfileForm(forms.ModelForm):
 
     def clean_stream_auth_token(self) -> str:
         return self.cleaned_data["stream_auth_token"] or self.instance.stream_auth_token
+
+    def clean_stream_url(self) -> str:
+        """The partner API's check: an operator cannot aim a profile's streams inside either."""
+        url = self.cleaned_data["stream_url"]
+        if url:
+            try:
+                check_stream_url(url)
+            except UnsafeTarget as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return url
 
 
 class StreamingProfileSecrets:

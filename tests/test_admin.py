@@ -343,7 +343,7 @@ TOKEN = "tok-1d9c-very-secret"
 
 
 @pytest.fixture
-def profile(db):
+def profile(db, fake_dns):
     from callops.models import Partner, StreamingProfile
 
     partner = Partner.objects.create(name="tokened")
@@ -471,3 +471,30 @@ def test_a_new_api_key_is_shown_in_the_page_and_never_set_in_a_cookie(client):
     assert shown not in str(dict(staff.session.items()))
     # And the changelist shown next does not repeat it.
     assert shown not in staff.get("/admin/callops/partner/").content.decode()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "url", ["wss://127.0.0.1/s", "wss://media.example.com\\@10.0.0.1/", "wss://[::ffff:10.0.0.1]/"]
+)
+def test_a_profile_saved_in_the_admin_passes_the_partner_apis_address_check(
+    operator, profile, settings, url
+):
+    settings.CALLOPS_ALLOW_PRIVATE_TARGETS = False
+    before = profile.stream_url
+    page = operator.post(
+        f"/admin/callops/streamingprofile/{profile.pk}/change/",
+        profile_form(profile, stream_url=url),
+    )
+    assert page.status_code == 200  # the form again, with the error
+    assert page.context["adminform"].form.errors["stream_url"]
+    profile.refresh_from_db()
+    assert profile.stream_url == before
+
+    saved = operator.post(
+        f"/admin/callops/streamingprofile/{profile.pk}/change/",
+        profile_form(profile, stream_url="wss://8.8.8.8/s"),
+    )
+    assert saved.status_code == 302
+    profile.refresh_from_db()
+    assert profile.stream_url == "wss://8.8.8.8/s"

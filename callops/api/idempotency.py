@@ -1,4 +1,5 @@
-"""``Idempotency-Key``: the same key from the same partner within 24 h replays the first answer.
+"""``Idempotency-Key``: the same key from the same partner replays the first answer for
+``CALLOPS_IDEMPOTENCY_RETENTION_HOURS`` (24 h by default).
 
 The record is inserted at the start of the request's transaction and holds the unique
 (partner, key) slot: a concurrent request with the same key waits for the first to commit, then
@@ -11,6 +12,7 @@ import hashlib
 import json
 from datetime import timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from rest_framework.renderers import JSONRenderer
@@ -19,7 +21,11 @@ from rest_framework.response import Response
 from callops.models import IdempotencyRecord
 
 HEADER = "Idempotency-Key"
-TTL = timedelta(hours=24)
+
+
+def _ttl() -> timedelta:
+    """How long a key replays its first answer: as long as the purge keeps the record."""
+    return timedelta(hours=settings.CALLOPS_IDEMPOTENCY_RETENTION_HOURS)
 
 
 def _fingerprint(request) -> str:
@@ -46,7 +52,7 @@ def idempotent(handler):
         fingerprint = _fingerprint(request)
         with transaction.atomic():
             IdempotencyRecord.objects.filter(
-                partner=request.user, key=key, created_at__lt=timezone.now() - TTL
+                partner=request.user, key=key, created_at__lt=timezone.now() - _ttl()
             ).delete()
             try:
                 with transaction.atomic():

@@ -1,5 +1,5 @@
 """What partners send and get back. Thin: the command bodies are built from callops.actions,
-whose rules (callops.telnyx_params) and the address guard (validators) do the checking."""
+whose rules (callops.telnyx_params) and the address guard (callops.targets) do the checking."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from rest_framework import serializers
 from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
 from callops import actions, telnyx_params
-from callops.api.validators import UnsafeTarget, check_stream_url, check_udp_target
 from callops.models import (
     Call,
     Command,
@@ -23,6 +22,7 @@ from callops.models import (
     Transcription,
     TranscriptSegment,
 )
+from callops.targets import UnsafeTarget, check_stream_url, check_udp_target
 
 SECRET_PARAMS = {"stream_auth_token"}
 
