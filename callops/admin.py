@@ -13,7 +13,7 @@ from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.utils.cache import add_never_cache_headers
 
-from callops import commands, drain, events
+from callops import commands, drain, events, partner_delivery
 from callops.actions import ACTIONS, STOPS, TelnyxAction
 from callops.api_keys import api_key_create, api_key_revoke
 from callops.commands import CallEnded, CommandConflict
@@ -21,6 +21,7 @@ from callops.models import (
     ApiKey,
     Call,
     Command,
+    Delivery,
     DtmfDigit,
     Fork,
     MediaStream,
@@ -30,6 +31,7 @@ from callops.models import (
     TaskRun,
     Transcription,
     TranscriptSegment,
+    WebhookEndpoint,
     WebhookEvent,
 )
 from callops.targets import UnsafeTarget, check_stream_url
@@ -500,3 +502,101 @@ class TaskRunAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None) -> bool:
         return False
+
+
+# --- Webhooks to partners -------------------------------------------------------------------
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("partner", "url", "description", "event_types", "include_interim", "active")
+
+    def clean_url(self) -> str:
+        """The partner API's check: an operator cannot aim deliveries inside either."""
+        url = self.cleaned_data["url"]
+        try:
+            partner_delivery.check_webhook_url(url)
+        except UnsafeTarget as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return url
+
+    def clean_event_types(self) -> list:
+        event_types = self.cleaned_data["event_types"] or []
+        if not isinstance(event_types, list):
+            raise forms.ValidationError("must be a list of event types")
+        try:
+            partner_delivery.check_event_types(event_types)
+        except partner_delivery.EndpointInvalid as exc:
+            raise forms.ValidationError(str(exc)) from None
+        return event_types
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    """Secrets are never shown here: the partner sees one on create and on rotation only."""
+
+    form = WebhookEndpointForm
+    list_display = (
+        "url",
+        "partner",
+        "active",
+        "include_interim",
+        "consecutive_failures",
+        "parked_until",
+        "created_at",
+    )
+    list_filter = ("active", "partner")
+    search_fields = ("url", "partner__name")
+    readonly_fields = ("consecutive_failures", "parked_until", "previous_expires_at", "created_at")
+
+    def save_model(self, request, obj: WebhookEndpoint, form, change: bool) -> None:
+        if not obj.secret:
+            obj.secret = partner_delivery.new_secret()
+        super().save_model(request, obj, form, change)
+
+
+@admin.register(Delivery)
+class DeliveryAdmin(admin.ModelAdmin):
+    list_display = (
+        "event_type",
+        "endpoint",
+        "status",
+        "attempts",
+        "last_status_code",
+        "last_attempt_at",
+        "next_attempt_at",
+        "delivered_at",
+        "last_error",
+    )
+    list_filter = ("status", "created_at")
+    search_fields = ("=event__event_id", "=call__call_control_id")
+    date_hierarchy = "created_at"
+    list_select_related = ("event", "endpoint")
+    actions = ["retry_now"]
+    readonly_fields = [f.name for f in Delivery._meta.fields]
+    has_retry_delivery_permission = custom_permission("retry_delivery")
+
+    @admin.display(description="event", ordering="event__type")
+    def event_type(self, delivery: Delivery) -> str:
+        return (
+            f"{delivery.event.type} #{delivery.sequence}"
+            if delivery.sequence
+            else delivery.event.type
+        )
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # what was sent and answered: view it, send it again, never edit it
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Retry now (send again)", permissions=["retry_delivery"])
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[Delivery]) -> None:
+        count = sum(partner_delivery.delivery_redeliver(delivery=d) for d in queryset)
+        self.message_user(request, f"{count} delivery(ies) queued again.", messages.SUCCESS)
+        if left := queryset.count() - count:
+            self.message_user(request, f"{left} skipped: being sent right now.", messages.WARNING)

@@ -26,7 +26,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from callops import actions, queue, state
+from callops import actions, partner_events, queue, state
 from callops.exceptions import CallopsError
 from callops.models import DIAL_PLACEHOLDER, Call, CallSession, Command
 from callops.ratelimit import Reservation, get_limiter
@@ -700,6 +700,7 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
             # A stop no webhook confirms (transcription_stop): Telnyx's 200 is the evidence.
             call = Call.objects.select_for_update().get(pk=command.call_id)
             state.sessions_stop(record_model(spec).objects.filter(call=call), now)
+        partner_events.command_finished(command=command, failed=failed, at=now)
 
 
 # --- Operators and repair -------------------------------------------------------------------

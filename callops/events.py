@@ -23,7 +23,7 @@ from django.db import DataError, connection, transaction
 from django.db.models import Field, Model, QuerySet
 from django.utils import timezone
 
-from callops import state
+from callops import partner_events, state
 from callops.actions import ACTIONS
 from callops.exceptions import EventError
 from callops.models import (
@@ -80,7 +80,7 @@ def events_drain(
             batch = _load(claimed)
             if not batch:
                 break
-            with StreamingProfile.looked_up_once():
+            with StreamingProfile.looked_up_once(), partner_events.looked_up_once():
                 _apply(batch)
         applied += len(batch)
         if len(batch) < size:  # nothing else was claimable: spare the empty claim
@@ -142,6 +142,7 @@ def _apply(batch: list[WebhookEvent]) -> dict[int, str]:
                     call = call or _create_call(ccid)
                     _merge(call, event)
                     HANDLERS[event.event_type](call, event)
+                    partner_events.webhook_event_applied(call=call, event=event)
                     call.save()
             except Exception as exc:
                 logger.exception("event %s (%s) failed", event.event_id, event.event_type)
@@ -492,6 +493,7 @@ def _write_segments(segments: list[tuple[Call, WebhookEvent]]) -> list[int]:
         unique_fields=["event"],
         update_fields=[*_SEGMENT_FIELDS, "occurred_at"],
     )
+    partner_events.segments_applied(segments=rows)
     _save_changed_calls(calls.values(), before)
     return done
 

@@ -132,6 +132,9 @@ class Call(models.Model):
     autostarted_at = models.DateTimeField(null=True, blank=True, editable=False)
     # Set when the incoming-call policy answered or rejected it: once per call, likewise.
     answer_decided_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The last ``PartnerEvent.sequence`` given out for this call (callops.partner_events):
+    # incremented with the call's row lock held, in the transaction that records the fact.
+    partner_event_seq = models.PositiveIntegerField(default=0, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -666,3 +669,151 @@ class DrainFlag(models.Model):
 
     def __str__(self) -> str:
         return f"drain requested at {self.requested_at}" if self.requested_at else "no drain due"
+
+
+# --- Webhooks to partners (callops.partner_events, callops.partner_delivery) -----------------
+
+
+def new_event_id() -> str:
+    return f"evt_{uuid.uuid4().hex}"
+
+
+class WebhookEndpoint(models.Model):
+    """A partner's URL that receives its calls' events, signed the Standard Webhooks way.
+
+    Secrets are stored in their ``whsec_<base64>`` form, as partners pass them to
+    ``standardwebhooks.Webhook``. HMAC needs the secret itself, so it cannot be hashed as API
+    keys are. After a rotation the previous secret signs too until ``previous_expires_at``.
+    """
+
+    partner = models.ForeignKey(Partner, on_delete=models.CASCADE, related_name="webhook_endpoints")
+    url = models.CharField(max_length=2048)
+    description = models.CharField(max_length=255, blank=True, default="")
+    event_types = models.JSONField(
+        default=list, blank=True, help_text="Event types to send; empty: every type."
+    )
+    include_interim = models.BooleanField(
+        default=False, help_text="Also send interim (not final) transcript segments."
+    )
+    active = models.BooleanField(default=True)
+    secret = models.CharField(max_length=100, editable=False)
+    previous_secret = models.CharField(max_length=100, blank=True, default="", editable=False)
+    previous_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The circuit breaker (callops.partner_delivery): failed attempts in a row, and while
+    # parked, when the next probe may go out.
+    consecutive_failures = models.PositiveIntegerField(default=0, editable=False)
+    parked_until = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["partner", "pk"]
+
+    def __str__(self) -> str:
+        return self.url
+
+    def signing_secrets(self, now) -> list[str]:
+        """The secrets that sign a delivery now: the current one, and the previous one during
+        a rotation's overlap."""
+        secrets = [self.secret]
+        if self.previous_secret and self.previous_expires_at and now < self.previous_expires_at:
+            secrets.append(self.previous_secret)
+        return secrets
+
+    def wants(self, event_type: str, *, interim: bool = False) -> bool:
+        if interim and not self.include_interim:
+            return False
+        return not self.event_types or event_type in self.event_types
+
+
+class PartnerEvent(models.Model):
+    """One fact about a partner's call, created once, in the transaction that recorded it.
+
+    ``sequence`` orders a call's events (1, 2, ...; gaps are events no endpoint wanted);
+    ``source_key`` is the fact's identity, so a redelivered or replayed Telnyx webhook finds
+    its event already there."""
+
+    event_id = models.CharField(max_length=40, default=new_event_id, editable=False)
+    partner = models.ForeignKey(Partner, on_delete=models.CASCADE, related_name="events")
+    call = models.ForeignKey(
+        Call, null=True, blank=True, on_delete=models.CASCADE, related_name="partner_events"
+    )
+    type = models.CharField(max_length=64)
+    sequence = models.PositiveIntegerField(null=True, blank=True)
+    payload = models.JSONField(default=dict)
+    source_key = models.CharField(max_length=255, editable=False)
+    occurred_at = models.DateTimeField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["event_id"], name="partnerevent_event_id_uniq"),
+            models.UniqueConstraint(fields=["source_key"], name="partnerevent_source_key_uniq"),
+            models.UniqueConstraint(fields=["call", "sequence"], name="partnerevent_call_seq_uniq"),
+        ]
+        indexes = [models.Index(fields=["created_at"], name="partnerevent_created_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.event_id}"
+
+
+class Delivery(models.Model):
+    """One event to one endpoint: the outbox row a Celery task sends, retries or gives up.
+
+    ``call`` and ``sequence`` are the event's, copied so the order check (no earlier event of
+    the call still on its way to this endpoint) is one index probe."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERING = "delivering"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"  # the last attempt failed; another is due at next_attempt_at
+        DEAD = "dead"  # given up: too many attempts, too old, or the endpoint is gone
+
+    UNFINISHED = (Status.PENDING, Status.DELIVERING, Status.FAILED)
+
+    event = models.ForeignKey(PartnerEvent, on_delete=models.CASCADE, related_name="deliveries")
+    endpoint = models.ForeignKey(
+        WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries"
+    )
+    call = models.ForeignKey(
+        Call, null=True, blank=True, on_delete=models.CASCADE, related_name="+", editable=False
+    )
+    sequence = models.PositiveIntegerField(null=True, blank=True, editable=False)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    # When due; while delivering, when the claim lapses (a worker died mid-send).
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True, default="")
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    # Retrying stops once this passes (CALLOPS_WEBHOOK_MAX_AGE); a redelivery starts a new window.
+    expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "deliveries"
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["event", "endpoint"], name="one_delivery_per_endpoint")
+        ]
+        indexes = [
+            # The order check and the sweeper look only at unfinished deliveries.
+            models.Index(
+                fields=["endpoint", "call", "sequence"],
+                condition=models.Q(status__in=["pending", "delivering", "failed"]),
+                name="delivery_unfinished_idx",
+            ),
+            models.Index(
+                fields=["next_attempt_at"],
+                condition=models.Q(status__in=["pending", "delivering", "failed"]),
+                name="delivery_due_idx",
+            ),
+            models.Index(fields=["status", "created_at"], name="delivery_status_idx"),
+        ]
+        permissions = [("retry_delivery", "Can retry partner webhook deliveries")]
+
+    def __str__(self) -> str:
+        return f"{self.event_id} -> {self.endpoint_id} ({self.status})"

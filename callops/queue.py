@@ -15,6 +15,7 @@ SEND_COMMAND = "callops.tasks.send_command"
 SEND_COMMANDS = "callops.tasks.send_commands"
 DRAIN_WEBHOOK_EVENTS = "callops.tasks.drain_webhook_events"
 DRAIN_URGENT_EVENTS = "callops.tasks.drain_urgent_events"
+DELIVER_PARTNER_EVENT = "callops.tasks.deliver_partner_event"
 
 
 def publish(name: str, *args: Any, countdown: float = 0.0, **kwargs: Any) -> None:

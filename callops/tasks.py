@@ -19,7 +19,7 @@ from django.db import close_old_connections
 from django.db.models import F
 from django.utils import timezone
 
-from callops import commands, drain, events, maintenance, queue
+from callops import commands, drain, events, maintenance, partner_delivery, partner_events, queue
 from callops.models import TaskRun, WebhookEvent
 
 logger = logging.getLogger("callops.tasks")
@@ -110,6 +110,25 @@ def send_commands(command_pks: list[int]) -> int:
     return len(command_pks)
 
 
+@shared_task(
+    name=queue.DELIVER_PARTNER_EVENT, ignore_result=True, acks_late=True, reject_on_worker_lost=True
+)
+def deliver_partner_event(delivery_pk: int) -> str:
+    """Send one partner event to one endpoint. A worker killed mid-send leaves the message to
+    be delivered again; the claim decides who sends (the partner dedupes by webhook-id)."""
+    step = partner_delivery.delivery_process(delivery_pk=delivery_pk)
+    if step.delay is not None:
+        partner_events.deliveries_enqueue(delivery_pks=[delivery_pk], countdown=step.delay)
+    return step.status
+
+
+@shared_task(ignore_result=True)
+@recorded
+def sweep_partner_deliveries() -> int:
+    """Publish deliveries due again: an endpoint's cooldown ended, a message or worker was lost."""
+    return partner_delivery.deliveries_sweep()
+
+
 @shared_task(ignore_result=True)
 @recorded
 def repair_stuck_commands() -> int:
@@ -126,6 +145,12 @@ def stop_stale_sessions() -> dict | None:
 @recorded
 def purge_old_records() -> dict:
     return maintenance.records_purge()
+
+
+@shared_task(ignore_result=True)
+@recorded
+def purge_partner_records() -> dict:
+    return maintenance.partner_records_purge()
 
 
 @shared_task(ignore_result=True)

@@ -3,10 +3,14 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from callops import actions
-from callops.api import views
+from callops.api import partner_webhooks, views
 
 router = SimpleRouter(trailing_slash=True)
 router.register("profiles", views.StreamingProfileViewSet, basename="profile")
+router.register(
+    "webhook-endpoints", partner_webhooks.WebhookEndpointViewSet, basename="webhook-endpoint"
+)
+router.register("deliveries", partner_webhooks.DeliveryViewSet, basename="delivery")
 
 CALL = "calls/<str:call_control_id>"
 

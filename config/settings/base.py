@@ -198,13 +198,19 @@ CELERY_TASK_DEFAULT_QUEUE = "callops"
 # callops, worker-events -Q events), so an answer or a start is never queued behind a backlog
 # of transcript drains. Both are declared: a worker started
 # without -Q (the embedded ./bin/run) takes both.
-CELERY_TASK_QUEUES = (Queue("callops"), Queue("events"))
+# Webhooks to partners on "partners" (worker-partners): their endpoints are third-party servers
+# that may be slow or down, and an attempt may wait CALLOPS_WEBHOOK_TIMEOUT; on either other
+# queue they would hold up commands or drains.
+CELERY_TASK_QUEUES = (Queue("callops"), Queue("events"), Queue("partners"))
 CELERY_TASK_ROUTES = {
     "callops.tasks.drain_webhook_events": {"queue": "events"},
+    "callops.tasks.deliver_partner_event": {"queue": "partners"},
+    "callops.tasks.sweep_partner_deliveries": {"queue": "partners"},
     # Long-running maintenance is never on the commands' worker: the pending-event sweeper
     # drains every shard for as long as a backlog takes, the purge deletes in batches.
     "callops.tasks.sweep_pending_webhook_events": {"queue": "events"},
     "callops.tasks.purge_old_records": {"queue": "events"},
+    "callops.tasks.purge_partner_records": {"queue": "events"},
     # drain_urgent_events stays on "callops": the events a caller waits on (callops.drain).
 }
 CELERY_TIMEZONE = "UTC"
@@ -298,6 +304,28 @@ CALLOPS_DRAIN_SHARDS = env.int("CALLOPS_DRAIN_SHARDS", default=8)
 # after the first of them arrives, so what follows joins its batch (the call's answer, media
 # start and machine-detection results are drained at once).
 CALLOPS_DRAIN_DELAY = env.float("CALLOPS_DRAIN_DELAY", default=0.25)
+
+# --- Webhooks to partners (callops.partner_delivery) -----------------------------------------
+# Seconds one POST to a partner's endpoint may take (connect, send, answer) before it counts as
+# a failed attempt.
+CALLOPS_WEBHOOK_TIMEOUT = env.float("CALLOPS_WEBHOOK_TIMEOUT", default=5.0)
+# A delivery is given up ("dead") after this many attempts, or this many seconds after it was
+# created (or redelivered), whichever comes first.
+CALLOPS_WEBHOOK_MAX_ATTEMPTS = env.int("CALLOPS_WEBHOOK_MAX_ATTEMPTS", default=15)
+CALLOPS_WEBHOOK_MAX_AGE = env.int("CALLOPS_WEBHOOK_MAX_AGE", default=24 * 3600)
+# Exponential backoff with full jitter between attempts, in seconds; a 429 or 503 with
+# Retry-After waits what it says, up to the cap (below the broker's visibility timeout).
+CALLOPS_WEBHOOK_BACKOFF_BASE = env.float("CALLOPS_WEBHOOK_BACKOFF_BASE", default=2.0)
+CALLOPS_WEBHOOK_BACKOFF_CAP = env.float("CALLOPS_WEBHOOK_BACKOFF_CAP", default=600.0)
+# The circuit breaker: after this many failed attempts in a row an endpoint is parked for the
+# cooldown (seconds); then one probe goes out, and its success lets the rest through.
+CALLOPS_WEBHOOK_BREAKER_THRESHOLD = env.int("CALLOPS_WEBHOOK_BREAKER_THRESHOLD", default=5)
+CALLOPS_WEBHOOK_BREAKER_COOLDOWN = env.int("CALLOPS_WEBHOOK_BREAKER_COOLDOWN", default=60)
+# Seconds the previous signing secret still signs after a rotation (the API may choose).
+CALLOPS_WEBHOOK_SECRET_OVERLAP = env.int("CALLOPS_WEBHOOK_SECRET_OVERLAP", default=24 * 3600)
+# Retention: finished (succeeded or dead) deliveries, and partner events with no delivery left.
+CALLOPS_DELIVERY_RETENTION_DAYS = env.int("CALLOPS_DELIVERY_RETENTION_DAYS", default=7)
+CALLOPS_PARTNER_EVENT_RETENTION_DAYS = env.int("CALLOPS_PARTNER_EVENT_RETENTION_DAYS", default=30)
 
 # --- Internationalisation and static files --------------------------------------------------
 LANGUAGE_CODE = "en-us"

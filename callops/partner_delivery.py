@@ -1,0 +1,414 @@
+"""Sending partner events to their endpoints: signed, in order per call, retried, given up.
+
+``delivery_process`` is what the Celery task runs for one ``Delivery``:
+
+1. **Order.** A call's events reach an endpoint in ``sequence`` order: a delivery waits while an
+   earlier one of the same call to the same endpoint is unfinished (pending, being sent, or
+   failed and due again), and each delivery that finishes (succeeded or dead) publishes the
+   next. A partner can rely on ``call.answered`` arriving before ``call.ended``; the price is
+   one request in flight per call and endpoint, which a call's event rate never fills.
+2. **The circuit breaker.** After ``CALLOPS_WEBHOOK_BREAKER_THRESHOLD`` failed attempts in a
+   row an endpoint is parked for ``CALLOPS_WEBHOOK_BREAKER_COOLDOWN``: its deliveries wait
+   instead of trying, so a dead endpoint costs one timed-out request per cooldown, not one per
+   event. When the cooldown ends one delivery wins the probe (a conditional UPDATE); its
+   success lets the rest through.
+3. **The attempt.** Claimed with a conditional UPDATE (``next_attempt_at`` is then the lease: a
+   worker that dies mid-send leaves it to lapse and the sweeper to publish it again), the URL
+   checked again (a name may resolve elsewhere by now), then one POST signed with
+   ``standardwebhooks``: ``webhook-id`` is the event id, so a partner dedupes retries by it.
+4. **The outcome** (``classify``): 2xx succeeded; 429 and 503 wait their ``Retry-After``;
+   anything else (another status, a timeout, a refused connection, a redirect) is retried with
+   exponential backoff and full jitter, until ``CALLOPS_WEBHOOK_MAX_ATTEMPTS`` or the
+   delivery's ``expires_at``, then it is dead.
+
+Not done here (yet): a per-endpoint concurrency limit. One request per call and endpoint is in
+flight at a time, and the breaker stops a failing endpoint from holding the workers; a partner
+with many simultaneous calls still gets as many requests at once as there are workers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import random
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+import httpx
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Exists, F, OuterRef, Q
+from django.utils import timezone
+from standardwebhooks import Webhook
+
+from callops import partner_events
+from callops.exceptions import CallopsError
+from callops.models import Delivery, Partner, PartnerEvent, WebhookEndpoint
+from callops.targets import UnsafeTarget, check_host, stream_url_host
+
+logger = logging.getLogger("callops.partner_delivery")
+
+USER_AGENT = "callops-webhooks/1"
+LEASE_MARGIN = 30.0  # seconds past the attempt's timeout before a claim counts as lost
+
+
+class EndpointInvalid(CallopsError):
+    """A webhook endpoint's URL or event types are not acceptable."""
+
+
+# --- Endpoints ------------------------------------------------------------------------------
+
+
+def new_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def check_webhook_url(url: str) -> None:
+    """An https URL (http too only with ``DEBUG``) to a public host. The host is read by the
+    same strict grammar as stream URLs (``callops.targets``): only the scheme differs, so the
+    check is that one with the scheme swapped. Raises ``UnsafeTarget`` saying why."""
+    scheme, sep, rest = url.partition("://")
+    allowed = {"https": "wss"} | ({"http": "ws"} if settings.DEBUG else {})
+    if not sep or scheme.lower() not in allowed:
+        raise UnsafeTarget("must be an https:// URL" + (" (or http://)" if settings.DEBUG else ""))
+    check_host(stream_url_host(f"{allowed[scheme.lower()]}://{rest}"))
+
+
+def check_event_types(event_types: list) -> None:
+    unknown = [t for t in event_types if t not in partner_events.EVENT_TYPES]
+    if unknown:
+        raise EndpointInvalid(f"unknown event types: {', '.join(map(str, unknown))}")
+
+
+def webhook_endpoint_create(
+    *,
+    partner: Partner,
+    url: str,
+    event_types: list[str] | None = None,
+    include_interim: bool = False,
+    description: str = "",
+    active: bool = True,
+) -> WebhookEndpoint:
+    """A new endpoint with a fresh secret (the caller shows it once)."""
+    check_event_types(event_types or [])
+    return WebhookEndpoint.objects.create(
+        partner=partner,
+        url=url,
+        event_types=event_types or [],
+        include_interim=include_interim,
+        description=description,
+        active=active,
+        secret=new_secret(),
+    )
+
+
+def webhook_endpoint_rotate_secret(
+    *, endpoint: WebhookEndpoint, overlap_seconds: int | None = None
+) -> WebhookEndpoint:
+    """A new current secret; the old one keeps signing (a second ``v1,`` signature) for the
+    overlap, so the partner can switch its verifier without losing a delivery."""
+    overlap = (
+        settings.CALLOPS_WEBHOOK_SECRET_OVERLAP if overlap_seconds is None else overlap_seconds
+    )
+    with transaction.atomic():
+        endpoint = WebhookEndpoint.objects.select_for_update().get(pk=endpoint.pk)
+        endpoint.previous_secret = endpoint.secret if overlap > 0 else ""
+        endpoint.previous_expires_at = (
+            timezone.now() + timedelta(seconds=overlap) if overlap > 0 else None
+        )
+        endpoint.secret = new_secret()
+        endpoint.save(update_fields=["secret", "previous_secret", "previous_expires_at"])
+    return endpoint
+
+
+def signed_headers(endpoint: WebhookEndpoint, event_id: str, body: str, now: datetime) -> dict:
+    """The Standard Webhooks headers: one ``v1,`` signature per secret that signs now."""
+    signatures = [
+        Webhook(secret).sign(msg_id=event_id, timestamp=now, data=body)
+        for secret in endpoint.signing_secrets(now)
+    ]
+    return {
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": " ".join(signatures),
+    }
+
+
+def body_of(event: PartnerEvent) -> str:
+    return json.dumps(event.payload, separators=(",", ":"), ensure_ascii=False)
+
+
+# --- Deciding what an answer means ----------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    succeeded: bool
+    status_code: int | None = None
+    error: str = ""
+    wait: float | None = None  # what the endpoint asked for (Retry-After), in seconds
+
+
+def backoff(attempt: int, *, rng: random.Random | None = None) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**(attempt-1))]."""
+    rng = rng or random
+    ceiling = settings.CALLOPS_WEBHOOK_BACKOFF_BASE * 2 ** max(attempt - 1, 0)
+    return rng.uniform(0, min(settings.CALLOPS_WEBHOOK_BACKOFF_CAP, ceiling))
+
+
+def retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds or an HTTP date), capped; None if absent."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value) if value.isdigit() else None
+    except ValueError:
+        seconds = None
+    if seconds is None:
+        try:
+            moment = parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = (moment - (now or timezone.now())).total_seconds()
+    return max(0.0, min(seconds, settings.CALLOPS_WEBHOOK_BACKOFF_CAP))
+
+
+def classify(response: httpx.Response | None, exc: BaseException | None = None) -> Outcome:
+    """The one place an endpoint's answer is judged."""
+    if exc is not None:
+        kind = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
+        return Outcome(False, error=f"{kind}: {exc}"[:500])
+    code = response.status_code
+    if 200 <= code < 300:
+        return Outcome(True, status_code=code)
+    wait = retry_after(response.headers.get("Retry-After")) if code in (429, 503) else None
+    reason = "redirect (not followed)" if 300 <= code < 400 else f"HTTP {code}"
+    return Outcome(False, status_code=code, error=reason, wait=wait)
+
+
+# --- One delivery ---------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    status: str  # what this run did: succeeded, failed, dead, waiting, skipped
+    delay: float | None = None  # publish the delivery again after this many seconds
+
+
+def _earlier_unfinished(delivery: Delivery) -> bool:
+    if delivery.call_id is None or delivery.sequence is None:
+        return False
+    return (
+        Delivery.objects.filter(
+            endpoint_id=delivery.endpoint_id,
+            call_id=delivery.call_id,
+            sequence__lt=delivery.sequence,
+            status__in=Delivery.UNFINISHED,
+        )
+        .exclude(pk=delivery.pk)
+        .exists()
+    )
+
+
+def delivery_process(*, delivery_pk: int) -> Step:
+    """Attempt one delivery if it is due, in order and its endpoint not parked."""
+    now = timezone.now()
+    delivery = Delivery.objects.select_related("endpoint", "event").filter(pk=delivery_pk).first()
+    if delivery is None:
+        return Step("skipped")
+    due = delivery.status in (Delivery.Status.PENDING, Delivery.Status.FAILED) or (
+        delivery.status == Delivery.Status.DELIVERING and delivery.next_attempt_at < now
+    )
+    if not due:
+        return Step("skipped")
+    if delivery.next_attempt_at > now + timedelta(seconds=1):
+        return Step("skipped")  # an early message (a redelivery meanwhile): its own is queued
+    endpoint = delivery.endpoint
+    if not endpoint.active or now > delivery.expires_at:
+        why = "endpoint inactive" if not endpoint.active else "too old"
+        _give_up(delivery, why, now)
+        return Step("dead")
+    if _earlier_unfinished(delivery):
+        return Step("waiting")  # the earlier one publishes this one when it finishes
+    if not _may_try(endpoint, delivery, now):
+        return Step("waiting")
+    lease = now + timedelta(seconds=settings.CALLOPS_WEBHOOK_TIMEOUT + LEASE_MARGIN)
+    claimed = (
+        Delivery.objects.filter(pk=delivery.pk, status=delivery.status, attempts=delivery.attempts)
+        .filter(next_attempt_at__lte=delivery.next_attempt_at)
+        .update(
+            status=Delivery.Status.DELIVERING,
+            attempts=F("attempts") + 1,
+            next_attempt_at=lease,
+            last_attempt_at=now,
+        )
+    )
+    if not claimed:
+        return Step("skipped")  # another worker has it
+    delivery.attempts += 1
+    outcome = attempt(endpoint, delivery.event)
+    return delivery_record(delivery=delivery, outcome=outcome)
+
+
+def _may_try(endpoint: WebhookEndpoint, delivery: Delivery, now: datetime) -> bool:
+    """False while the endpoint is parked (the delivery waits for the cooldown's end); when
+    the cooldown is over, True for the one delivery that wins the probe."""
+    if endpoint.parked_until is None:
+        return True
+    if endpoint.parked_until > now:
+        Delivery.objects.filter(pk=delivery.pk, status=delivery.status).update(
+            next_attempt_at=endpoint.parked_until
+        )
+        return False
+    cooldown = timedelta(seconds=settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN)
+    won = WebhookEndpoint.objects.filter(pk=endpoint.pk, parked_until=endpoint.parked_until).update(
+        parked_until=now + cooldown
+    )
+    return bool(won)
+
+
+def attempt(endpoint: WebhookEndpoint, event: PartnerEvent) -> Outcome:
+    """One signed POST. Redirects are not followed: the URL that passed the check is the one
+    called."""
+    body = body_of(event)
+    try:
+        check_webhook_url(endpoint.url)
+    except UnsafeTarget as exc:
+        return Outcome(False, error=f"unsafe target: {exc}"[:500])
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        **signed_headers(endpoint, event.event_id, body, timezone.now()),
+    }
+    try:
+        response = httpx.post(
+            endpoint.url,
+            content=body.encode(),
+            headers=headers,
+            timeout=settings.CALLOPS_WEBHOOK_TIMEOUT,
+            follow_redirects=False,
+        )
+    except httpx.HTTPError as exc:
+        return classify(None, exc)
+    return classify(response)
+
+
+def delivery_record(*, delivery: Delivery, outcome: Outcome) -> Step:
+    """Store an attempt's outcome, move the breaker, and say what comes next."""
+    now = timezone.now()
+    common = {"last_status_code": outcome.status_code, "last_error": outcome.error[:500]}
+    if outcome.succeeded:
+        Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING).update(
+            status=Delivery.Status.SUCCEEDED, delivered_at=now, **common
+        )
+        WebhookEndpoint.objects.filter(pk=delivery.endpoint_id).filter(
+            Q(consecutive_failures__gt=0) | Q(parked_until__isnull=False)
+        ).update(consecutive_failures=0, parked_until=None)
+        _publish_next(delivery)
+        return Step("succeeded")
+    _trip(delivery.endpoint_id, now)
+    delay = outcome.wait if outcome.wait is not None else backoff(delivery.attempts)
+    retry_at = now + timedelta(seconds=delay)
+    if delivery.attempts >= settings.CALLOPS_WEBHOOK_MAX_ATTEMPTS or retry_at > delivery.expires_at:
+        _give_up(delivery, outcome.error[:480], now, last_status_code=outcome.status_code)
+        return Step("dead")
+    Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING).update(
+        status=Delivery.Status.FAILED, next_attempt_at=retry_at, **common
+    )
+    logger.info("delivery %s: %s, retry in %.2f s", delivery.pk, outcome.error, delay)
+    return Step("failed", delay=delay)
+
+
+def _trip(endpoint_pk: int, now: datetime) -> None:
+    """One more failure in a row; at the threshold the endpoint is parked for the cooldown."""
+    WebhookEndpoint.objects.filter(pk=endpoint_pk).update(
+        consecutive_failures=F("consecutive_failures") + 1
+    )
+    cooldown = timedelta(seconds=settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN)
+    parked = WebhookEndpoint.objects.filter(
+        pk=endpoint_pk,
+        consecutive_failures__gte=settings.CALLOPS_WEBHOOK_BREAKER_THRESHOLD,
+    ).update(parked_until=now + cooldown)
+    if parked:
+        logger.warning("endpoint %s parked for %s after failures in a row", endpoint_pk, cooldown)
+
+
+def _give_up(delivery: Delivery, why: str, now: datetime, **fields) -> None:
+    done = Delivery.objects.filter(pk=delivery.pk, status__in=Delivery.UNFINISHED).update(
+        status=Delivery.Status.DEAD, next_attempt_at=now, **fields, last_error=f"gave up: {why}"
+    )
+    if done:
+        _publish_next(delivery)
+
+
+def _publish_next(delivery: Delivery) -> None:
+    """The call's next unfinished delivery to this endpoint, now that this one is done."""
+    if delivery.call_id is None:
+        return
+    following = (
+        Delivery.objects.filter(
+            endpoint_id=delivery.endpoint_id,
+            call_id=delivery.call_id,
+            status__in=Delivery.UNFINISHED,
+        )
+        .order_by("sequence")
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if following is not None:
+        transaction.on_commit(lambda: partner_events.deliveries_enqueue(delivery_pks=[following]))
+
+
+# --- Operators, partners and the sweeper ----------------------------------------------------
+
+
+def delivery_redeliver(*, delivery: Delivery) -> bool:
+    """Send a delivery again (a partner's redeliver, an operator's "retry now"): a fresh window
+    of attempts. One being sent right now is left to finish."""
+    now = timezone.now()
+    with transaction.atomic():
+        again = (
+            Delivery.objects.filter(pk=delivery.pk)
+            .exclude(status=Delivery.Status.DELIVERING)
+            .update(
+                status=Delivery.Status.PENDING,
+                attempts=0,
+                next_attempt_at=now,
+                expires_at=now + timedelta(seconds=settings.CALLOPS_WEBHOOK_MAX_AGE),
+                delivered_at=None,
+                last_error="",
+            )
+        )
+        if again:
+            transaction.on_commit(
+                lambda: partner_events.deliveries_enqueue(delivery_pks=[delivery.pk])
+            )
+    return bool(again)
+
+
+def deliveries_sweep(*, limit: int = 500) -> int:
+    """Publish deliveries that are due and first in their call's order: those whose endpoint's
+    cooldown ended, whose message was lost (a broker outage) or whose worker died mid-send.
+    Returns how many were published."""
+    now = timezone.now()
+    earlier = Delivery.objects.filter(
+        endpoint_id=OuterRef("endpoint_id"),
+        call_id=OuterRef("call_id"),
+        sequence__lt=OuterRef("sequence"),
+        status__in=Delivery.UNFINISHED,
+    )
+    due = (
+        Delivery.objects.filter(status__in=Delivery.UNFINISHED, next_attempt_at__lte=now)
+        .exclude(endpoint__parked_until__gt=now)
+        .filter(~Exists(earlier))
+    )
+    pks = list(due.order_by("next_attempt_at").values_list("pk", flat=True)[:limit])
+    partner_events.deliveries_enqueue(delivery_pks=pks)
+    return len(pks)

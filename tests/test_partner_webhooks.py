@@ -1,0 +1,532 @@
+"""Webhooks to partners: each fact of a partner's call is one event, delivered to its endpoints
+signed the Standard Webhooks way (verified here with the ``standardwebhooks`` package, not
+callops' code), in per-call order, retried through 500s, 429s and timeouts, parked by the
+circuit breaker, and visible to its partner alone."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import random
+import threading
+import time
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from django.utils import timezone
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from callops import commands, events, partner_delivery, tasks
+from callops.models import (
+    Command,
+    Delivery,
+    Partner,
+    PartnerConnection,
+    PartnerEvent,
+    WebhookEndpoint,
+    WebhookEvent,
+)
+from tests.helpers import deliver, partner_with_key, wait_for
+from tests.telnyx_events import T0, call_life, envelope
+
+# What call_life's webhooks make for a partner (interim segments only for who opts in).
+LIFE_TYPES = sorted(
+    [
+        "call.initiated",
+        "call.answered",
+        "stream.started",
+        "stream.stopped",
+        "transcript.segment",
+        "transcript.segment",
+        "dtmf.digit",
+        "fork.started",
+        "stream.started",
+        "stream.failed",
+        "call.ended",
+        "fork.stopped",
+    ]
+)
+
+
+class Receiver:
+    """A partner's webhook server on a real socket. ``script`` answers the first requests in
+    turn (a status code, a ``(code, headers)`` pair, or ``"hang"``: answer nothing for
+    ``hang_for`` seconds); after it, 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.script: list = []
+        self.hang_for = 1.0
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with receiver.lock:
+                    answer = receiver.script.pop(0) if receiver.script else 200
+                    receiver.requests.append(
+                        {
+                            "at": time.monotonic(),
+                            "headers": dict(self.headers.items()),
+                            "body": body,
+                            "answer": answer,
+                        }
+                    )
+                if answer == "hang":
+                    time.sleep(receiver.hang_for)
+                    return
+                code, headers = answer if isinstance(answer, tuple) else (answer, {})
+                self.send_response(code)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def handle(self) -> None:
+                # The client gave up (a timeout): as a real server would see it.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    super().handle()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def verified(self, secret: str) -> list[dict]:
+        """Every request's payload, each verified with ``secret``."""
+        return [Webhook(secret).verify(r["body"], r["headers"]) for r in self.requests]
+
+    def answered(self, code: int = 200) -> list[dict]:
+        return [json.loads(r["body"]) for r in self.requests if r["answer"] == code]
+
+
+@pytest.fixture
+def receiver():
+    receiver = Receiver()
+    receiver.thread.start()
+    yield receiver
+    receiver.server.shutdown()
+    receiver.server.server_close()
+
+
+@pytest.fixture
+def local_targets(settings):
+    """The receiver is http://127.0.0.1: allowed as in development."""
+    settings.DEBUG = True
+    settings.CALLOPS_ALLOW_PRIVATE_TARGETS = True
+    settings.CALLOPS_WEBHOOK_TIMEOUT = 0.5
+    settings.CALLOPS_WEBHOOK_BACKOFF_BASE = 0.05
+    settings.CALLOPS_WEBHOOK_BACKOFF_CAP = 2.0
+
+
+@pytest.fixture
+def acme(db):
+    partner = Partner.objects.create(name="acme")
+    PartnerConnection.objects.create(partner=partner, connection_id="conn-1")
+    return partner
+
+
+def endpoint_for(partner, receiver, **options) -> WebhookEndpoint:
+    return partner_delivery.webhook_endpoint_create(partner=partner, url=receiver.url, **options)
+
+
+def drive(timeout: float = 20.0) -> None:
+    """What the task, its countdowns and the sweeper do together: attempt every due delivery,
+    in call order, until none is unfinished."""
+    deadline = time.monotonic() + timeout
+    while Delivery.objects.filter(status__in=Delivery.UNFINISHED).exists():
+        assert time.monotonic() < deadline, "deliveries still unfinished"
+        due = Delivery.objects.filter(
+            status__in=Delivery.UNFINISHED, next_attempt_at__lte=timezone.now()
+        ).order_by("call_id", "sequence")
+        pks = list(due.values_list("pk", flat=True))
+        if not pks:
+            time.sleep(0.02)
+        for pk in pks:
+            partner_delivery.delivery_process(delivery_pk=pk)
+
+
+def life_with_duplicates_reordered(ccid: str = "v3:call-1", seed: int = 7) -> list[dict]:
+    life = call_life(ccid)
+    again = [dict(e, meta={**e["meta"], "attempt": 2}) for e in life[::2]]
+    shuffled = life + again
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
+
+
+# --- Events: once per fact, in the transaction of the fact -------------------------------------
+
+
+@pytest.mark.django_db
+def test_it_signs_every_delivery_and_sends_each_fact_once_whatever_telnyx_repeats(
+    acme, receiver, local_targets
+):
+    endpoint = endpoint_for(acme, receiver)
+    for event in life_with_duplicates_reordered():
+        deliver(event)
+    # A replay of every stored event applies them all again: it adds no partner event.
+    events.events_replay(event_ids=WebhookEvent.objects.values_list("pk", flat=True))
+    events.events_drain()
+    drive()
+
+    bodies = receiver.verified(endpoint.secret)
+    assert sorted(b["type"] for b in bodies) == LIFE_TYPES
+    ids = [b["id"] for b in bodies]
+    assert len(ids) == len(set(ids)) == PartnerEvent.objects.count()
+    assert [r["headers"]["webhook-id"] for r in receiver.requests] == ids
+    # Delivered in the call's order: 1, 2, 3, ... as callops learned the facts.
+    assert [b["sequence"] for b in bodies] == list(range(1, len(bodies) + 1))
+    assert {b["call_control_id"] for b in bodies} == {"v3:call-1"}
+    ended = next(b for b in bodies if b["type"] == "call.ended")
+    assert ended["data"]["hangup_cause"] == "normal_clearing"
+    assert ended["api_version"] == "v1"
+    assert not any(b["data"].get("is_final") is False for b in bodies)
+    assert set(Delivery.objects.values_list("status", flat=True)) == {"succeeded"}
+
+
+@pytest.mark.django_db
+def test_it_sends_interim_segments_and_only_the_chosen_types_to_endpoints_that_ask(
+    acme, receiver, local_targets
+):
+    interim = endpoint_for(acme, receiver, include_interim=True, event_types=["transcript.segment"])
+    for event in call_life():
+        deliver(event)
+    drive()
+    bodies = receiver.verified(interim.secret)
+    assert [b["data"]["transcript"] for b in bodies] == ["hello", "hello there", "bye"]
+    assert [b["data"]["is_final"] for b in bodies] == [False, True, True]
+
+
+@pytest.mark.django_db
+def test_it_creates_no_event_for_a_call_no_partner_listens_to(acme, receiver, local_targets):
+    for event in call_life():
+        deliver(event)  # acme has no endpoint yet
+    other = envelope("call.initiated", "v3:other", occurred_at=T0, connection_id="conn-unowned")
+    endpoint_for(acme, receiver)
+    deliver(other)
+    assert PartnerEvent.objects.count() == 0
+
+
+@pytest.mark.django_db
+def test_it_creates_one_event_per_command_outcome(acme, receiver, local_targets, live_call):
+    endpoint = endpoint_for(acme, receiver, event_types=["command.succeeded", "command.failed"])
+    command = Command.objects.create(
+        call=live_call,
+        action="hangup",
+        requested_by="partner",
+        status="sending",
+        expires_at=timezone.now() + timedelta(minutes=5),
+    )
+    commands.command_record(command=command, outcome=commands.Outcome("succeeded", http_status=200))
+    # A second record of the same outcome (another worker) changes nothing.
+    commands.command_record(command=command, outcome=commands.Outcome("succeeded", http_status=200))
+    drive()
+    (body,) = receiver.verified(endpoint.secret)
+    assert body["type"] == "command.succeeded"
+    assert body["data"]["command_id"] == str(command.command_id)
+    assert body["data"]["action"] == "hangup"
+
+
+# --- Delivery: retries, Retry-After, timeouts, order, the breaker ---------------------------------
+
+
+@pytest.mark.django_db
+def test_it_gets_every_event_through_500_429_and_a_timeout_in_order(acme, receiver, local_targets):
+    endpoint = endpoint_for(acme, receiver)
+    receiver.script = [500, (429, {"Retry-After": "1"}), "hang", 503, 200, 500]
+    for event in call_life():
+        deliver(event)
+    drive()
+
+    bodies = receiver.verified(endpoint.secret)
+    succeeded = receiver.answered(200)
+    assert sorted(b["type"] for b in succeeded) == LIFE_TYPES
+    assert len({b["id"] for b in succeeded}) == len(succeeded)  # each accepted exactly once
+    assert [b["sequence"] for b in succeeded] == list(range(1, len(succeeded) + 1))
+    # The first event took five attempts (500, 429, timeout, 503, 200) under one id; the
+    # sixth answer (500) was the second event's first attempt.
+    first = bodies[0]["id"]
+    assert [b["id"] for b in bodies[:5]] == [first] * 5
+    assert len(bodies) == len(succeeded) + 5
+    # The 429's Retry-After was honoured.
+    after_429 = receiver.requests[2]["at"] - receiver.requests[1]["at"]
+    assert after_429 >= 0.95
+    delivery = Delivery.objects.get(event__event_id=first)
+    assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("succeeded", 5, 200)
+
+
+@pytest.mark.django_db
+def test_a_later_event_waits_for_an_earlier_one_of_its_call(acme, receiver, local_targets):
+    endpoint_for(acme, receiver)
+    receiver.script = [500]
+    deliver(call_life()[0])  # call.initiated
+    deliver(call_life()[1])  # call.answered
+    first, second = Delivery.objects.order_by("sequence")
+    assert partner_delivery.delivery_process(delivery_pk=first.pk).status == "failed"
+    # The answer is not sent while the call's start is still to be delivered.
+    assert partner_delivery.delivery_process(delivery_pk=second.pk).status == "waiting"
+    assert len(receiver.requests) == 1
+    drive()
+    assert [json.loads(r["body"])["type"] for r in receiver.requests] == [
+        "call.initiated",
+        "call.initiated",
+        "call.answered",
+    ]
+
+
+@pytest.mark.django_db
+def test_a_failing_endpoint_is_parked_then_probed_then_let_through(
+    acme, receiver, local_targets, settings
+):
+    settings.CALLOPS_WEBHOOK_BREAKER_THRESHOLD = 2
+    settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN = 1
+    endpoint = endpoint_for(acme, receiver)
+    receiver.script = [500, 500, 500]
+    for ccid in ("v3:a", "v3:b", "v3:c"):
+        deliver(envelope("call.initiated", ccid, occurred_at=T0))
+    a, b, c = Delivery.objects.order_by("pk")
+    partner_delivery.delivery_process(delivery_pk=a.pk)
+    partner_delivery.delivery_process(delivery_pk=b.pk)
+    endpoint.refresh_from_db()
+    assert endpoint.consecutive_failures == 2 and endpoint.parked_until is not None
+    # Parked: the third call's event waits for the cooldown instead of trying.
+    assert partner_delivery.delivery_process(delivery_pk=c.pk).status == "waiting"
+    assert len(receiver.requests) == 2
+    c.refresh_from_db()
+    assert c.next_attempt_at == endpoint.parked_until and c.attempts == 0
+    assert partner_delivery.deliveries_sweep() == 0  # nothing is due while parked
+
+    drive()  # the probe fails once more (500), the next one succeeds and lets the rest through
+    endpoint.refresh_from_db()
+    assert (endpoint.consecutive_failures, endpoint.parked_until) == (0, None)
+    assert len(receiver.answered(200)) == 3
+
+
+@pytest.mark.django_db
+def test_a_delivery_is_given_up_after_its_attempts_and_the_next_goes(
+    acme, receiver, local_targets, settings
+):
+    settings.CALLOPS_WEBHOOK_MAX_ATTEMPTS = 2
+    endpoint_for(acme, receiver)
+    receiver.script = [500, 410]
+    deliver(call_life()[0])
+    deliver(call_life()[1])
+    drive()
+    first, second = Delivery.objects.order_by("sequence")
+    assert (first.status, first.attempts, first.last_status_code) == ("dead", 2, 410)
+    assert first.last_error.startswith("gave up")
+    assert second.status == "succeeded"
+
+
+def test_retry_after_is_read_in_seconds_or_as_a_date_and_capped(settings):
+    settings.CALLOPS_WEBHOOK_BACKOFF_CAP = 60
+    now = timezone.now()
+    assert partner_delivery.retry_after("7") == 7
+    assert partner_delivery.retry_after("100000") == 60
+    assert partner_delivery.retry_after(None) is None
+    assert partner_delivery.retry_after("soon") is None
+    date = (now + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
+    assert 28 <= partner_delivery.retry_after(date, now=now) <= 30
+
+
+# --- Signing secrets --------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_a_rotated_secret_signs_alongside_the_old_one_during_the_overlap(
+    acme, receiver, local_targets
+):
+    endpoint = endpoint_for(acme, receiver)
+    old = endpoint.secret
+    assert old.startswith("whsec_") and len(base64.b64decode(old[6:])) == 32
+    endpoint = partner_delivery.webhook_endpoint_rotate_secret(
+        endpoint=endpoint, overlap_seconds=3600
+    )
+    new = endpoint.secret
+    deliver(call_life()[0])
+    drive()
+    (request,) = receiver.requests
+    assert len(request["headers"]["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):  # a verifier with either secret accepts it
+        Webhook(secret).verify(request["body"], request["headers"])
+
+    partner_delivery.webhook_endpoint_rotate_secret(endpoint=endpoint, overlap_seconds=0)
+    endpoint.refresh_from_db()
+    deliver(call_life()[1])
+    drive()
+    latest = receiver.requests[-1]
+    Webhook(endpoint.secret).verify(latest["body"], latest["headers"])
+    for retired in (old, new):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(retired).verify(latest["body"], latest["headers"])
+
+
+# --- The partner API --------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_api_shows_a_secret_once_and_each_partner_only_its_own(fake_dns, settings):
+    settings.CALLOPS_ALLOW_PRIVATE_TARGETS = False
+    acme, acme_api = partner_with_key("acme", "conn-1")
+    _, rival_api = partner_with_key("rival", "conn-2")
+    made = acme_api.post(
+        "/api/v1/webhook-endpoints/",
+        {"url": "https://media.example.com/hooks", "event_types": ["call.ended"]},
+        format="json",
+    )
+    assert made.status_code == 201, made.content
+    secret, pk = made.json()["secret"], made.json()["id"]
+    Webhook(secret)  # a secret the library takes as it is
+    shown = acme_api.get(f"/api/v1/webhook-endpoints/{pk}/").json()
+    assert "secret" not in shown and shown["event_types"] == ["call.ended"]
+
+    for method in ("get", "patch", "delete"):
+        answer = getattr(rival_api, method)(f"/api/v1/webhook-endpoints/{pk}/", {}, format="json")
+        assert answer.status_code == 404
+    assert rival_api.post(f"/api/v1/webhook-endpoints/{pk}/rotate-secret/").status_code == 404
+    assert rival_api.get("/api/v1/webhook-endpoints/").json() == []
+
+    rotated = acme_api.post(
+        f"/api/v1/webhook-endpoints/{pk}/rotate-secret/", {"overlap_seconds": 60}, format="json"
+    )
+    assert rotated.status_code == 200
+    assert rotated.json()["secret"] != secret and rotated.json()["secret_rotating_until"]
+
+    patched = acme_api.patch(f"/api/v1/webhook-endpoints/{pk}/", {"active": False}, format="json")
+    assert patched.status_code == 200 and patched.json()["active"] is False
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("url", "field"),
+    [
+        ("http://media.example.com/hooks", "url"),  # https only outside DEBUG
+        ("https://evil.example.com/hooks", "url"),  # resolves to a private address
+        ("https://10.0.0.1/hooks", "url"),
+        ("https://user@media.example.com/", "url"),
+    ],
+)
+def test_the_api_refuses_an_endpoint_that_is_not_public_https(fake_dns, settings, url, field):
+    settings.CALLOPS_ALLOW_PRIVATE_TARGETS = False
+    _, api = partner_with_key("acme", "conn-1")
+    answer = api.post("/api/v1/webhook-endpoints/", {"url": url}, format="json")
+    assert answer.status_code == 400
+    assert [e["field"] for e in answer.json()["errors"]] == [field]
+
+
+@pytest.mark.django_db
+def test_the_api_refuses_an_unknown_event_type(fake_dns):
+    _, api = partner_with_key("acme", "conn-1")
+    answer = api.post(
+        "/api/v1/webhook-endpoints/",
+        {"url": "https://media.example.com/h", "event_types": ["call.exploded"]},
+        format="json",
+    )
+    assert answer.status_code == 400
+    assert answer.json()["errors"][0]["field"] == "event_types.0"
+
+
+@pytest.mark.django_db
+def test_deliveries_are_listed_newest_first_to_their_partner_and_can_be_redelivered(
+    receiver, local_targets
+):
+    acme, acme_api = partner_with_key("acme", "conn-1")
+    _, rival_api = partner_with_key("rival", "conn-2")
+    endpoint_for(acme, receiver)
+    deliver(call_life()[0])
+    deliver(call_life()[1])
+    drive()
+    listed = acme_api.get("/api/v1/deliveries/", {"page_size": 1})
+    assert listed.status_code == 200
+    page = listed.json()
+    assert [d["event_type"] for d in page["results"]] == ["call.answered"]
+    assert page["next"]
+    older = acme_api.get(page["next"]).json()["results"]
+    assert [d["event_type"] for d in older] == ["call.initiated"]
+    assert rival_api.get("/api/v1/deliveries/").json()["results"] == []
+
+    pk = older[0]["id"]
+    assert rival_api.post(f"/api/v1/deliveries/{pk}/redeliver/").status_code == 404
+    again = acme_api.post(f"/api/v1/deliveries/{pk}/redeliver/")
+    assert again.status_code == 202 and again.json()["status"] == "pending"
+    drive()
+    assert [r["headers"]["webhook-id"] for r in receiver.requests][-1] == older[0]["event_id"]
+    assert acme_api.get("/api/v1/deliveries/?cursor=bogus").status_code == 400
+
+
+# --- Retention and the admin ------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_the_purge_deletes_finished_deliveries_and_old_events_but_not_unfinished_ones(
+    acme, receiver, local_targets
+):
+    endpoint_for(acme, receiver)
+    receiver.script = [500]
+    deliver(call_life()[0])
+    deliver(call_life()[1])
+    first, second = Delivery.objects.order_by("sequence")
+    partner_delivery.delivery_process(delivery_pk=first.pk)  # 500: still unfinished
+    Delivery.objects.filter(pk=second.pk).update(status="succeeded")
+    old = timezone.now() - timedelta(days=400)
+    Delivery.objects.update(created_at=old)
+    PartnerEvent.objects.update(created_at=old)
+    assert tasks.purge_partner_records() == {
+        "partner_deliveries": 1,
+        "partner_events": 1,
+        "batches": 2,
+    }
+    assert list(Delivery.objects.values_list("pk", flat=True)) == [first.pk]
+    assert PartnerEvent.objects.get().pk == first.event_id
+
+
+@pytest.mark.django_db
+def test_retry_now_in_the_admin_needs_its_permission(acme, receiver, local_targets, client):
+    from django.contrib.auth.models import Permission, User
+
+    endpoint_for(acme, receiver)
+    deliver(call_life()[0])
+    delivery = Delivery.objects.get()
+    Delivery.objects.filter(pk=delivery.pk).update(status="dead", attempts=15)
+    user = User.objects.create_user("op", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_delivery"))
+    client.force_login(user)
+    form = {"action": "retry_now", "_selected_action": [delivery.pk]}
+    client.post("/admin/callops/delivery/", form)
+    delivery.refresh_from_db()
+    assert delivery.status == "dead"  # without retry_delivery: refused
+
+    user.user_permissions.add(Permission.objects.get(codename="retry_delivery"))
+    user = User.objects.get(pk=user.pk)
+    client.force_login(user)
+    client.post("/admin/callops/delivery/", form)
+    delivery.refresh_from_db()
+    assert (delivery.status, delivery.attempts) == ("pending", 0)
+    assert client.get("/admin/callops/delivery/").status_code == 200
+    assert client.get("/admin/callops/webhookendpoint/").status_code in (200, 403)
+
+
+# --- End to end, on the broker -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_worker_delivers_on_the_partners_queue_after_commit(
+    celery_worker, receiver, local_targets
+):
+    partner = Partner.objects.create(name="acme")
+    PartnerConnection.objects.create(partner=partner, connection_id="conn-1")
+    endpoint = endpoint_for(partner, receiver)
+    receiver.script = [503]  # one retry through the task's own countdown
+    for event in call_life()[:3]:
+        deliver(event)
+    wait_for(lambda: len(receiver.answered(200)) == 3, timeout=20)
+    bodies = receiver.answered(200)
+    assert [b["type"] for b in bodies] == ["call.initiated", "call.answered", "stream.started"]
+    receiver.verified(endpoint.secret)
