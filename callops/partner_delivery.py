@@ -308,9 +308,7 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome) -> Step:
         Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING).update(
             status=Delivery.Status.SUCCEEDED, delivered_at=now, **common
         )
-        WebhookEndpoint.objects.filter(pk=delivery.endpoint_id).filter(
-            Q(consecutive_failures__gt=0) | Q(parked_until__isnull=False)
-        ).update(consecutive_failures=0, parked_until=None)
+        _close_breaker(delivery.endpoint_id, now)
         _publish_next(delivery)
         return Step("succeeded")
     _trip(delivery.endpoint_id, now)
@@ -324,6 +322,31 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome) -> Step:
     )
     logger.info("delivery %s: %s, retry in %.2f s", delivery.pk, outcome.error, delay)
     return Step("failed", delay=delay)
+
+
+def _close_breaker(endpoint_pk: int, now: datetime) -> None:
+    """A success: the failures in a row start again from 0. If it was the probe of a parked
+    endpoint, what waited for the cooldown is due now, not at the cooldown's end."""
+    with transaction.atomic():
+        endpoint = (
+            WebhookEndpoint.objects.select_for_update()
+            .filter(pk=endpoint_pk)
+            .filter(Q(consecutive_failures__gt=0) | Q(parked_until__isnull=False))
+            .first()
+        )
+        if endpoint is None:
+            return  # the usual case: nothing to reset, one query
+        parked_until = endpoint.parked_until
+        endpoint.consecutive_failures, endpoint.parked_until = 0, None
+        endpoint.save(update_fields=["consecutive_failures", "parked_until"])
+        if parked_until is not None:
+            Delivery.objects.filter(
+                endpoint_id=endpoint_pk,
+                status__in=[Delivery.Status.PENDING, Delivery.Status.FAILED],
+                next_attempt_at__gt=now,
+                next_attempt_at__lte=parked_until,
+            ).update(next_attempt_at=now)
+            transaction.on_commit(deliveries_sweep)
 
 
 def _trip(endpoint_pk: int, now: datetime) -> None:

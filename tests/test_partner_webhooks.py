@@ -15,11 +15,13 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from callops import commands, events, partner_delivery, tasks
+from callops import commands, events, partner_delivery, tasks, webhooks
 from callops.models import (
     Command,
     Delivery,
@@ -30,7 +32,7 @@ from callops.models import (
     WebhookEvent,
 )
 from tests.helpers import deliver, partner_with_key, wait_for
-from tests.telnyx_events import T0, call_life, envelope
+from tests.telnyx_events import T0, call_life, dumps, envelope
 
 # What call_life's webhooks make for a partner (interim segments only for who opts in).
 LIFE_TYPES = sorted(
@@ -204,6 +206,40 @@ def test_it_sends_interim_segments_and_only_the_chosen_types_to_endpoints_that_a
     assert [b["data"]["is_final"] for b in bodies] == [False, True, True]
 
 
+def drain_segments(count: int, ccid: str) -> int:
+    """Store ``count`` transcript segments of a call, then drain them: the queries it took."""
+    for index in range(count):
+        event = envelope(
+            "call.transcription",
+            ccid,
+            occurred_at=T0 + timedelta(seconds=index),
+            transcription_data={"transcript": f"w{index}", "is_final": True},
+        )
+        parsed = webhooks.parse_event(dumps(event))
+        webhooks.store_event(parsed, handled=True)
+    with CaptureQueriesContext(connection) as queries:
+        assert events.events_drain() == count
+    return len(queries)
+
+
+@pytest.mark.django_db
+def test_a_batch_of_segments_costs_the_same_few_queries_however_many_it_holds(
+    acme, receiver, local_targets, settings
+):
+    settings.CALLOPS_DRAIN_CLAIM = settings.CALLOPS_DRAIN_BATCH = 100
+    deliver(envelope("call.initiated", "v3:quiet", occurred_at=T0))
+    deliver(envelope("call.initiated", "v3:heard", occurred_at=T0))
+    drain_segments(5, "v3:quiet")  # the first batch creates the call's transcription
+    without = drain_segments(40, "v3:quiet")  # no endpoint yet: the lookup alone
+    endpoint_for(acme, receiver)
+    drain_segments(5, "v3:heard")
+    few, many = drain_segments(10, "v3:heard"), drain_segments(40, "v3:heard")
+    # One existence check, the call's sequence, the events and their deliveries in one
+    # INSERT each.
+    assert few == many == without + 4
+    assert PartnerEvent.objects.filter(type="transcript.segment").count() == 55
+
+
 @pytest.mark.django_db
 def test_it_creates_no_event_for_a_call_no_partner_listens_to(acme, receiver, local_targets):
     for event in call_life():
@@ -307,6 +343,27 @@ def test_a_failing_endpoint_is_parked_then_probed_then_let_through(
     endpoint.refresh_from_db()
     assert (endpoint.consecutive_failures, endpoint.parked_until) == (0, None)
     assert len(receiver.answered(200)) == 3
+
+
+@pytest.mark.django_db
+def test_what_waited_for_the_cooldown_goes_as_soon_as_the_probe_succeeds(
+    acme, receiver, local_targets, settings
+):
+    settings.CALLOPS_WEBHOOK_BREAKER_THRESHOLD = 1
+    settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN = 600
+    endpoint = endpoint_for(acme, receiver)
+    receiver.script = [500]
+    for ccid in ("v3:a", "v3:b"):
+        deliver(envelope("call.initiated", ccid, occurred_at=T0))
+    a, b = Delivery.objects.order_by("pk")
+    partner_delivery.delivery_process(delivery_pk=a.pk)  # parks the endpoint for 10 minutes
+    assert partner_delivery.delivery_process(delivery_pk=b.pk).status == "waiting"
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(parked_until=timezone.now())
+    Delivery.objects.filter(pk=a.pk).update(next_attempt_at=timezone.now())
+    assert partner_delivery.delivery_process(delivery_pk=a.pk).status == "succeeded"  # the probe
+    b.refresh_from_db()
+    assert b.next_attempt_at <= timezone.now()  # not 10 minutes on
+    assert partner_delivery.delivery_process(delivery_pk=b.pk).status == "succeeded"
 
 
 @pytest.mark.django_db
