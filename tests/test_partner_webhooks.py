@@ -567,7 +567,23 @@ def test_retry_now_in_the_admin_needs_its_permission(acme, receiver, local_targe
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts) == ("pending", 0)
     assert client.get("/admin/callops/delivery/").status_code == 200
-    assert client.get("/admin/callops/webhookendpoint/").status_code in (200, 403)
+    assert client.get(f"/admin/callops/delivery/{delivery.pk}/change/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_an_operator_adds_an_endpoint_in_the_admin_with_a_fresh_secret_never_shown(
+    acme, admin_client, fake_dns, settings
+):
+    settings.CALLOPS_ALLOW_PRIVATE_TARGETS = False
+    form = {"partner": acme.pk, "url": "https://10.0.0.1/h", "event_types": "[]", "active": "on"}
+    refused = admin_client.post("/admin/callops/webhookendpoint/add/", form)
+    assert refused.status_code == 200 and "url" in refused.context["adminform"].form.errors
+    form["url"] = "https://media.example.com/h"
+    assert admin_client.post("/admin/callops/webhookendpoint/add/", form).status_code == 302
+    endpoint = WebhookEndpoint.objects.get()
+    assert endpoint.secret.startswith("whsec_")
+    page = admin_client.get(f"/admin/callops/webhookendpoint/{endpoint.pk}/change/")
+    assert endpoint.secret not in page.content.decode()
 
 
 # --- End to end, on the broker -------------------------------------------------------------------
