@@ -176,12 +176,16 @@ def test_migration_0007_renames_in_place_and_reverses():
         executor.loader.build_graph()
         executor.migrate([("callops", target)])
 
-    after = _webhookevent_indexes()
-    assert after["webhookevent_event_id_uniq"] == (["event_id"], True)
-    assert after["webhookevent_call_idx"] == (["call_control_id"], False)
-    assert not [name for name in after if name.endswith("_like")]
+    latest = _webhookevent_indexes()  # 0012 replaced 0007's call index by (call, type)
+    assert latest["webhookevent_call_type_idx"] == (["call_control_id", "event_type"], False)
+    assert "webhookevent_call_idx" not in latest
     leaf = MigrationExecutor(connection).loader.graph.leaf_nodes("callops")[0][1]
     try:
+        migrate("0007_webhookevent_plain_indexes")
+        after = _webhookevent_indexes()
+        assert after["webhookevent_event_id_uniq"] == (["event_id"], True)
+        assert after["webhookevent_call_idx"] == (["call_control_id"], False)
+        assert not [name for name in after if name.endswith("_like")]
         migrate("0006_drain_flag")
         before = _webhookevent_indexes()
         assert before["callops_webhookevent_event_id_key"] == (["event_id"], True)
@@ -194,11 +198,16 @@ def test_migration_0007_renames_in_place_and_reverses():
             _index_oid("callops_webhookevent_event_id_key"),
             _index_oid("callops_webhookevent_call_control_id_528feb20"),
         )
+        migrate("0007_webhookevent_plain_indexes")
+        assert _webhookevent_indexes() == after
+        # The same index objects, renamed: nothing was rebuilt.
+        assert (
+            _index_oid("webhookevent_event_id_uniq"),
+            _index_oid("webhookevent_call_idx"),
+        ) == kept
     finally:
         migrate(leaf)
-    assert _webhookevent_indexes() == after
-    # The same index objects, renamed: nothing was rebuilt.
-    assert (_index_oid("webhookevent_event_id_uniq"), _index_oid("webhookevent_call_idx")) == kept
+    assert _webhookevent_indexes() == latest
 
 
 def _index_oid(name: str) -> int:
