@@ -16,7 +16,6 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from django.conf import settings
 from django.db import DataError, connection, transaction
@@ -28,7 +27,6 @@ from callops.actions import ACTIONS
 from callops.exceptions import EventError
 from callops.models import (
     Call,
-    CallSession,
     Command,
     DtmfDigit,
     MediaStream,
@@ -41,9 +39,6 @@ from callops.policies import call_answered_policy, call_initiated_policy, call_m
 from callops.webhooks import parse_time
 
 logger = logging.getLogger("callops.events")
-
-S = TypeVar("S", bound=CallSession)
-
 
 # --- Applying one event --------------------------------------------------------------------
 

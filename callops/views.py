@@ -75,9 +75,7 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
         logger.error("webhook %s not stored: %s", event.event_id, exc)
         return JsonResponse({"error": "event could not be stored"}, status=503)
 
-    drain.after_store(
-        status=status, raised=raised, shard=event.shard, lane=drain.lane_of(event.event_type)
-    )
+    drain.after_store(status=status, raised=raised, shard=event.shard, lane=event.lane)
     return JsonResponse({"status": status, "duplicate": not created})
 
 

@@ -114,6 +114,7 @@ class ParsedEvent:
     envelope_json: str
     shard: int = 0
     priority: int = 0
+    lane: str = drain.NOW  # the drain flag it raises (``callops.drain``)
 
 
 def parse_event(body: bytes) -> ParsedEvent:
@@ -146,6 +147,7 @@ def parse_event(body: bytes) -> ParsedEvent:
         envelope_json=text,
         shard=drain.shard_of(call_control_id),
         priority=drain.priority_of(event_type),
+        lane=drain.lane_of(event_type),
     )
 
 
@@ -341,7 +343,7 @@ def insert_params(db: BaseDatabaseWrapper, event: ParsedEvent, *, handled: bool)
         "stale": adapt(now - drain.FLAG_TTL),
         "shard": event.shard,
         "priority": event.priority,
-        "flag": drain.flag_id(event.shard, drain.lane_of(event.event_type)),
+        "flag": drain.flag_id(event.shard, event.lane),
     }
 
 
