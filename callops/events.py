@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -39,6 +40,11 @@ from callops.policies import call_answered_policy, call_initiated_policy, call_m
 from callops.webhooks import parse_time
 
 logger = logging.getLogger("callops.events")
+
+# The lifecycle events the current batch has applied so far (``_apply``).
+_APPLIED_IN_BATCH: ContextVar[frozenset[int] | set[int]] = ContextVar(
+    "callops_applied_in_batch", default=frozenset()
+)
 
 # --- Applying one event --------------------------------------------------------------------
 
@@ -127,34 +133,42 @@ def _apply(batch: list[WebhookEvent]) -> dict[int, str]:
             by_call.setdefault(event.call_control_id, []).append(event)
     calls = _lock_calls(sorted(by_call))
     segments: list[tuple[Call, WebhookEvent]] = []
-    for ccid, events_of_call in sorted(by_call.items()):
-        call = calls.get(ccid)
-        for event in events_of_call:
-            if event.event_type == SEGMENT_EVENT:
-                continue
-            try:
-                with transaction.atomic():
-                    call = call or _create_call(ccid)
-                    _merge(call, event)
-                    HANDLERS[event.event_type](call, event)
-                    partner_events.webhook_event_applied(call=call, event=event)
-                    call.save()
-            except Exception as exc:
-                logger.exception("event %s (%s) failed", event.event_id, event.event_type)
-                failures[event.pk] = f"{type(exc).__name__}: {exc}"[:4000]
-                call = _reread(call)  # it may hold the failed handler's changes
-            else:
-                verdicts[event.pk] = WebhookEvent.Status.PROCESSED
-        for event in events_of_call:
-            if event.event_type != SEGMENT_EVENT:
-                continue
-            if not isinstance(event.body.get("transcription_data"), dict):
-                failures[event.pk] = (
-                    "EventError: call.transcription has no transcription_data object"
-                )
-                continue
-            call = call or _create_call(ccid)
-            segments.append((call, event))
+    # Verdicts are written at the end of the batch: until then, this is how a handler knows an
+    # earlier event of the batch was applied (a stop pairs with the start applied before it).
+    applied: set[int] = set()
+    token = _APPLIED_IN_BATCH.set(applied)
+    try:
+        for ccid, events_of_call in sorted(by_call.items()):
+            call = calls.get(ccid)
+            for event in events_of_call:
+                if event.event_type == SEGMENT_EVENT:
+                    continue
+                try:
+                    with transaction.atomic():
+                        call = call or _create_call(ccid)
+                        _merge(call, event)
+                        HANDLERS[event.event_type](call, event)
+                        partner_events.webhook_event_applied(call=call, event=event)
+                        call.save()
+                except Exception as exc:
+                    logger.exception("event %s (%s) failed", event.event_id, event.event_type)
+                    failures[event.pk] = f"{type(exc).__name__}: {exc}"[:4000]
+                    call = _reread(call)  # it may hold the failed handler's changes
+                else:
+                    verdicts[event.pk] = WebhookEvent.Status.PROCESSED
+                    applied.add(event.pk)
+            for event in events_of_call:
+                if event.event_type != SEGMENT_EVENT:
+                    continue
+                if not isinstance(event.body.get("transcription_data"), dict):
+                    failures[event.pk] = (
+                        "EventError: call.transcription has no transcription_data object"
+                    )
+                    continue
+                call = call or _create_call(ccid)
+                segments.append((call, event))
+    finally:
+        _APPLIED_IN_BATCH.reset(token)
     _apply_segments(segments, verdicts, failures)
     _record_verdicts(batch, verdicts, failures)
     return {**verdicts, **dict.fromkeys(failures, WebhookEvent.Status.FAILED)}
@@ -350,7 +364,8 @@ def _repair(
     stored = WebhookEvent.objects.filter(
         call_control_id=call.call_control_id, event_type__in=event_types
     ).exclude(pk=event.pk)
-    stored = [e for e in stored if e.status == WebhookEvent.Status.PROCESSED]
+    applied = _APPLIED_IN_BATCH.get()
+    stored = [e for e in stored if e.status == WebhookEvent.Status.PROCESSED or e.pk in applied]
     spans = _spans([e for e in [*stored, event] if _key_of(e) == key])
     model = Command._meta.get_field(field).related_model  # "stream" -> MediaStream
     refused = Command.objects.filter(

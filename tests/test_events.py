@@ -373,3 +373,16 @@ def test_an_urgent_drain_applies_what_a_caller_waits_on_and_leaves_the_rest():
     assert tasks.drain_urgent_events.run(drain.shard_of("v3:urgent")) == 1
     statuses = dict(WebhookEvent.objects.values_list("pk", "status"))
     assert statuses == {initiated: "processed", segment: "pending", hangup: "pending"}
+
+
+@pytest.mark.django_db
+def test_a_streams_start_and_stop_in_one_batch_are_paired():
+    """Verdicts are written at the end of a batch: the stop must still see the start that the
+    same batch applied before it, or it would record a stream that never started."""
+    url = "wss://media.example.com/s"
+    store(envelope("streaming.started", "v3:one-batch", stream_url=url, occurred_at=T0))
+    later = T0 + timedelta(seconds=5)
+    store(envelope("streaming.stopped", "v3:one-batch", stream_url=url, occurred_at=later))
+    assert events.events_drain() == 2
+    stream = MediaStream.objects.get(call__call_control_id="v3:one-batch")
+    assert (stream.started_at, stream.stopped_at, stream.status) == (T0, later, "stopped")
