@@ -21,8 +21,6 @@ tried here before anyone edits it (``command_throughput.py --variant``):
 - ``scheduled-queue``: a command rescheduled to a later time (a limiter ticket, a retry) is
   published to its own queue, ``callops.scheduled``, which the workers consume next to
   ``callops``; a woken ticket holder no longer waits behind a burst of new commands.
-- ``inline-wait``: a ticket holder told to come back within ``CMDBENCH_INLINE_MAX_MS``
-  (default 50) sleeps that long in the worker and asks again, instead of a new task message.
 """
 
 from __future__ import annotations
@@ -41,7 +39,6 @@ __all__ = ["app"]
 
 SCHEDULED_QUEUE = "callops.scheduled"
 VARIANTS = {v for v in os.environ.get("CMDBENCH_VARIANTS", "").split(",") if v}
-INLINE_MAX = float(os.environ.get("CMDBENCH_INLINE_MAX_MS", "50")) / 1000
 
 logger = logging.getLogger("cmdbench.probe")
 _reserve = ratelimit.RedisRateLimiter.reserve
@@ -64,14 +61,6 @@ def _log_reserve(slot: ratelimit.Reservation, reserved_at: float | None) -> None
 def _probed_reserve(self, reserved_at: float | None = None) -> ratelimit.Reservation:
     slot = _reserve(self, reserved_at)
     _log_reserve(slot, reserved_at)
-    if "inline-wait" in VARIANTS and reserved_at is not None:
-        for _ in range(3):
-            if slot.ready or slot.delay > INLINE_MAX:
-                break
-            time.sleep(slot.delay)
-            reserved_at = slot.at
-            slot = _reserve(self, reserved_at)
-            _log_reserve(slot, reserved_at)
     return slot
 
 

@@ -784,7 +784,7 @@ def main() -> int:
     parser.add_argument(
         "--variant",
         default="",
-        help="experiments in the workers, comma separated: scheduled-queue, inline-wait "
+        help="experiments in the workers, comma separated: scheduled-queue "
         "(see benchmarks/command_probe.py)",
     )
     add_quiet_options(parser, quiet_wait=60)

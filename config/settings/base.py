@@ -241,6 +241,9 @@ TELNYX_RATE_LIMIT = env.float("TELNYX_RATE_LIMIT", default=10.0)
 # answer is back (callops.ratelimit), so two sends a window apart in the log are already at least
 # a window (plus a round trip) apart at Telnyx. Raise it if Telnyx's clock is distrusted.
 TELNYX_RATE_LIMIT_GUARD = env.float("TELNYX_RATE_LIMIT_GUARD", default=0.0)
+# A worker whose rate-limit turn comes within this many seconds waits for it instead of
+# rescheduling the command (a task message and a database write); longer waits are rescheduled.
+CALLOPS_RATE_LIMIT_INLINE_WAIT = env.float("CALLOPS_RATE_LIMIT_INLINE_WAIT", default=0.05)
 # Exponential backoff with full jitter for retryable failures: base * 2**attempt, capped.
 TELNYX_BACKOFF_BASE = env.float("TELNYX_BACKOFF_BASE", default=0.5)
 TELNYX_BACKOFF_CAP = env.float("TELNYX_BACKOFF_CAP", default=60.0)
