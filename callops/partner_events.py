@@ -305,13 +305,13 @@ def segments_applied(*, segments: Iterable) -> None:
 
 def command_finished(*, command: Command, failed: bool, at: datetime) -> None:
     """A command succeeded or failed (``commands._finish``, in its transaction)."""
-    connection_id = Call.objects.filter(pk=command.call_id).values_list("connection_id")
-    connection_id = connection_id.first()
-    if connection_id is None or not endpoints_for(connection_id[0]):
+    # The claim loaded the call with the command (a call's connection never changes).
+    if not endpoints_for(command.call.connection_id):
         return  # no partner listens: no lock taken, nothing written
+    # As _finish recorded it; a dial's command has moved from its placeholder to the call placed.
+    command = Command.objects.get(pk=command.pk)
     call = Call.objects.select_for_update().get(pk=command.call_id)  # the lock, as for events
     kind = "command.failed" if failed else "command.succeeded"
-    command = Command.objects.get(pk=command.pk)  # as _finish recorded it
     data = {
         "command_id": str(command.command_id),
         "action": command.action,
