@@ -5,6 +5,12 @@ from django.core import checks
 
 from callops.telnyx_spec import TRANSCRIPTION_ENGINES
 
+# Said of the environment, not of the service: the check also runs in one-off commands
+# (migrate, create_partner) beside a ``./bin/run`` whose processes have the simulator's keys.
+SIMULATOR_NOTE = (
+    "./bin/run without TELNYX_API_KEY gives the processes it starts the simulator's keys instead."
+)
+
 
 @checks.register(checks.Tags.security)
 def telnyx_keys(app_configs, **kwargs):
@@ -12,15 +18,19 @@ def telnyx_keys(app_configs, **kwargs):
     if not settings.TELNYX_PUBLIC_KEYS:
         messages.append(
             checks.Warning(
-                "TELNYX_PUBLIC_KEY is not set: every webhook will be rejected with 401.",
-                hint="Copy the public key from the Telnyx portal (Keys & Credentials).",
+                "TELNYX_PUBLIC_KEY is not set in this environment: a web server started with "
+                "it rejects every webhook with 401.",
+                hint="Copy the public key from the Telnyx portal (Keys & Credentials). "
+                + SIMULATOR_NOTE,
                 id="callops.W001",
             )
         )
     if not settings.TELNYX_API_KEY:
         messages.append(
             checks.Warning(
-                "TELNYX_API_KEY is not set: commands to Telnyx will fail with 401.",
+                "TELNYX_API_KEY is not set in this environment: a worker started with it "
+                "sends no command Telnyx accepts (401).",
+                hint=SIMULATOR_NOTE,
                 id="callops.W002",
             )
         )

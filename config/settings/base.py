@@ -156,6 +156,9 @@ if CELERY_BROKER_URL == "filesystem://":
         "processed_folder": str(_broker_dir / "processed"),
         "control_folder": str(_broker_dir / "control"),
         "store_processed": False,
+        # Consumers look for new messages this often (kombu's default is 1 s): a partner's
+        # events go out one after the other, so each one would wait up to a second.
+        "polling_interval": 0.1,
     }
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {

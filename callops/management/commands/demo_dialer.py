@@ -2,19 +2,19 @@
 own backend would (``POST /api/v1/calls/`` with its API key), every so often.
 
 For local use with ``./bin/run`` and the Telnyx simulator; it only speaks HTTP to callops.
+SIGINT or SIGTERM stops it between dials, quietly.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
-import time
+import signal
+import threading
 import urllib.error
-import urllib.request
-from pathlib import Path
 
-from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
+
+from callops.management.commands._demo import api_call, demo_key
 
 
 class Command(BaseCommand):
@@ -28,16 +28,18 @@ class Command(BaseCommand):
         parser.add_argument("--count", type=int, default=0, help="dials before stopping; 0: no end")
 
     def handle(self, *args, api: str, connection_id: str, every: float, **options) -> None:
-        key_file = Path(settings.VAR_DIR) / "demo_partner_key"
-        if not key_file.is_file():
-            raise CommandError(f"{key_file} is missing: run manage.py demo_setup first")
-        key = key_file.read_text().strip()
-        time.sleep(options["first_after"])
+        key = demo_key()
+        stopped = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stopped.set())
+        if stopped.wait(options["first_after"]):
+            return
         dialed = 0
         while not options["count"] or dialed < options["count"]:
             self.dial(api, key, connection_id)
             dialed += 1
-            time.sleep(every)
+            if stopped.wait(every):
+                return
 
     def dial(self, api: str, key: str, connection_id: str) -> None:
         body = {
@@ -47,19 +49,8 @@ class Command(BaseCommand):
             "timeout_secs": 20,
             "answering_machine_detection": "detect",
         }
-        request = urllib.request.Request(  # noqa: S310 - our own API, http(s) only
-            api.rstrip("/") + "/calls/",
-            data=json.dumps(body).encode(),
-            headers={
-                "Authorization": f"Bearer {key}",
-                "Content-Type": "application/json",
-                "Idempotency-Key": secrets.token_hex(16),
-            },
-            method="POST",
-        )
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
-                command = json.loads(response.read())
+            command = api_call(api, key, "POST", "calls/", body)
             self.stdout.write(f"dialed {body['to']}: command {command['id']} ({command['status']})")
         except (urllib.error.URLError, OSError, ValueError) as exc:
             self.stderr.write(f"dial {body['to']} not sent: {exc}")

@@ -9,12 +9,12 @@ the demo dialer), so the person who just started callops always has a working lo
 import os
 import secrets
 
-from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from callops.api_keys import api_key_create, api_key_revoke
+from callops.management.commands._demo import demo_key_file
 from callops.models import ApiKey, Partner, PartnerConnection, StreamingProfile
 
 DEMO_KEY_NAME = "demo (made by demo_setup)"
@@ -26,7 +26,11 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--connection-id", default="sim-connection")
-        parser.add_argument("--stream-url", default="ws://127.0.0.1:8090/media")
+        parser.add_argument(
+            "--stream-url",
+            default="ws://127.0.0.1:8090/media",
+            help="where the demo profile streams (runstack passes its --media-port's)",
+        )
         parser.add_argument("--admin", default="admin")
 
     @transaction.atomic
@@ -78,7 +82,7 @@ class Command(BaseCommand):
         for old in ApiKey.objects.filter(partner=partner, name=DEMO_KEY_NAME, revoked_at=None):
             api_key_revoke(key=old)
         _, key = api_key_create(partner=partner, name=DEMO_KEY_NAME)
-        key_file = settings.VAR_DIR / "demo_partner_key"
+        key_file = demo_key_file()
         key_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
