@@ -19,6 +19,14 @@ def demo_key_file() -> Path:
     return Path(settings.VAR_DIR) / "demo_partner_key"
 
 
+def shown(path: Path) -> str:
+    """A path as the person who ran the command from the checkout would type it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def demo_key() -> str:
     key_file = demo_key_file()
     if not key_file.is_file():

@@ -14,7 +14,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from callops.api_keys import api_key_create, api_key_revoke
-from callops.management.commands._demo import demo_key_file
+from callops.management.commands._demo import demo_key_file, shown
 from callops.models import ApiKey, Partner, PartnerConnection, StreamingProfile
 
 DEMO_KEY_NAME = "demo (made by demo_setup)"
@@ -93,4 +93,4 @@ class Command(BaseCommand):
             f"calls with streaming to {stream_url} and transcription inline, and rejects "
             f"those on {REJECT_CONNECTION}."
         )
-        self.stdout.write(f"Demo partner API key (also in {key_file}): {key}")
+        self.stdout.write(f"Demo partner API key (also in {shown(key_file)}): {key}")

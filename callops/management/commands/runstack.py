@@ -43,7 +43,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
-from callops.management.commands._demo import demo_key_file
+from callops.management.commands._demo import demo_key_file, shown
 from callops.models import Call, Delivery, WebhookEvent
 
 COLOURS = ["\033[36m", "\033[33m", "\033[35m", "\033[32m", "\033[34m", "\033[31m"]
@@ -279,7 +279,7 @@ class Command(BaseCommand):
         )
         self.stdout.write(
             "For the README's Partner API examples, as the demo partner: "
-            f"export KEY=$(cat {demo_key_file()})"
+            f"export KEY=$(cat {shown(demo_key_file())})"
         )
         self.stdout.write("Ctrl-C stops everything.")
 
