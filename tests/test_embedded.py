@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from kombu import Connection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +50,10 @@ def post(kind):
         **signer.wsgi_headers(body),
     ).status_code
 
+from config.celery_app import app
 seen = {"vendor": django.db.connection.vendor}
+with app.connection_for_write() as conn:
+    seen["transport"] = type(conn.transport).__module__
 seen["statuses"] = [post("call.initiated"), post("call.answered")]
 seen["flag_up"] = DrainFlag.objects.get().requested_at is not None
 seen["messages_after_burst"] = len(os.listdir(queue))
@@ -81,6 +85,7 @@ def test_the_embedded_default_stores_rings_once_and_drains(tmp_path):
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["vendor"] == "sqlite"
+    assert seen["transport"] == "config.embedded_broker"
     assert seen["statuses"] == [200, 200, 200]
     # Two events, one flag raised, one drain published for the burst.
     assert seen["flag_up"] is True
@@ -92,6 +97,47 @@ def test_the_embedded_default_stores_rings_once_and_drains(tmp_path):
     # The flag is down again, so the next event publishes the next drain.
     assert seen["messages_after_next"] == 2
     assert (tmp_path / "callops.sqlite3").is_file()
+
+
+def test_a_worker_never_reads_a_message_the_broker_is_still_writing(tmp_path):
+    """kombu's own filesystem transport fails this within a few dozen messages."""
+    folders = {name: tmp_path / name for name in ("queue", "processed", "control")}
+    for folder in folders.values():
+        folder.mkdir()
+    options = {
+        "data_folder_in": str(folders["queue"]),
+        "data_folder_out": str(folders["queue"]),
+        "processed_folder": str(folders["processed"]),
+        "control_folder": str(folders["control"]),
+        "store_processed": False,
+        "polling_interval": 0.0,
+    }
+    transport = "config.embedded_broker:Transport"
+    count, received, errors = 500, [], []
+
+    def consume() -> None:
+        with Connection("filesystem://", transport=transport, transport_options=options) as conn:
+            queue = conn.SimpleQueue("q")
+            while len(received) < count:
+                try:
+                    message = queue.get(timeout=10)
+                except queue.Empty:
+                    return
+                except Exception as exc:  # noqa: BLE001 - what the worker would die of
+                    errors.append(repr(exc))
+                    return
+                received.append(message.payload["n"])
+                message.ack()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    with Connection("filesystem://", transport=transport, transport_options=options) as conn:
+        queue = conn.SimpleQueue("q")
+        for n in range(count):
+            queue.put({"n": n, "padding": "x" * 2000})
+    consumer.join(timeout=60)
+    assert errors == []
+    assert sorted(received) == list(range(count))  # kombu orders by the millisecond only
 
 
 # --- ./bin/run's stack, as a new user runs it -------------------------------------------------

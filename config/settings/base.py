@@ -160,6 +160,8 @@ if CELERY_BROKER_URL == "filesystem://":
         # events go out one after the other, so each one would wait up to a second.
         "polling_interval": 0.1,
     }
+    # The stock transport can hand a worker a message half written (config/embedded_broker.py).
+    CELERY_BROKER_TRANSPORT = "config.embedded_broker:Transport"
 else:
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         **BROKER_FAIL_FAST,
