@@ -289,6 +289,10 @@ class Command(BaseCommand):
         """The callers first, then what serves them, once it has caught up."""
         callers = [name for stage in stages[1:] for name in stage.processes]
         orderly = self.stopping  # not when a process died: then stop everything at once
+        for name, proc in self.children.items():
+            if not orderly and proc.poll() is not None:
+                self.pump(0)
+                self.stderr.write(f"{name} exited (exit {proc.returncode}): stopping the rest")
         if orderly:
             self.stop([name for name in reversed(callers) if name != "webhooks"])
             self.settle()
