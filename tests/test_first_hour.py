@@ -20,6 +20,7 @@ from django.core.management.base import CommandError
 from standardwebhooks import Webhook
 
 from callops.api_keys import api_key_create
+from callops.management.commands.runstack import split_addr
 from callops.models import Partner, PartnerConnection, StreamingProfile, WebhookEndpoint
 from tests.helpers import closed_port, wait_for
 
@@ -231,3 +232,25 @@ def test_it_installs_only_when_pyproject_changed_or_the_venv_is_missing(tmp_path
     assert setup() == []
     (tmp_path / ".venv" / "bin" / "python").unlink()
     assert len(setup()) == 2
+
+
+# --- runstack's --addr ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("addr", "expected"),
+    [
+        ("127.0.0.1:8000", ("127.0.0.1", 8000)),
+        ("8001", ("127.0.0.1", 8001)),
+        ("0.0.0.0:8002", ("0.0.0.0", 8002)),  # noqa: S104 - what a user may type
+        ("[::1]:8003", ("[::1]", 8003)),
+    ],
+)
+def test_it_reads_the_addresses_runserver_takes(addr, expected):
+    assert split_addr(addr) == expected
+
+
+@pytest.mark.parametrize("addr", ["localhost:", "localhost:http", "127.0.0.1:70000"])
+def test_it_refuses_an_address_without_a_port(addr):
+    with pytest.raises(CommandError, match="--addr"):
+        split_addr(addr)
