@@ -22,6 +22,8 @@ from standardwebhooks import Webhook
 from callops.api_keys import api_key_create
 from callops.management.commands.runstack import split_addr
 from callops.models import Partner, PartnerConnection, StreamingProfile, WebhookEndpoint
+from callops.partner_delivery import check_webhook_url
+from callops.targets import UnsafeTarget
 from tests.helpers import closed_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -254,3 +256,13 @@ def test_it_reads_the_addresses_runserver_takes(addr, expected):
 def test_it_refuses_an_address_without_a_port(addr):
     with pytest.raises(CommandError, match="--addr"):
         split_addr(addr)
+
+
+def test_the_demo_receivers_url_passes_in_development_only(settings):
+    settings.DEBUG = settings.CALLOPS_ALLOW_PRIVATE_TARGETS = True  # config.settings.dev
+    check_webhook_url("http://127.0.0.1:8091/")
+    settings.DEBUG = settings.CALLOPS_ALLOW_PRIVATE_TARGETS = False  # production's defaults
+    with pytest.raises(UnsafeTarget, match="https"):
+        check_webhook_url("http://127.0.0.1:8091/")
+    with pytest.raises(UnsafeTarget, match="not a public address"):
+        check_webhook_url("https://127.0.0.1:8091/")
