@@ -205,13 +205,16 @@ def test_the_transcript_comes_in_time_order_as_json_or_text(alice, calls):
             occurred_at=T0 + timedelta(seconds=second),
         )
     url = "/api/v1/calls/v3:alice-1/transcript/"
-    assert [s["transcript"] for s in client.get(url).json()] == ["first", "then", "later"]
-    finals = client.get(url, {"final_only": "true"}).json()
+    everything = client.get(url).json()["results"]
+    assert [s["transcript"] for s in everything] == ["first", "then", "later"]
+    finals = client.get(url, {"final_only": "true"}).json()["results"]
     assert [s["transcript"] for s in finals] == ["then", "later"]
     text = client.get(url, {"format": "txt"})
     assert text["Content-Type"].startswith("text/plain")
-    assert text.content.decode().splitlines()[0].endswith("inbound: first")
-    assert client.get(url, HTTP_ACCEPT="text/plain").content.decode().count("\n") == 3
+    assert text.content.decode().splitlines()[0].endswith("inbound: then")  # finals by default
+    assert client.get(url, HTTP_ACCEPT="text/plain").content.decode().count("\n") == 2
+    every_line = client.get(url, {"format": "txt", "final_only": "false"}).content.decode()
+    assert every_line.splitlines()[0].endswith("inbound: first")
     assert client.get(url, {"final_only": "maybe"}).json()["errors"][0]["field"] == "final_only"
 
 

@@ -185,37 +185,66 @@ class PlainTextRenderer(renderers.BaseRenderer):
 
     def render(self, data, accepted_media_type=None, renderer_context=None) -> bytes:
         if isinstance(data, dict) and "errors" in data:
-            return "\n".join(e["message"] for e in data["errors"]).encode()
+            errors = data["errors"]
+            return "\n".join(
+                f"{e['field']}: {e['message']}" if e["field"] else e["message"] for e in errors
+            ).encode()
+        segments = data["results"] if isinstance(data, dict) else data
         lines = [
-            f"[{seg['occurred_at']}] {seg['track'] or '-'}: {seg['transcript']}" for seg in data
+            f"[{seg['occurred_at']}] {seg['track'] or '-'}: {seg['transcript']}" for seg in segments
         ]
         return ("\n".join(lines) + ("\n" if lines else "")).encode()
+
+
+class TranscriptPagination(CallPagination):
+    """In time order. The next page's address is also in a ``Link`` header, so the text form
+    (which has no envelope) can be paged too."""
+
+    ordering = ("occurred_at", "id")
+    page_size = 200
+    max_page_size = 1000
+
+    def get_paginated_response(self, data):
+        response = super().get_paginated_response(data)
+        if next_url := self.get_next_link():
+            response["Link"] = f'<{next_url}>; rel="next"'
+        return response
+
+
+FINAL_ONLY = {"true": True, "1": True, "false": False, "0": False}
 
 
 @extend_schema(
     tags=["calls"],
     parameters=[
-        OpenApiParameter("final_only", OpenApiTypes.BOOL, description="Final segments only")
+        OpenApiParameter(
+            "final_only",
+            OpenApiTypes.BOOL,
+            description="Final segments only; default false for JSON, true for text",
+        )
     ],
     responses={200: s.TranscriptSegmentSerializer(many=True), **ERRORS},
 )
-class CallTranscript(APIView):
-    """The call's transcript in time order; ``?format=txt`` (or ``Accept: text/plain``) for text."""
+class CallTranscript(generics.ListAPIView):
+    """The call's transcript in time order, cursor-paginated; ``?format=txt`` (or ``Accept:
+    text/plain``) for text, which shows final segments only unless ``final_only=false``."""
 
     renderer_classes = [renderers.JSONRenderer, PlainTextRenderer]
+    serializer_class = s.TranscriptSegmentSerializer
+    pagination_class = TranscriptPagination
 
-    def get(self, request, call_control_id: str):
-        call = partner_call(request, call_control_id)
-        segments = TranscriptSegment.objects.filter(call=call).order_by("occurred_at", "id")
-        final_only = request.query_params.get("final_only", "").lower()
-        if final_only not in ("", "true", "false", "1", "0"):
-            return Response(
-                {"errors": [{"field": "final_only", "message": "must be true or false"}]},
-                status=400,
-            )
-        if final_only in ("true", "1"):
-            segments = segments.filter(is_final=True)
-        return Response(s.TranscriptSegmentSerializer(segments, many=True).data)
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return TranscriptSegment.objects.none()
+        call = partner_call(self.request, self.kwargs["call_control_id"])
+        segments = TranscriptSegment.objects.filter(call=call)
+        given = self.request.query_params.get("final_only", "").lower()
+        if given and given not in FINAL_ONLY:
+            raise ValidationError({"final_only": ["must be true or false"]})
+        # Text is for reading: interim guesses repeat the final words, so they stay out of it
+        # unless asked for. JSON keeps every segment by default, as it always did.
+        final_only = FINAL_ONLY.get(given, self.request.accepted_renderer.format == "txt")
+        return segments.filter(is_final=True) if final_only else segments
 
 
 class CallCommand(APIView):
