@@ -3,7 +3,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from callops import actions
-from callops.api import partner_webhooks, views
+from callops.api import partner_webhooks, timeline, views
 
 router = SimpleRouter(trailing_slash=True)
 router.register("profiles", views.StreamingProfileViewSet, basename="profile")
@@ -18,6 +18,7 @@ urlpatterns = [
     path("calls/", views.CallList.as_view(), name="call-list"),
     path(f"{CALL}/", views.CallDetail.as_view(), name="call-detail"),
     path(f"{CALL}/transcript/", views.CallTranscript.as_view(), name="call-transcript"),
+    path(f"{CALL}/timeline/", timeline.CallTimeline.as_view(), name="call-timeline"),
     *(
         path(f"{CALL}/{actions.get(name).api_path}", view.as_view(), name=name.replace("_", "-"))
         for name, view in views.COMMAND_VIEWS.items()
