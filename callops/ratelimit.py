@@ -182,6 +182,12 @@ class RedisRateLimiter:
     def pause(self, seconds: float) -> None:
         self._pause(keys=self.keys[1:2], args=[max(0.0, seconds) * 1000])
 
+    def paused_for(self) -> float:
+        """Seconds left of the pause a 429 imposed (0: none), on the limiter's clock."""
+        with self.client.pipeline() as pipe:
+            until, (seconds, micros) = pipe.get(self.keys[1]).time().execute()
+        return max(0.0, (float(until or 0) - (seconds * 1000 + micros / 1000)) / 1000)
+
 
 class FileRateLimiter:
     """The same algorithm under an exclusive file lock: for the embedded default on one machine."""
@@ -264,6 +270,9 @@ class FileRateLimiter:
             state["pause"] = max(state.get("pause", 0.0), now + max(0.0, seconds) * 1000)
 
         self._locked(change)
+
+    def paused_for(self) -> float:
+        return self._locked(lambda state, now: max(0.0, (state.get("pause", 0.0) - now) / 1000))
 
 
 def _due(send: str) -> float | None:

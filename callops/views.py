@@ -20,7 +20,7 @@ from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
-from callops import drain, events, webhooks
+from callops import dashboard, drain, events, webhooks
 from callops.models import TaskRun
 from config.celery_app import app
 
@@ -35,6 +35,7 @@ def _reject(request: HttpRequest, status: int, reason: str) -> JsonResponse:
         reason,
         request.META.get("REMOTE_ADDR", "-"),
     )
+    dashboard.webhook_rejection_count(status=status, reason=reason)
     return JsonResponse({"error": reason}, status=status)
 
 
