@@ -11,7 +11,11 @@ from django.db import transaction
 from django.db.models import OuterRef, QuerySet, Subquery
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
+from django.utils.html import format_html
+from django.utils.text import Truncator
 
 from callops import commands, drain, events, partner_delivery
 from callops.actions import ACTIONS, STOPS, TelnyxAction
@@ -600,3 +604,156 @@ class DeliveryAdmin(admin.ModelAdmin):
         self.message_user(request, f"{count} delivery(ies) queued again.", messages.SUCCESS)
         if left := queryset.count() - count:
             self.message_user(request, f"{left} skipped: being sent right now.", messages.WARNING)
+
+
+# --- The console: lists of a call's records, the dashboard's and the timeline's links -------
+#
+# The dashboard and the timeline are pages of their own (callops.console); the index leads to
+# the dashboard, each call's page to its timeline (templates/admin/callops/).
+
+admin.site.index_template = "admin/callops/index.html"
+
+
+def record_link(obj, model: str, label: str = ""):
+    """``obj`` as a link to its admin page (or "-")."""
+    if obj is None:
+        return "-"
+    url = reverse(f"admin:callops_{model}_change", args=[obj.pk])
+    return format_html('<a href="{}">{}</a>', url, label or str(obj))
+
+
+def duration(start, end) -> str:
+    """``end - start`` as ``1:02:03.4``; "-" before the start. Running ones count to now."""
+    if start is None:
+        return "-"
+    seconds = ((end or timezone.now()) - start).total_seconds()
+    minutes, rest = divmod(max(0.0, seconds), 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{rest:04.1f}" + ("" if end else " (running)")
+
+
+class CallLinked:
+    """What the console's lists share: the call as a link to its page, a time filter, and a
+    search by exact call id (answered from the call's unique index)."""
+
+    search_fields = ("=call__call_control_id",)
+    list_select_related = ("call",)
+    list_per_page = 100
+
+    @admin.display(description="call", ordering="call__call_control_id")
+    def call_link(self, obj):
+        return record_link(obj.call, "call", obj.call.call_control_id)
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False  # derived from Telnyx's events: view them, never edit them
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class SessionAdmin(CallLinked, admin.ModelAdmin):
+    """Streams, forks and transcriptions: status, when, how long, and the command that began it."""
+
+    list_filter = ("status", "requested_at", "started_at", "stopped_at")
+    date_hierarchy = "requested_at"
+    record: str  # the Command field that points at this model
+    session_columns: tuple[str, ...] = ()
+
+    def get_list_display(self, request):
+        return (
+            "__str__",
+            "call_link",
+            "status",
+            *self.session_columns,
+            "requested_at",
+            "started_at",
+            "stopped_at",
+            "lasted",
+            "start_command",
+            "short_failure",
+        )
+
+    def get_queryset(self, request):
+        first = Command.objects.filter(**{self.record: OuterRef("pk")}).order_by("created_at")
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(start_command_pk=Subquery(first.values("pk")[:1]))
+        )
+
+    @admin.display(description="duration")
+    def lasted(self, session) -> str:
+        return duration(session.started_at, session.stopped_at) if session.started_at else "-"
+
+    @admin.display(description="command")
+    def start_command(self, session):
+        if session.start_command_pk is None:
+            return "-"
+        url = reverse("admin:callops_command_change", args=[session.start_command_pk])
+        return format_html('<a href="{}">#{}</a>', url, session.start_command_pk)
+
+    @admin.display(description="failure")
+    def short_failure(self, session) -> str:
+        return Truncator(session.failure_reason).chars(60)
+
+
+@admin.register(MediaStream)
+class MediaStreamAdmin(SessionAdmin):
+    record = "stream"
+    session_columns = ("stream_id", "track", "short_url")
+    search_fields = ("=call__call_control_id", "=stream_id")
+
+    @admin.display(description="stream URL")
+    def short_url(self, stream) -> str:
+        return Truncator(stream.stream_url).chars(48)
+
+
+@admin.register(Fork)
+class ForkAdmin(SessionAdmin):
+    record = "fork"
+    session_columns = ("stream_type", "target", "rx", "tx")
+
+
+@admin.register(Transcription)
+class TranscriptionAdmin(SessionAdmin):
+    record = "transcription"
+    session_columns = ("engine", "tracks")
+
+
+@admin.register(TranscriptSegment)
+class TranscriptSegmentAdmin(CallLinked, admin.ModelAdmin):
+    list_display = (
+        "occurred_at",
+        "call_link",
+        "track",
+        "is_final",
+        "confidence",
+        "words",
+        "event_link",
+    )
+    list_filter = ("is_final", "track", "occurred_at")
+    list_select_related = ("call", "event")
+    # No date drill-down: its date list would read every segment; the date filter is a range.
+    ordering = ("-occurred_at", "-id")
+
+    @admin.display(description="transcript")
+    def words(self, segment) -> str:
+        return Truncator(segment.transcript).chars(80)
+
+    @admin.display(description="event")
+    def event_link(self, segment):
+        return record_link(
+            segment.event, "webhookevent", segment.event.event_type if segment.event else ""
+        )
+
+
+@admin.register(DtmfDigit)
+class DtmfDigitAdmin(CallLinked, admin.ModelAdmin):
+    list_display = ("occurred_at", "call_link", "digit", "event_link")
+    list_filter = ("occurred_at",)
+    list_select_related = ("call", "event")
+    ordering = ("-occurred_at", "-id")
+    event_link = TranscriptSegmentAdmin.event_link

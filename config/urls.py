@@ -9,6 +9,7 @@ urlpatterns = [
     path("", TemplateView.as_view(template_name="callops/home.html"), name="home"),
     path("webhooks/telnyx/", views.telnyx_webhook, name="telnyx-webhook"),
     path("api/v1/", include(("callops.api.urls", "api"), namespace="api")),
+    path("admin/console/", include("callops.console")),
     path("admin/", admin.site.urls),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),

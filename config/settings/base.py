@@ -338,6 +338,8 @@ CALLOPS_PARTNER_EVENT_RETENTION_DAYS = env.int("CALLOPS_PARTNER_EVENT_RETENTION_
 # --- Internationalisation and static files --------------------------------------------------
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
+# Timestamps to the second in the admin (config/formats/en/formats.py).
+FORMAT_MODULE_PATH = ["config.formats"]
 USE_I18N = True
 USE_TZ = True
 
