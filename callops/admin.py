@@ -14,6 +14,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
+from django.utils.formats import localize
 from django.utils.html import format_html
 from django.utils.text import Truncator
 
@@ -80,6 +81,48 @@ def masked_json(field: str):
         return json.dumps(masked(getattr(obj, field)), ensure_ascii=False)
 
     return show
+
+
+# Links and durations the list pages share (the console's block at the end uses them too).
+
+
+def record_link(obj, model: str, label: str = "", width: int = 24):
+    """``obj`` as a link to its admin page (or "-"), its label cut to ``width`` characters
+    (the whole label in the link's title): Telnyx's call ids run to 70 characters."""
+    if obj is None:
+        return "-"
+    url = reverse(f"admin:callops_{model}_change", args=[obj.pk])
+    label = label or str(obj)
+    return format_html('<a href="{}" title="{}">{}</a>', url, label, Truncator(label).chars(width))
+
+
+def duration(start, end) -> str:
+    """``end - start`` as ``1:02:03.4``; "-" before the start. Running ones count to now."""
+    if start is None:
+        return "-"
+    seconds = ((end or timezone.now()) - start).total_seconds()
+    minutes, rest = divmod(max(0.0, seconds), 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{rest:04.1f}" + ("" if end else " (running)")
+
+
+@admin.display(description="call", ordering="call__call_control_id")
+def call_link(obj):
+    """A list column: the record's call, as a link to the call's page."""
+    return record_link(obj.call, "call", obj.call.call_control_id)
+
+
+@admin.display(description="last error")
+def short_last_error(obj) -> str:
+    return Truncator(obj.last_error).chars(40)
+
+
+@admin.display(description="took")
+def took(command) -> str:
+    """Created to finished; a command still queued says when it is due instead."""
+    if command.finished_at is None and command.next_attempt_at:
+        return f"due {localize(timezone.localtime(command.next_attempt_at))}"
+    return duration(command.created_at, command.finished_at)
 
 
 class ReadOnlyInline(admin.TabularInline):
@@ -182,14 +225,14 @@ class PartnerFilter(admin.SimpleListFilter):
 @admin.register(Call)
 class CallAdmin(admin.ModelAdmin):
     list_display = (
+        "short_id",
         "partner",
-        "call_control_id",
         "status",
         "direction",
         "from_number",
         "to_number",
         "started_at",
-        "ended_at",
+        "lasted",
         "hangup_cause",
     )
     list_filter = ("status", PartnerFilter, "direction", "started_at", "ended_at")
@@ -237,6 +280,18 @@ class CallAdmin(admin.ModelAdmin):
     @admin.display(description="partner", ordering="partner_name")
     def partner(self, call) -> str:
         return call.partner_name or "-"
+
+    @admin.display(description="call control id", ordering="call_control_id")
+    def short_id(self, call) -> str:
+        return format_html(
+            '<span title="{}">{}</span>',
+            call.call_control_id,
+            Truncator(call.call_control_id).chars(28),
+        )
+
+    @admin.display(description="duration")
+    def lasted(self, call) -> str:
+        return duration(call.started_at, call.ended_at)
 
     def command_each(self, request, queryset, action: str) -> None:
         sent, refused = 0, []
@@ -305,14 +360,13 @@ class WebhookEventAdmin(admin.ModelAdmin):
 class CommandAdmin(admin.ModelAdmin):
     list_display = (
         "action",
-        "call",
+        call_link,
         "status",
         "requested_by",
         "attempts",
-        "last_error",
+        short_last_error,
         "created_at",
-        "next_attempt_at",
-        "finished_at",
+        took,
     )
     list_filter = ("status", "action", "requested_by", "created_at")
     search_fields = ("call__call_control_id", "command_id")
@@ -612,24 +666,9 @@ class DeliveryAdmin(admin.ModelAdmin):
 # the dashboard, each call's page to its timeline (templates/admin/callops/).
 
 admin.site.index_template = "admin/callops/index.html"
-
-
-def record_link(obj, model: str, label: str = ""):
-    """``obj`` as a link to its admin page (or "-")."""
-    if obj is None:
-        return "-"
-    url = reverse(f"admin:callops_{model}_change", args=[obj.pk])
-    return format_html('<a href="{}">{}</a>', url, label or str(obj))
-
-
-def duration(start, end) -> str:
-    """``end - start`` as ``1:02:03.4``; "-" before the start. Running ones count to now."""
-    if start is None:
-        return "-"
-    seconds = ((end or timezone.now()) - start).total_seconds()
-    minutes, rest = divmod(max(0.0, seconds), 60)
-    hours, minutes = divmod(int(minutes), 60)
-    return f"{hours}:{minutes:02d}:{rest:04.1f}" + ("" if end else " (running)")
+# The lists are wide (ids, times, durations, links): on a 1400-px screen the menu beside them
+# would leave them too little room. The breadcrumbs and the index lead everywhere it did.
+admin.site.enable_nav_sidebar = False
 
 
 class CallLinked:
@@ -639,10 +678,6 @@ class CallLinked:
     search_fields = ("=call__call_control_id",)
     list_select_related = ("call",)
     list_per_page = 100
-
-    @admin.display(description="call", ordering="call__call_control_id")
-    def call_link(self, obj):
-        return record_link(obj.call, "call", obj.call.call_control_id)
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -663,14 +698,14 @@ class SessionAdmin(CallLinked, admin.ModelAdmin):
     session_columns: tuple[str, ...] = ()
 
     def get_list_display(self, request):
+        # Fits a 1400-px screen beside the admin's menu and the filters: the stream URL, the
+        # request time and the stop time (start + duration) are on each record's page.
         return (
-            "__str__",
-            "call_link",
+            "id",
+            call_link,
             "status",
             *self.session_columns,
-            "requested_at",
             "started_at",
-            "stopped_at",
             "lasted",
             "start_command",
             "short_failure",
@@ -697,24 +732,20 @@ class SessionAdmin(CallLinked, admin.ModelAdmin):
 
     @admin.display(description="failure")
     def short_failure(self, session) -> str:
-        return Truncator(session.failure_reason).chars(60)
+        return Truncator(session.failure_reason).chars(32)
 
 
 @admin.register(MediaStream)
 class MediaStreamAdmin(SessionAdmin):
     record = "stream"
-    session_columns = ("stream_id", "track", "short_url")
+    session_columns = ("stream_id",)
     search_fields = ("=call__call_control_id", "=stream_id")
-
-    @admin.display(description="stream URL")
-    def short_url(self, stream) -> str:
-        return Truncator(stream.stream_url).chars(48)
 
 
 @admin.register(Fork)
 class ForkAdmin(SessionAdmin):
     record = "fork"
-    session_columns = ("stream_type", "target", "rx", "tx")
+    session_columns = ("stream_type", "target")
 
 
 @admin.register(Transcription)
@@ -727,7 +758,7 @@ class TranscriptionAdmin(SessionAdmin):
 class TranscriptSegmentAdmin(CallLinked, admin.ModelAdmin):
     list_display = (
         "occurred_at",
-        "call_link",
+        call_link,
         "track",
         "is_final",
         "confidence",
@@ -741,18 +772,16 @@ class TranscriptSegmentAdmin(CallLinked, admin.ModelAdmin):
 
     @admin.display(description="transcript")
     def words(self, segment) -> str:
-        return Truncator(segment.transcript).chars(80)
+        return Truncator(segment.transcript).chars(60)
 
     @admin.display(description="event")
     def event_link(self, segment):
-        return record_link(
-            segment.event, "webhookevent", segment.event.event_type if segment.event else ""
-        )
+        return record_link(segment.event, "webhookevent", f"event {segment.event_id}")
 
 
 @admin.register(DtmfDigit)
 class DtmfDigitAdmin(CallLinked, admin.ModelAdmin):
-    list_display = ("occurred_at", "call_link", "digit", "event_link")
+    list_display = ("occurred_at", call_link, "digit", "event_link")
     list_filter = ("occurred_at",)
     list_select_related = ("call", "event")
     ordering = ("-occurred_at", "-id")

@@ -45,8 +45,8 @@ REJECTION_KINDS = {400: "malformed body", 401: "signature", 413: "body too large
 OTHER = "other"
 
 
-def _rejection_key(minute: int, kind: str) -> str:
-    return f"webhook-rejections:{minute}:{kind}"
+def _rejection_key(minute: int | str, kind: str) -> str:
+    return f"webhook-rejections:{minute}:{kind.replace(' ', '-')}"
 
 
 def webhook_rejection_count(*, status: int, reason: str) -> None:
@@ -56,7 +56,7 @@ def webhook_rejection_count(*, status: int, reason: str) -> None:
     try:
         cache.add(key, 0, timeout=2 * 3600)
         cache.incr(key)
-        cache.set(f"webhook-rejections:latest:{kind}", reason[:200], timeout=2 * 3600)
+        cache.set(_rejection_key("latest", kind), reason[:200], timeout=2 * 3600)
     except Exception:  # the cache is down: the log line still counts it
         logger.warning("could not count a webhook rejection (the cache is unavailable)")
 
@@ -69,11 +69,9 @@ def webhook_rejections_recent() -> list[tuple[str, int, str]]:
     counts = dict.fromkeys(kinds, 0)
     for key, value in cache.get_many(list(keys)).items():
         counts[keys[key]] += int(value)
-    latest = cache.get_many([f"webhook-rejections:latest:{k}" for k in kinds])
+    latest = cache.get_many([_rejection_key("latest", k) for k in kinds])
     rows = [
-        (kind, n, latest.get(f"webhook-rejections:latest:{kind}", ""))
-        for kind, n in counts.items()
-        if n
+        (kind, n, latest.get(_rejection_key("latest", kind), "")) for kind, n in counts.items() if n
     ]
     return sorted(rows, key=lambda row: -row[1])
 
