@@ -26,6 +26,7 @@ from callops.models import (
     ApiKey,
     Call,
     Command,
+    CommandAttempt,
     Delivery,
     DtmfDigit,
     Fork,
@@ -356,6 +357,12 @@ class WebhookEventAdmin(admin.ModelAdmin):
         self.message_user(request, f"{count} event(s) queued for replay.", messages.SUCCESS)
 
 
+class CommandAttemptInline(ReadOnlyInline):
+    model = CommandAttempt
+    fields = ("number", "sent_at", "answered_at", "http_status", "outcome", "error")
+    ordering = ("number",)
+
+
 @admin.register(Command)
 class CommandAdmin(admin.ModelAdmin):
     list_display = (
@@ -372,6 +379,7 @@ class CommandAdmin(admin.ModelAdmin):
     search_fields = ("call__call_control_id", "command_id")
     date_hierarchy = "created_at"
     list_select_related = ("call",)
+    inlines = [CommandAttemptInline]
     actions = ["retry_now", "cancel"]
     readonly_fields = [
         "params_shown" if f.name == "params" else f.name for f in Command._meta.fields

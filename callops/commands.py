@@ -30,7 +30,7 @@ from django.utils import timezone
 
 from callops import actions, partner_events, queue, state
 from callops.exceptions import CallopsError
-from callops.models import DIAL_PLACEHOLDER, Call, CallSession, Command
+from callops.models import DIAL_PLACEHOLDER, Call, CallSession, Command, CommandAttempt
 from callops.ratelimit import Reservation, get_limiter
 
 logger = logging.getLogger("callops.commands")
@@ -532,6 +532,7 @@ def command_process(
         outcome = Outcome("succeeded", http_status=200, data=data)
         _slow_down(headers)
     answered = time.monotonic()
+    _attempt_log(command, outcome)
     # The outcome is stored first: if Redis fails now, the command stays what Telnyx made it.
     # The turn still counts from when the answer came back, not from after the bookkeeping.
     step = command_record(command=command, outcome=outcome)
@@ -554,6 +555,21 @@ def _take_turn(limiter, reserved_at: float | None) -> Reservation:
         budget -= slot.delay
         slot = limiter.reserve(slot.at)
     return slot
+
+
+def _attempt_log(command: Command, outcome: Outcome) -> None:
+    """Keep this send and its answer (``CommandAttempt``): the command itself keeps only the
+    last. One INSERT per send, after the answer, so it never delays the send."""
+    error = " ".join(p for p in (outcome.reason, outcome.code, outcome.title) if p)
+    CommandAttempt.objects.create(
+        command_id=command.pk,
+        number=command.attempts,
+        sent_at=command.sent_at,
+        answered_at=timezone.now(),
+        http_status=outcome.http_status,
+        outcome=outcome.kind,
+        error=error[:255],
+    )
 
 
 def _inside_window(command: Command) -> bool:

@@ -817,3 +817,36 @@ class Delivery(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_id} -> {self.endpoint_id} ({self.status})"
+
+
+# --- A command's attempts (callops.commands), for the call's timeline and the dashboard -----
+
+
+class CommandAttempt(models.Model):
+    """One send of a command to Telnyx and the answer it got (or why none came).
+
+    ``Command`` keeps the count and the last answer; this keeps each of them, so a 429 or a
+    503 that a later attempt overcame stays visible. A send whose worker died leaves no row:
+    its number is missing from the command's attempts."""
+
+    command = models.ForeignKey(Command, on_delete=models.CASCADE, related_name="attempt_log")
+    number = models.PositiveIntegerField()
+    sent_at = models.DateTimeField()
+    answered_at = models.DateTimeField()
+    http_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=16)  # commands.Outcome.kind
+    error = models.CharField(max_length=255, blank=True, default="")
+
+    class Meta:
+        ordering = ["command", "number"]
+        indexes = [
+            # The dashboard's 429s of the last hour: a range over the 429s alone.
+            models.Index(
+                fields=["answered_at"],
+                condition=models.Q(http_status=429),
+                name="commandattempt_429_idx",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of {self.command_id}"

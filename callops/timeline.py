@@ -6,9 +6,8 @@ Sources (each entry names its record, so the admin and the API can link to it):
 - inbound webhook events (``WebhookEvent``, by Telnyx's ``occurred_at``), except the
   ``call.transcription`` and ``call.dtmf.received`` that were applied: each of those is shown
   as the segment or digit it made;
-- commands: created, first sent, last sent (when there were several attempts), finished.
-  ``Command`` counts its attempts and keeps the first and the last send times and the last
-  answer, not each attempt on its own, so that is what is shown;
+- commands: created, each attempt (``CommandAttempt``: when it was sent, the answer and how
+  long it took), finished;
 - DTMF digits; streams, forks and transcriptions (requested, started, stopped or failed);
 - final transcript segments (interim ones are guesses the final repeats: the transcript
   endpoint has them);
@@ -198,13 +197,20 @@ def _deliveries(call: Call, cursor: Key | None, limit: int, partner=None) -> Ite
 
 def _command_steps(command: Command) -> Iterator[tuple[datetime, str, str]]:
     yield command.created_at, "command.created", f"by {command.requested_by}"
-    if command.first_sent_at:
-        yield command.first_sent_at, "command.sent", "attempt 1"
-    if command.sent_at and command.attempts > 1 and command.sent_at != command.first_sent_at:
-        answer = (
-            f", last answer HTTP {command.last_http_status}" if command.last_http_status else ""
+    attempts = list(command.attempt_log.all())
+    for attempt in attempts:
+        answer = f"HTTP {attempt.http_status}" if attempt.http_status else "no answer"
+        took = (attempt.answered_at - attempt.sent_at).total_seconds() * 1000
+        why = f": {attempt.error}" if attempt.error and attempt.outcome != "succeeded" else ""
+        yield (
+            attempt.sent_at,
+            "command.sent",
+            f"attempt {attempt.number}, {answer} in {took:.0f} ms ({attempt.outcome}){why}",
         )
-        yield command.sent_at, "command.sent", f"attempt {command.attempts}{answer}"
+    if not attempts and command.first_sent_at:  # sent before attempts were kept one by one
+        yield command.first_sent_at, "command.sent", "attempt 1"
+        if command.attempts > 1 and command.sent_at != command.first_sent_at:
+            yield command.sent_at, "command.sent", f"attempt {command.attempts}"
     if command.finished_at:
         answer = f"HTTP {command.last_http_status}" if command.last_http_status else "no answer"
         why = f": {command.last_error}" if command.last_error else ""
@@ -215,7 +221,11 @@ def _command_steps(command: Command) -> Iterator[tuple[datetime, str, str]]:
 def _commands(call: Call, cursor: Key | None, limit: int) -> Iterator[Entry]:
     # Several entries per command, so the keyset is applied to the entries; a command's last
     # step is at or after its creation, so commands created after the page cannot precede it.
-    commands = Command.objects.filter(call=call).order_by("created_at", "pk")
+    commands = (
+        Command.objects.filter(call=call)
+        .order_by("created_at", "pk")
+        .prefetch_related("attempt_log")
+    )
     entries = []
     for command in commands:
         for step, (at, kind, text) in enumerate(_command_steps(command)):

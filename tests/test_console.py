@@ -16,6 +16,7 @@ from callops import commands, events, partner_delivery
 from callops.models import (
     Call,
     Command,
+    CommandAttempt,
     Delivery,
     MediaStream,
     TaskRun,
@@ -146,7 +147,10 @@ def test_it_merges_a_real_call_in_order_to_the_millisecond(acme, post_event, tel
         "command.sent",
         "command.succeeded",
     ]
-    assert "attempt 2" in steps[2]["summary"]
+    assert re.search(r"attempt 1, HTTP 500 in \d+ ms \(retry\)", steps[1]["summary"])
+    assert re.search(r"attempt 2, HTTP 200 in \d+ ms \(succeeded\)$", steps[2]["summary"])
+    attempts = list(command.attempt_log.values_list("number", "http_status", "outcome"))
+    assert attempts == [(1, 500, "retry"), (2, 200, "succeeded")]
     assert {e["url"] for e in steps} == {f"http://testserver/api/v1/commands/{command.command_id}/"}
     assert {e["id"] for e in steps} == {str(command.command_id)}
     assert "stream.requested" in kinds and "stream.started" in kinds
@@ -291,6 +295,16 @@ def busy(db, live_call):
         failure_reason="gave up after HTTP 503",
         expires_at=now,
     )
+    hung_up = Command.objects.get(action="hangup")
+    for minutes in (5, 90):  # a 429 of the last hour, and an older one
+        CommandAttempt.objects.create(
+            command=hung_up,
+            number=1,
+            sent_at=now - timedelta(minutes=minutes),
+            answered_at=now - timedelta(minutes=minutes),
+            http_status=429,
+            outcome="retry",
+        )
     for n, status in enumerate(("pending", "processed", "failed")):
         WebhookEvent.objects.create(
             event_id=f"evt-{n}",
@@ -326,6 +340,7 @@ def test_it_shows_every_figure_to_a_superuser(client, busy, post_event):
         {"action": "streaming_start", "failure_reason": "gave up after HTTP 503", "n": 1}
     ]
     assert figures["commands"]["rate_limit_paused_for"] == 0
+    assert figures["commands"]["answered_429"] == 1
     assert figures["events"]["pending"] == 1
     assert figures["events"]["failed"] == [{"event_type": "call.answered", "n": 1}]
     assert figures["events"]["lag"].p50 == pytest.approx(2, abs=0.01)
@@ -336,6 +351,10 @@ def test_it_shows_every_figure_to_a_superuser(client, busy, post_event):
     assert tasks[heartbeat].runs == 3 and heartbeat.last_run_at == busy
     html = page.content.decode()
     assert "OperationalError: boom" in html and "gave up after HTTP 503" in html
+    hung_up = Command.objects.get(action="hangup")
+    attempts = operator.get(f"/admin/callops/command/{hung_up.pk}/change/").content.decode()
+    shown = re.findall(r'field-http_status">\s*<p>(\d+)</p>', attempts)
+    assert shown == ["429", "429"]  # each attempt on the command's page
 
 
 def test_it_counts_partner_delivery_backlog(client, acme, live_call):
