@@ -19,6 +19,13 @@ from callops import dashboard, timeline
 from callops.models import Call
 
 TIMELINE_PAGE = 200
+# Who may view a call sees its sessions, digits and segments (the call's page shows them);
+# its events, commands and deliveries need their own view permission.
+SOURCE_PERMISSIONS = {
+    "event": "callops.view_webhookevent",
+    "command": "callops.view_command",
+    "delivery": "callops.view_delivery",
+}
 
 
 def dashboard_view(request: HttpRequest) -> HttpResponse:
@@ -45,7 +52,14 @@ def timeline_view(request: HttpRequest, pk: int) -> HttpResponse:
     call = get_object_or_404(Call, pk=pk)
     try:
         page = timeline.call_timeline(
-            call=call, cursor=request.GET.get("cursor") or None, limit=TIMELINE_PAGE
+            call=call,
+            cursor=request.GET.get("cursor") or None,
+            limit=TIMELINE_PAGE,
+            sources=frozenset(
+                name
+                for name in timeline.SOURCE_NAMES
+                if request.user.has_perm(SOURCE_PERMISSIONS.get(name, "callops.view_call"))
+            ),
         )
     except timeline.CursorInvalid as exc:
         return HttpResponseBadRequest(f"cursor: {exc}")

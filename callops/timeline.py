@@ -280,24 +280,35 @@ def _sessions(call: Call, cursor: Key | None, limit: int) -> Iterator[Entry]:
     return iter(sorted(entries, key=lambda e: e.key)[:limit])
 
 
-def call_timeline(*, call: Call, cursor: str | None = None, limit: int = 100, partner=None) -> Page:
+def call_timeline(
+    *,
+    call: Call,
+    cursor: str | None = None,
+    limit: int = 100,
+    partner=None,
+    sources: frozenset[str] = frozenset(SOURCE_NAMES),
+) -> Page:
     """One page of the call's timeline after ``cursor`` (``CursorInvalid`` if it is not one).
 
     ``partner``: only its own deliveries are shown (the call is already known to be its own).
+    ``sources``: the sources to merge (``SOURCE_NAMES``); an operator sees those they may view.
     """
     after = Key.decode(cursor) if cursor else None
     # Each source gives at most limit + 1 entries after the cursor: enough to fill the page
     # and know whether there is more.
     take = limit + 1
-    sources: Iterable[Iterator[Entry]] = (
-        _events(call, after, take),
-        _sessions(call, after, take),
-        _dtmf(call, after, take),
-        _segments(call, after, take),
-        _commands(call, after, take),
-        _deliveries(call, after, take, partner),
-    )
-    entries = list(islice(merge(*sources, key=lambda e: e.key), take))
+    readers = {
+        "event": lambda: _events(call, after, take),
+        "session": lambda: _sessions(call, after, take),
+        "dtmf": lambda: _dtmf(call, after, take),
+        "segment": lambda: _segments(call, after, take),
+        "command": lambda: _commands(call, after, take),
+        "delivery": lambda: _deliveries(call, after, take, partner),
+    }
+    streams: Iterable[Iterator[Entry]] = [
+        read() for name, read in readers.items() if name in sources
+    ]
+    entries = list(islice(merge(*streams, key=lambda e: e.key), take))
     more = len(entries) > limit
     entries = entries[:limit]
     return Page(entries, entries[-1].key.encode() if more and entries else None)

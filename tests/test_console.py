@@ -255,6 +255,16 @@ def test_it_shows_the_timeline_in_the_admin_with_links(client, acme, post_event)
     assert operator.get(f"/admin/console/calls/{call.pk}/timeline/?cursor=x").status_code == 400
 
 
+def test_it_leaves_out_of_the_admin_timeline_what_the_user_may_not_view(db, client, post_event):
+    post_event(envelope("call.initiated", "v3:partial"))
+    events.events_drain()
+    call = Call.objects.get()
+    call.dtmf.create(digit="9", occurred_at=timezone.now())
+    page = staff(client, "callops.view_call").get(f"/admin/console/calls/{call.pk}/timeline/")
+    sources = {entry.source for _, entry, _ in page.context["rows"]}
+    assert sources == {"dtmf"}  # the event needs view_webhookevent
+
+
 def test_it_keeps_the_timeline_from_staff_who_may_not_view_calls(client, live_call):
     page = staff(client, "callops.view_command").get(
         f"/admin/console/calls/{live_call.pk}/timeline/"
