@@ -13,8 +13,10 @@ Sources (each entry names its record, so the admin and the API can link to it):
   endpoint has them);
 - deliveries to the partner's endpoints.
 
-A page is cut by a keyset ``(at, source, pk, step)``: every source is asked only for what lies
-after the cursor, at most a page of it, so a call with 10,000 segments costs a page per page.
+A page is cut by a keyset ``(at, source, pk, step)``. The sources that grow with the call's
+length (events, segments, digits, deliveries) are asked only for what lies after the cursor, at
+most a page of it, so a call with 10,000 segments costs a page per page; commands and sessions
+(tens per call) are read whole and cut in Python.
 """
 
 from __future__ import annotations
@@ -219,8 +221,8 @@ def _command_steps(command: Command) -> Iterator[tuple[datetime, str, str]]:
 
 
 def _commands(call: Call, cursor: Key | None, limit: int) -> Iterator[Entry]:
-    # Several entries per command, so the keyset is applied to the entries; a command's last
-    # step is at or after its creation, so commands created after the page cannot precede it.
+    # Several entries per command, so the keyset is applied to the entries in Python: a call
+    # has tens of commands (each costs a Telnyx rate-limit slot), not thousands.
     commands = (
         Command.objects.filter(call=call)
         .order_by("created_at", "pk")
