@@ -4,9 +4,9 @@
 
 Fills a fresh PostgreSQL database (callops_dashbench) with SQL generate_series: 2,000,000
 webhook events over 30 days (a few hundred pending, some failed), 500,000 calls, 1,000,000
-commands, 500,000 streams, 200,000 forks and transcriptions each, 1,000,000 partner events and
-deliveries, 2,000,000 transcript segments of which 10,000 on one call; then ANALYZE (autovacuum
-may be off, and the planner needs the statistics).
+commands with an attempt each, 500,000 streams, 200,000 forks and transcriptions each,
+1,000,000 partner events and deliveries, 2,000,000 transcript segments of which 10,000 on one
+call; then ANALYZE (autovacuum may be off, and the planner needs the statistics).
 
 It requests, through Django's whole stack (the test client, a logged-in superuser):
 
@@ -33,6 +33,7 @@ LARGE_TABLES = (
     "callops_webhookevent",
     "callops_call",
     "callops_command",
+    "callops_commandattempt",
     "callops_mediastream",
     "callops_fork",
     "callops_transcription",
@@ -111,6 +112,15 @@ FILL = [
            CASE WHEN i <= 20 THEN 429 WHEN i %% 500 = 0 THEN 503 WHEN i > 100 THEN 200 END,
            CASE WHEN i > 100 THEN now() - i * (interval '30 days' / %(commands)s) END
     FROM generate_series(1, %(commands)s) AS i
+    """,
+    # One attempt per command (1 in 1000 answered 429, spread over the 30 days).
+    """
+    INSERT INTO callops_commandattempt (command_id, number, sent_at, answered_at, http_status,
+        outcome, error)
+    SELECT id, 1, created_at, created_at + interval '30 ms',
+           CASE WHEN id %% 1000 = 0 THEN 429 ELSE 200 END,
+           CASE WHEN id %% 1000 = 0 THEN 'retry' ELSE 'succeeded' END, ''
+    FROM callops_command
     """,
     """
     INSERT INTO callops_mediastream (call_id, stream_id, stream_url, track, codec, status,
