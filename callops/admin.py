@@ -20,6 +20,7 @@ from django.utils.text import Truncator
 
 from callops import commands, drain, events, partner_delivery
 from callops.actions import ACTIONS, STOPS, TelnyxAction
+from callops.admin_paging import LargeList
 from callops.api_keys import api_key_create, api_key_revoke
 from callops.commands import CallEnded, CommandConflict
 from callops.models import (
@@ -224,7 +225,7 @@ class PartnerFilter(admin.SimpleListFilter):
 
 
 @admin.register(Call)
-class CallAdmin(admin.ModelAdmin):
+class CallAdmin(LargeList, admin.ModelAdmin):
     list_display = (
         "short_id",
         "partner",
@@ -317,7 +318,7 @@ class CallAdmin(admin.ModelAdmin):
 
 
 @admin.register(WebhookEvent)
-class WebhookEventAdmin(admin.ModelAdmin):
+class WebhookEventAdmin(LargeList, admin.ModelAdmin):
     list_display = (
         "event_type",
         "event_id",
@@ -364,7 +365,7 @@ class CommandAttemptInline(ReadOnlyInline):
 
 
 @admin.register(Command)
-class CommandAdmin(admin.ModelAdmin):
+class CommandAdmin(LargeList, admin.ModelAdmin):
     list_display = (
         "action",
         call_link,
@@ -552,7 +553,7 @@ class StreamingProfileAdmin(StreamingProfileSecrets, admin.ModelAdmin):
 
 
 @admin.register(TaskRun)
-class TaskRunAdmin(admin.ModelAdmin):
+class TaskRunAdmin(LargeList, admin.ModelAdmin):
     list_display = (
         "name",
         "last_started_at",
@@ -623,7 +624,7 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(admin.ModelAdmin):
+class DeliveryAdmin(LargeList, admin.ModelAdmin):
     list_display = (
         "event_type",
         "endpoint",
@@ -679,7 +680,7 @@ admin.site.index_template = "admin/callops/index.html"
 admin.site.enable_nav_sidebar = False
 
 
-class CallLinked:
+class CallLinked(LargeList):
     """What the console's lists share: the call as a link to its page, a time filter, and a
     search by exact call id (answered from the call's unique index)."""
 

@@ -511,3 +511,27 @@ def test_it_pages_the_transcript_and_gives_text_the_finals(acme):
     refused = api.get(url, {"format": "txt", "final_only": "yes please"})
     assert refused.status_code == 400 and "final_only" in refused.content.decode()
     assert api.get(url, {"final_only": "nope"}).json()["errors"][0]["field"] == "final_only"
+
+
+@pytest.mark.django_db
+def test_it_bounds_an_admin_lists_count_and_says_so(client, settings):
+    from django.db import connection
+
+    settings.CALLOPS_ADMIN_COUNT_LIMIT = 5
+    staff(client, superuser=True)
+    for i in range(8):
+        make_call(f"v3:count-{i}", "conn-count")
+    # No statistics yet (autovacuum may not have run): the count stops at the limit.
+    with connection.cursor() as cursor:
+        cursor.execute("UPDATE pg_class SET reltuples = -1 WHERE relname = 'callops_call'")
+    page = client.get("/admin/callops/call/").content.decode()
+    assert "more than 5 calls" in page
+    # With the planner's estimate the unfiltered list says "about N", without counting.
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE callops_call")
+    page = client.get("/admin/callops/call/").content.decode()
+    assert "about 8 calls" in page
+    # Few enough to count: the exact number, as the admin always said.
+    settings.CALLOPS_ADMIN_COUNT_LIMIT = 100
+    page = client.get("/admin/callops/call/").content.decode()
+    assert re.search(r"\b8 calls\b", page) and "about" not in page.split("paginator")[-1][:200]

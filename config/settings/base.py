@@ -291,6 +291,9 @@ CALLOPS_FAILED_EVENT_RETENTION_DAYS = env.int("CALLOPS_FAILED_EVENT_RETENTION_DA
 CALLOPS_SEGMENT_RETENTION_DAYS = env.int("CALLOPS_SEGMENT_RETENTION_DAYS", default=90)
 CALLOPS_IDEMPOTENCY_RETENTION_HOURS = env.int("CALLOPS_IDEMPOTENCY_RETENTION_HOURS", default=24)
 CALLOPS_PURGE_BATCH = env.int("CALLOPS_PURGE_BATCH", default=5000)
+# Admin lists count at most this many rows (then say "more than N"); an unfiltered list of a
+# bigger table shows the planner's estimate (callops/admin_paging.py).
+CALLOPS_ADMIN_COUNT_LIMIT = env.int("CALLOPS_ADMIN_COUNT_LIMIT", default=10_000)
 # /readyz fails when the beat heartbeat task has not run for this long.
 CALLOPS_HEARTBEAT_MAX_AGE = env.int("CALLOPS_HEARTBEAT_MAX_AGE", default=180)
 # A bearer token that lets a caller (a monitor) read /readyz's checks and the tasks' last
