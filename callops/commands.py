@@ -28,7 +28,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from callops import actions, partner_events, queue, state
+from callops import actions, logs, metrics, partner_events, queue, state
 from callops.exceptions import CallopsError
 from callops.models import DIAL_PLACEHOLDER, Call, CallSession, Command, CommandAttempt
 from callops.ratelimit import Reservation, get_limiter
@@ -89,7 +89,7 @@ def command_create(
                 command.save()
         except IntegrityError:
             raise CommandConflict(f"a {action} is already in flight for it") from None
-        transaction.on_commit(lambda: command_enqueue(command_pk=command.pk))
+        logs.on_commit(lambda: _enqueue_new(command))
     return command
 
 
@@ -163,7 +163,7 @@ def call_dial(
             call.autostarted_at = now  # media is inline: the answered-call policy adds none
             call.save(update_fields=["autostarted_at"])
         command.save()
-        transaction.on_commit(lambda: command_enqueue(command_pk=command.pk))
+        logs.on_commit(lambda: _enqueue_new(command))
     return command
 
 
@@ -192,8 +192,14 @@ def commands_create_stops(
             )
         )
         if created:
-            transaction.on_commit(lambda: commands_enqueue(command_pks=created))
+            metrics.COMMANDS_CREATED.labels(action).inc(len(created))
+            logs.on_commit(lambda: commands_enqueue(command_pks=created))
     return len(created)
+
+
+def _enqueue_new(command: Command) -> None:
+    metrics.COMMANDS_CREATED.labels(command.action).inc()
+    command_enqueue(command_pk=command.pk)
 
 
 def commands_enqueue(*, command_pks: list[int]) -> None:
@@ -499,6 +505,15 @@ def command_process(
         return Next(delay=slot.delay, reserved_at=slot.at)
 
     command = command_claim(command_pk=command_pk)
+    if command is not None:
+        logs.bind(
+            command_id=str(command.command_id),
+            action=command.action,
+            call_control_id=command.call.call_control_id,
+        )
+        if command.attempts == 1:
+            delay = (command.first_sent_at - command.created_at).total_seconds()
+            metrics.COMMAND_SEND_DELAY.observe(max(0.0, delay))
     if command is None:
         limiter.release(slot.send)  # the turn was not used: give it back
         # Held by a sender that may have died (this message is its redelivery): look again
@@ -522,6 +537,7 @@ def command_process(
             limiter.release(slot.send)
             return command_record(command=command, outcome=settled)
 
+    sent = time.monotonic()
     try:
         headers, data = _sdk_call(command)
     except Exception as exc:  # classified below; nothing escapes unrecorded
@@ -533,6 +549,7 @@ def command_process(
         _slow_down(headers)
     answered = time.monotonic()
     _attempt_log(command, outcome)
+    _attempted(command, outcome, answered - sent)
     # The outcome is stored first: if Redis fails now, the command stays what Telnyx made it.
     # The turn still counts from when the answer came back, not from after the bookkeeping.
     step = command_record(command=command, outcome=outcome)
@@ -569,6 +586,23 @@ def _attempt_log(command: Command, outcome: Outcome) -> None:
         http_status=outcome.http_status,
         outcome=outcome.kind,
         error=error[:255],
+    )
+
+
+def _attempted(command: Command, outcome: Outcome, seconds: float) -> None:
+    """The outbound call's log line and its metrics."""
+    metrics.COMMAND_ANSWER.observe(seconds)
+    metrics.COMMAND_ATTEMPTS.labels(command.action, outcome.kind).inc()
+    if outcome.http_status == 429:
+        metrics.TELNYX_RATE_LIMITED.inc()
+    logger.info(
+        "telnyx %s attempt %d: %s (HTTP %s) in %.3f s",
+        command.action,
+        command.attempts,
+        outcome.reason or outcome.kind,
+        outcome.http_status or "-",
+        seconds,
+        extra={"outcome": outcome.kind, "http_status": outcome.http_status},
     )
 
 
@@ -711,6 +745,8 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
         )
         if not updated:
             return  # cancelled meanwhile, or recorded by another worker
+        ended = "call_ended" if outcome.kind == "call_ended" else "failed"
+        metrics.COMMANDS_FINISHED.labels(command.action, ended if failed else "succeeded").inc()
         if outcome.kind == "call_ended":
             call = Call.objects.select_for_update().get(pk=command.call_id)
             for session in sessions:  # what it would have started never started: say why
@@ -770,7 +806,7 @@ def command_retry(*, command: Command) -> bool:
                 command.stream = command.fork = command.transcription = None
                 _record_intent(command, now)
                 command.save(update_fields=["stream", "fork", "transcription"])
-            transaction.on_commit(lambda: command_enqueue(command_pk=command.pk))
+            logs.on_commit(lambda: command_enqueue(command_pk=command.pk))
     return bool(retried)
 
 

@@ -13,6 +13,7 @@ always event row, then call row, then the call's children: no cycle, no deadlock
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from django.db import DataError, connection, transaction
 from django.db.models import Field, Model, QuerySet
 from django.utils import timezone
 
-from callops import partner_events, state
+from callops import logs, metrics, partner_events, state
 from callops.actions import ACTIONS
 from callops.exceptions import EventError
 from callops.models import (
@@ -143,15 +144,24 @@ def _apply(batch: list[WebhookEvent]) -> dict[int, str]:
             for event in events_of_call:
                 if event.event_type == SEGMENT_EVENT:
                     continue
+                # What applying it logs, creates and sends carries its ids (callops.logs).
+                context = logs.bound(
+                    correlation_id=event.event_id, event_id=event.event_id, call_control_id=ccid
+                )
                 try:
-                    with transaction.atomic():
+                    with context, transaction.atomic():
                         call = call or _create_call(ccid)
                         _merge(call, event)
                         HANDLERS[event.event_type](call, event)
                         partner_events.webhook_event_applied(call=call, event=event)
                         call.save()
                 except Exception as exc:
-                    logger.exception("event %s (%s) failed", event.event_id, event.event_type)
+                    logger.exception(
+                        "event %s (%s) failed",
+                        event.event_id,
+                        event.event_type,
+                        extra={"event_id": event.event_id, "call_control_id": ccid},
+                    )
                     failures[event.pk] = f"{type(exc).__name__}: {exc}"[:4000]
                     call = _reread(call)  # it may hold the failed handler's changes
                 else:
@@ -186,12 +196,17 @@ def _record_verdicts(batch: list[WebhookEvent], verdicts: dict, failures: dict) 
         WebhookEvent.objects.filter(pk=pk).update(
             status=WebhookEvent.Status.FAILED, error=error, processed_at=now
         )
+    lags = []
     for event in batch:
         if event.pk in failures:
             event.status, event.error = WebhookEvent.Status.FAILED, failures[event.pk]
         else:
             event.status, event.error = verdicts[event.pk], ""
+            lags.append((now - event.received_at).total_seconds())
         event.processed_at = now
+    counts = Counter(verdicts.values())
+    counts[WebhookEvent.Status.FAILED] = len(failures)
+    metrics.events_applied(lags=lags, counts=counts)
 
 
 def events_replay(*, event_ids: Iterable[int]) -> int:

@@ -16,7 +16,7 @@ from django.db import models, transaction
 from django.db.models import Exists, OuterRef, Q, QuerySet
 from django.utils import timezone
 
-from callops import actions, commands, state
+from callops import actions, commands, metrics, state
 from callops.models import (
     Call,
     CallSession,
@@ -113,6 +113,9 @@ def _sweep(limit: int) -> dict[str, int]:
         done["stops_sent"] += stops + _stop(stop, late)
     if any(done.values()):
         logger.info("stale sessions: %s", done)
+    for reason in ("closed_on_ended_call", "never_started", "over_duration"):
+        if done[reason]:
+            metrics.STALE_SESSIONS.labels(reason).inc(done[reason])
     return done
 
 

@@ -44,7 +44,7 @@ from django.db.models import Exists, F, OuterRef, Q
 from django.utils import timezone
 from standardwebhooks import Webhook
 
-from callops import partner_events
+from callops import logs, metrics, partner_events
 from callops.exceptions import CallopsError
 from callops.models import Delivery, Partner, PartnerEvent, WebhookEndpoint
 from callops.targets import UnsafeTarget, check_host, stream_url_host
@@ -231,6 +231,9 @@ def delivery_process(*, delivery_pk: int) -> Step:
     if delivery.next_attempt_at > now + timedelta(seconds=1):
         return Step("skipped")  # an early message (a redelivery meanwhile): its own is queued
     endpoint = delivery.endpoint
+    logs.bind(
+        partner=endpoint.partner_id, endpoint=endpoint.pk, partner_event_id=delivery.event.event_id
+    )
     if not endpoint.active or now > delivery.expires_at:
         why = "endpoint inactive" if not endpoint.active else "too old"
         _give_up(delivery, why, now)
@@ -254,7 +257,9 @@ def delivery_process(*, delivery_pk: int) -> Step:
         return Step("skipped")  # another worker has it
     delivery.attempts += 1
     outcome = attempt(endpoint, delivery.event)
-    return delivery_record(delivery=delivery, outcome=outcome)
+    step = delivery_record(delivery=delivery, outcome=outcome)
+    metrics.PARTNER_DELIVERIES.labels(step.status).inc()
+    return step
 
 
 def _may_try(endpoint: WebhookEndpoint, delivery: Delivery, now: datetime) -> bool:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import connection
 from django.utils import timezone
 
-from callops import queue
+from callops import logs, queue
 from callops.models import Call, Command, Delivery, PartnerEvent, WebhookEndpoint, WebhookEvent
 
 logger = logging.getLogger("callops.partner_events")
@@ -134,7 +134,7 @@ def _record(pairs: list[tuple[Call, Fact]]) -> list[PartnerEvent]:
     for delivery in deliveries:  # in sequence order: the first of each (call, endpoint)
         firsts.setdefault((delivery.call_id, delivery.endpoint_id), delivery)
     pks = [d.pk for d in firsts.values()]
-    transaction.on_commit(lambda: deliveries_enqueue(delivery_pks=pks))
+    logs.on_commit(lambda: deliveries_enqueue(delivery_pks=pks))
     return rows
 
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from celery import current_app
 
+from callops import logs
+
 SEND_COMMAND = "callops.tasks.send_command"
 SEND_COMMANDS = "callops.tasks.send_commands"
 DRAIN_WEBHOOK_EVENTS = "callops.tasks.drain_webhook_events"
@@ -21,7 +23,9 @@ DELIVER_PARTNER_EVENT = "callops.tasks.deliver_partner_event"
 def publish(name: str, *args: Any, countdown: float = 0.0, **kwargs: Any) -> None:
     """Publish one task message. Raises whatever the broker raised: callers decide what a
     broker outage means for them (every caller here has a database-side fallback)."""
-    options: dict[str, Any] = {"retry": False}
+    # The log context crosses with the message: the worker's lines carry the same correlation
+    # id (callops.logs.restored).
+    options: dict[str, Any] = {"retry": False, "headers": {logs.HEADER: logs.carried()}}
     if countdown > 0:
         options["countdown"] = countdown
     current_app.signature(name, args=args, kwargs=kwargs).apply_async(**options)

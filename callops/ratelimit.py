@@ -184,7 +184,7 @@ class RedisRateLimiter:
 
     def paused_for(self) -> float:
         """Seconds left of the pause a 429 imposed (0: none), on the limiter's clock."""
-        with self.client.pipeline() as pipe:
+        with self.client.pipeline(transaction=False) as pipe:
             until, (seconds, micros) = pipe.get(self.keys[1]).time().execute()
         return max(0.0, (float(until or 0) - (seconds * 1000 + micros / 1000)) / 1000)
 
@@ -272,7 +272,11 @@ class FileRateLimiter:
         self._locked(change)
 
     def paused_for(self) -> float:
-        return self._locked(lambda state, now: max(0.0, (state.get("pause", 0.0) - now) / 1000))
+        try:
+            state = json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return 0.0
+        return max(0.0, (state.get("pause", 0.0) - time.time() * 1000) / 1000)
 
 
 def _due(send: str) -> float | None:

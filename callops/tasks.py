@@ -9,17 +9,34 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from datetime import timedelta
 
 from celery import shared_task
-from celery.signals import task_postrun, task_prerun, worker_process_init
+from celery.signals import (
+    task_failure,
+    task_postrun,
+    task_prerun,
+    worker_process_init,
+    worker_process_shutdown,
+)
 from django.conf import settings
 from django.db import close_old_connections
 from django.db.models import F
 from django.utils import timezone
 
-from callops import commands, drain, events, maintenance, partner_delivery, partner_events, queue
+from callops import (
+    commands,
+    drain,
+    events,
+    logs,
+    maintenance,
+    metrics,
+    partner_delivery,
+    partner_events,
+    queue,
+)
 from callops.models import TaskRun, WebhookEvent
 
 logger = logging.getLogger("callops.tasks")
@@ -94,6 +111,7 @@ def send_command(
     mid-send leaves the message to be delivered again, and the claim's lease decides who sends.
     ``turn``: the rate-limit turn its enqueuer took for it (a redelivered message reuses it:
     the attempt it was taken for never completed, or the claim finds the command done)."""
+    logs.bind(command=command_pk)
     step = commands.command_process(command_pk=command_pk, reserved_at=reserved_at, turn=turn)
     if step.delay is not None:
         commands.command_enqueue(
@@ -116,6 +134,7 @@ def send_commands(command_pks: list[int]) -> int:
 def deliver_partner_event(delivery_pk: int) -> str:
     """Send one partner event to one endpoint. A worker killed mid-send leaves the message to
     be delivered again; the claim decides who sends (the partner dedupes by webhook-id)."""
+    logs.bind(delivery_id=delivery_pk)
     step = partner_delivery.delivery_process(delivery_pk=delivery_pk)
     if step.delay is not None:
         partner_events.deliveries_enqueue(delivery_pks=[delivery_pk], countdown=step.delay)
@@ -176,6 +195,36 @@ def _warm_up_telnyx_client(**_) -> None:
             logger.info("Telnyx client ready")
 
     threading.Thread(target=warm_up, name="telnyx-warm-up", daemon=True).start()
+
+
+@worker_process_init.connect
+def _count_this_process(**_) -> None:
+    metrics.process_started("worker")
+
+
+@worker_process_shutdown.connect
+def _forget_this_process(**_) -> None:
+    metrics.process_dead(os.getpid())
+
+
+@task_prerun.connect
+def _bind_log_context(task=None, task_id: str = "", **_) -> None:
+    """A task's lines carry what its publisher's did (``callops.queue``); a task started by
+    beat, or published without it, is a chain of its own, known by its task id."""
+    carried = getattr(task.request, logs.HEADER, None) if task is not None else None
+    logs.clear()
+    logs.bind(**{"correlation_id": task_id, **(carried if isinstance(carried, dict) else {})})
+    logs.bind(task=task.name if task is not None else "", task_id=task_id)
+
+
+@task_postrun.connect
+def _unbind_log_context(**_) -> None:
+    logs.clear()
+
+
+@task_failure.connect
+def _count_failure(sender=None, **_) -> None:
+    metrics.TASK_FAILURES.labels(getattr(sender, "name", "unknown")).inc()
 
 
 @task_prerun.connect

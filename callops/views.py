@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
+import ipaddress
 import logging
+import time
 
 from django.conf import settings
 from django.db import (
@@ -14,41 +17,48 @@ from django.db import (
     connection,
     transaction,
 )
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views import defaults
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from callops import dashboard, drain, events, webhooks
+from callops import dashboard, drain, events, gauges, logs, metrics, webhooks
 from callops.models import TaskRun
 from config.celery_app import app
 
 logger = logging.getLogger("callops.webhooks")
 
 
-def _reject(request: HttpRequest, status: int, reason: str) -> JsonResponse:
+def _reject(
+    request: HttpRequest, status: int, reason: str, kind: str, started: float
+) -> JsonResponse:
     # One line per rejection, prefixed so an operator can count and alert on it.
     logger.warning(
         "webhook rejected status=%s reason=%r remote=%s",
         status,
         reason,
         request.META.get("REMOTE_ADDR", "-"),
+        extra={"reason": kind},
     )
     dashboard.webhook_rejection_count(status=status, reason=reason)
-    return JsonResponse({"error": reason}, status=status)
+    response = JsonResponse({"error": reason}, status=status)
+    metrics.webhook_rejected(reason=kind, seconds=time.perf_counter() - started)
+    return response
 
 
 @csrf_exempt
 @require_POST
 def telnyx_webhook(request: HttpRequest) -> JsonResponse:
+    started = time.perf_counter()
     limit = settings.TELNYX_WEBHOOK_MAX_BYTES
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
     except ValueError:
-        return _reject(request, 400, "Content-Length is not a number")
+        return _reject(request, 400, "Content-Length is not a number", "bad_length", started)
     if declared > limit:
-        return _reject(request, 413, f"body is larger than {limit} bytes")
+        return _reject(request, 413, f"body is larger than {limit} bytes", "too_large", started)
     body = request.body
     try:
         webhooks.verify_signature(
@@ -58,7 +68,13 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
         )
         event = webhooks.parse_event(body)
     except webhooks.WebhookRejected as exc:
-        return _reject(request, exc.status_code, str(exc))
+        return _reject(request, exc.status_code, str(exc), exc.reason, started)
+    # The chain this event starts is known by its Telnyx id (callops.logs).
+    logs.bind(
+        correlation_id=event.event_id,
+        event_id=event.event_id,
+        call_control_id=event.call_control_id,
+    )
 
     handled = events.has_handler(event.event_type)
     try:
@@ -66,18 +82,26 @@ def telnyx_webhook(request: HttpRequest) -> JsonResponse:
     except (OperationalError, InterfaceError) as exc:
         # Telnyx retries a non-2xx delivery: nothing is lost while the database is down.
         logger.error("webhook not stored, database unavailable: %s", exc)
+        metrics.webhook_rejected(
+            reason="database_unavailable", seconds=time.perf_counter() - started
+        )
         return JsonResponse({"error": "database unavailable"}, status=503)
     except DataError as exc:
         # PostgreSQL refuses the value itself (a number beyond its numeric type): every retry
         # would get the same answer, so the delivery is refused, not deferred with a 503.
         reason = str(exc).partition("\n")[0]
-        return _reject(request, 400, f"body cannot be stored: {reason}")
+        return _reject(request, 400, f"body cannot be stored: {reason}", "unstorable", started)
     except DatabaseError as exc:
         logger.error("webhook %s not stored: %s", event.event_id, exc)
+        metrics.webhook_rejected(reason="database_error", seconds=time.perf_counter() - started)
         return JsonResponse({"error": "event could not be stored"}, status=503)
 
     drain.after_store(status=status, raised=raised, shard=event.shard, lane=event.lane)
-    return JsonResponse({"status": status, "duplicate": not created})
+    response = JsonResponse({"status": status, "duplicate": not created})
+    metrics.webhook_answered(
+        seconds=time.perf_counter() - started, event_type=event.event_type, duplicate=not created
+    )
+    return response
 
 
 def not_found(request: HttpRequest, exception: Exception) -> JsonResponse:
@@ -160,3 +184,37 @@ def readyz(request: HttpRequest) -> JsonResponse:
         else {}
     )
     return JsonResponse({**answer, "checks": checks, "tasks": runs}, status=status)
+
+
+@functools.lru_cache(maxsize=4)
+def _networks(entries: tuple[str, ...]) -> tuple:
+    return tuple(ipaddress.ip_network(entry, strict=False) for entry in entries)
+
+
+def may_scrape(request: HttpRequest) -> bool:
+    """The holder of CALLOPS_METRICS_TOKEN, or a client in CALLOPS_METRICS_ALLOWED_NETWORKS
+    (matched against the connection's own address, not a forwarded one)."""
+    expected = settings.CALLOPS_METRICS_TOKEN
+    if expected:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), expected.encode()
+        ):
+            return True
+    try:
+        address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+    except ValueError:
+        return False
+    return any(
+        address in net for net in _networks(tuple(settings.CALLOPS_METRICS_ALLOWED_NETWORKS))
+    )
+
+
+def prometheus_metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus' scrape. Not configured (no token, no networks): 404, as if absent, so a
+    deployment that forgot to choose does not publish its traffic. Configured: 403 to others."""
+    if not settings.CALLOPS_METRICS_TOKEN and not settings.CALLOPS_METRICS_ALLOWED_NETWORKS:
+        return HttpResponse(status=404)
+    if not may_scrape(request):
+        return HttpResponse(status=403)
+    return HttpResponse(gauges.metrics_render(), content_type=CONTENT_TYPE_LATEST)

@@ -46,13 +46,21 @@ _UNIX_TIME = re.compile(r"[0-9]{1,12}")
 
 
 class WebhookRejected(Exception):
-    """The request is not an authentic, well-formed Telnyx event. ``str()`` is the reason."""
+    """The request is not an authentic, well-formed Telnyx event. ``str()`` is the reason;
+    ``reason`` is its kind, a short fixed word the metrics count by."""
 
     status_code = 400
+    reason = "invalid_body"
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        if reason:
+            self.reason = reason
 
 
 class SignatureRejected(WebhookRejected):
     status_code = 401
+    reason = "bad_signature"
 
 
 @lru_cache(maxsize=8)
@@ -77,14 +85,20 @@ def verify_signature(
 ) -> None:
     """Raise ``SignatureRejected`` unless one configured key signed ``timestamp|body`` recently."""
     if not signature_b64 or not timestamp:
-        raise SignatureRejected("missing telnyx-signature-ed25519 or telnyx-timestamp header")
+        raise SignatureRejected(
+            "missing telnyx-signature-ed25519 or telnyx-timestamp header", "missing_signature"
+        )
     if not _UNIX_TIME.fullmatch(timestamp):
-        raise SignatureRejected("telnyx-timestamp is not a Unix time (1 to 12 ASCII digits)")
+        raise SignatureRejected(
+            "telnyx-timestamp is not a Unix time (1 to 12 ASCII digits)", "bad_timestamp"
+        )
     sent_at = int(timestamp)
     tolerance = settings.TELNYX_WEBHOOK_TOLERANCE if tolerance is None else tolerance
     skew = (time.time() if now is None else now) - sent_at
     if abs(skew) > tolerance:
-        raise SignatureRejected(f"telnyx-timestamp is {int(skew)} s away from now")
+        raise SignatureRejected(
+            f"telnyx-timestamp is {int(skew)} s away from now", "stale_timestamp"
+        )
     try:
         signature = base64.b64decode(signature_b64, validate=True)
     except (binascii.Error, ValueError):
@@ -93,7 +107,7 @@ def verify_signature(
         raise SignatureRejected("telnyx-signature-ed25519 is not a 64-byte signature")
     keys = _verify_keys(tuple(settings.TELNYX_PUBLIC_KEYS if public_keys is None else public_keys))
     if not keys:
-        raise SignatureRejected("no TELNYX_PUBLIC_KEY is configured")
+        raise SignatureRejected("no TELNYX_PUBLIC_KEY is configured", "no_public_key")
     signed = timestamp.encode() + b"|" + body
     for key in keys:
         try:

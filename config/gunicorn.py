@@ -13,6 +13,8 @@ import os
 # it would kill each one as it boots and the master would start them again, forever.
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.dev")
 importlib.import_module(os.environ["DJANGO_SETTINGS_MODULE"])
+# After the settings: they point prometheus-client at PROMETHEUS_MULTIPROC_DIR before it loads.
+from callops import metrics  # noqa: E402
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 # Two per core. A webhook request waits for PostgreSQL's commit for about a quarter of its
@@ -27,3 +29,13 @@ graceful_timeout = 20
 # Behind a proxy, trust its X-Forwarded-* headers (set to the proxy's address, or "*" in a
 # private network where only the proxy can reach the web process).
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+
+def post_worker_init(worker) -> None:
+    metrics.process_started("web")
+
+
+def child_exit(server, worker) -> None:
+    """A worker's live gauges go with it (prometheus-client's multi-process mode); what it
+    counted stays in its files and in /metrics' totals."""
+    metrics.process_dead(worker.pid)

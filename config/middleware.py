@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 
-from callops import views
+from callops import logs, views
 
 
 class HealthzMiddleware:
@@ -16,8 +18,9 @@ class HealthzMiddleware:
     its IP, which ``ALLOWED_HOSTS`` rightly refuses in production: validating the Host there would
     fail every probe with 400. Sending the right Host from each probe would tie every probe's
     definition to ``DJANGO_ALLOWED_HOSTS``. ``/healthz`` reads nothing and reveals nothing, so
-    it alone is answered here, first; every other path, ``/readyz`` included, still goes through
-    host validation.
+    it is answered here, first; so is ``/metrics``, which Prometheus scrapes by address and which
+    guards itself (``callops.views.prometheus_metrics``). Every other path, ``/readyz``
+    included, still goes through host validation.
     """
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
@@ -26,4 +29,32 @@ class HealthzMiddleware:
     def __call__(self, request: HttpRequest) -> HttpResponse:
         if request.path_info == "/healthz":
             return views.healthz(request)
+        if request.path_info == "/metrics":
+            # Prometheus scrapes each process by its address too; the view has its own guard
+            # (a token or the allowed networks).
+            return views.prometheus_metrics(request)
         return self.get_response(request)
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class LogContextMiddleware:
+    """Every log line of a request carries its request id: the proxy's ``X-Request-ID`` when it
+    sent a plain one, else a new one, answered in the response's ``X-Request-ID``. It is the
+    correlation id of what the request starts, unless the view binds another (a webhook: its
+    Telnyx event id; ``callops.logs``)."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        given = request.headers.get("X-Request-ID", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        # Cleared here, not after: Django logs a 4xx or 5xx once the middleware has returned,
+        # and that line belongs to this request too.
+        logs.clear()
+        logs.bind(request_id=request_id, correlation_id=request_id)
+        response = self.get_response(request)
+        response["X-Request-ID"] = request_id
+        return response

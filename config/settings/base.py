@@ -10,12 +10,14 @@ from pathlib import Path
 
 from kombu import Queue
 
-from callops import telnyx_spec
+from callops import logs, telnyx_spec
 
 from .environment import (
     BROKER_SCHEMES,
     REDIS_SCHEMES,
+    ConfigurationError,
     Env,
+    check_networks,
     check_public_keys,
     check_url,
 )
@@ -59,6 +61,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # First: liveness probes address the process by IP, which host validation would refuse.
     "config.middleware.HealthzMiddleware",
+    "config.middleware.LogContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -381,12 +384,37 @@ SPECTACULAR_SETTINGS = {
     },
 }
 
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    # httpx logs every request at INFO; callops logs what matters about each command itself.
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
-}
+# --- Logs and metrics (callops.logs, callops.metrics) -----------------------------------------
+# One JSON object a line (production's default) or readable text (development's); every line
+# carries the call, event, command and correlation ids it concerns. LOG_LEVEL: the root level.
+
+
+def log_settings(default_format: str) -> tuple[str, dict]:
+    """``(LOG_FORMAT, LOGGING)``, the format ``default_format`` unless set; production reuses it."""
+    log_format = env.str("LOG_FORMAT", default=default_format)
+    if log_format not in ("json", "text"):
+        raise ConfigurationError("LOG_FORMAT is not json or text")
+    level = env.str("LOG_LEVEL", default="INFO")
+    return log_format, logs.logging_config(level=level, format=log_format)
+
+
+LOG_FORMAT, LOGGING = log_settings("text")
+
+# Where every process of a host (gunicorn's workers, Celery's pool) writes its counters for
+# /metrics to add up (prometheus-client's multi-process mode). Empty: each process counts for
+# itself, and /metrics shows the web process's own. Set before any process starts; empty it
+# when the host's processes restart.
+PROMETHEUS_MULTIPROC_DIR = env.str("PROMETHEUS_MULTIPROC_DIR", default="")
+if PROMETHEUS_MULTIPROC_DIR:
+    Path(PROMETHEUS_MULTIPROC_DIR).mkdir(parents=True, exist_ok=True)
+    # prometheus-client reads the environment, in this process and in those it forks.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = PROMETHEUS_MULTIPROC_DIR
+# Who may read /metrics: the holder of this bearer token, or a client whose address is in one
+# of these networks (CIDR, comma-separated). With neither, /metrics answers 404.
+CALLOPS_METRICS_TOKEN = env.str("CALLOPS_METRICS_TOKEN", default="")
+CALLOPS_METRICS_ALLOWED_NETWORKS = check_networks(
+    "CALLOPS_METRICS_ALLOWED_NETWORKS", env.list("CALLOPS_METRICS_ALLOWED_NETWORKS", default=[])
+)
+# Seconds each database query of a scrape may take before it is cancelled (its gauges are then
+# left out and callops_metrics_scrape_errors_total counts it).
+CALLOPS_METRICS_QUERY_TIMEOUT = env.float("CALLOPS_METRICS_QUERY_TIMEOUT", default=2.0)

@@ -18,3 +18,7 @@ ALLOWED_HOSTS = [
 ]
 CALLOPS_ALLOW_INSECURE_WS = env.bool("CALLOPS_ALLOW_INSECURE_WS", default=True)
 CALLOPS_ALLOW_PRIVATE_TARGETS = env.bool("CALLOPS_ALLOW_PRIVATE_TARGETS", default=True)
+# /metrics answers this machine's own scrapes without a token.
+CALLOPS_METRICS_ALLOWED_NETWORKS = env.list(
+    "CALLOPS_METRICS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"]
+)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 from urllib.parse import urlsplit
 
 import environ
@@ -98,3 +99,15 @@ def check_public_keys(name: str, keys: list[str]) -> list[str]:
                 f"{name} decodes to {len(raw)} bytes, not the 32 of an Ed25519 public key ({hint})"
             )
     return keys
+
+
+def check_networks(name: str, networks: list[str]) -> list[str]:
+    """Each entry must be a network in CIDR notation (or one address)."""
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigurationError(
+                f"{name} has an entry that is not a network (expected 10.0.0.0/8, ::1/128)"
+            ) from None
+    return networks

@@ -8,7 +8,7 @@ the fleet, so a per-host file or process memory is refused.
 """
 
 from .base import *  # noqa: F403
-from .base import CACHES, CALLOPS_RATE_LIMIT_URL, CELERY_BROKER_URL, database, env
+from .base import CACHES, CALLOPS_RATE_LIMIT_URL, CELERY_BROKER_URL, database, env, log_settings
 from .environment import ConfigurationError
 
 DEBUG = False
@@ -45,10 +45,13 @@ if not CALLOPS_RATE_LIMIT_URL:
         " rate limit must be shared by every worker, not kept in a per-host file"
     )
 
+# One JSON object a line unless LOG_FORMAT says otherwise (callops.logs).
+LOG_FORMAT, LOGGING = log_settings("json")
+
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
-# Load-balancer probes reach the health checks over plain HTTP from inside the network.
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Load-balancer probes and Prometheus reach these over plain HTTP from inside the network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SESSION_COOKIE_SECURE = True
 CSRF_COOKIE_SECURE = True
 SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=60 * 60 * 24 * 365)

@@ -30,6 +30,7 @@ import io
 import os
 import secrets
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,11 @@ class Command(BaseCommand):
         self.local = f"{local_host}:{port}"
         self.started_at = timezone.now()
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if not self.env.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Web, worker and beat add up their counters for /metrics here (callops.metrics).
+            metrics_dir = settings.VAR_DIR / "metrics"
+            shutil.rmtree(metrics_dir, ignore_errors=True)  # this run's counts start at 0
+            self.env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
         wanted = options["simulator"]
         self.simulated = wanted == "on" or (wanted == "auto" and not settings.TELNYX_API_KEY)
         call_command("migrate", interactive=False, stdout=self.stdout, stderr=self.stderr)
