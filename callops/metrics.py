@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, multiprocess, values
 
@@ -126,10 +127,16 @@ def process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(f"{socket.gethostname()}-{pid}".replace("_", "-"))
 
 
+_received: dict[str, Any] = {}  # a child per event type: labels() takes a lock and builds a key
+
+
 def webhook_answered(*, seconds: float, event_type: str = "", duplicate: bool = False) -> None:
     WEBHOOK_ACK.observe(seconds)
     if event_type:
-        WEBHOOKS_RECEIVED.labels(event_type).inc()
+        child = _received.get(event_type)
+        if child is None:
+            child = _received[event_type] = WEBHOOKS_RECEIVED.labels(event_type)
+        child.inc()
         if duplicate:
             WEBHOOKS_DUPLICATED.inc()
 

@@ -259,6 +259,13 @@ def delivery_process(*, delivery_pk: int) -> Step:
     outcome = attempt(endpoint, delivery.event)
     step = delivery_record(delivery=delivery, outcome=outcome)
     metrics.PARTNER_DELIVERIES.labels(step.status).inc()
+    logger.info(
+        "delivery %s attempt %d: %s (HTTP %s)",
+        delivery.pk,
+        delivery.attempts,
+        step.status,
+        outcome.status_code or "-",
+    )
     return step
 
 

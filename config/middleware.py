@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
@@ -50,11 +50,11 @@ class LogContextMiddleware:
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
         given = request.headers.get("X-Request-ID", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if given and _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         # Cleared here, not after: Django logs a 4xx or 5xx once the middleware has returned,
         # and that line belongs to this request too.
         logs.clear()
-        logs.bind(request_id=request_id, correlation_id=request_id)
+        logs.bind(request_id=request_id)
         response = self.get_response(request)
         response["X-Request-ID"] = request_id
         return response
