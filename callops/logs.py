@@ -92,7 +92,7 @@ def on_commit(func: Callable[[], Any]) -> None:
     """``transaction.on_commit`` that runs ``func`` with the log context of now, not of the
     commit: a drain commits a batch of many events' commands at once, and each command's
     message must carry its own event's correlation id."""
-    from django.db import transaction
+    from django.db import transaction  # not at the top: the settings import this module
 
     context = contextvars.copy_context()
     transaction.on_commit(lambda: context.run(func))

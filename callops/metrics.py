@@ -21,12 +21,21 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, multiprocess, values
 
+# Files are named by process: the host name too, so a directory shared by the containers of
+# one host (whose pids all start at 1) cannot mix two processes' counts. No "_": the collector
+# splits file names on it.
+_HOST = socket.gethostname().replace("_", "-")
+_ids: dict[int, str] = {}
 
-def _process_id() -> str:
-    # Files are named by process: the host name too, so a directory shared by the containers of
-    # one host (whose pids all start at 1) cannot mix two processes' counts. No "_": the
-    # collector splits file names on it.
-    return f"{socket.gethostname()}-{os.getpid()}".replace("_", "-")
+
+def _process_id(pid: int | None = None) -> str:
+    # Called on every increment (prometheus-client checks for a fork): the name is built once
+    # per process, not each time.
+    pid = os.getpid() if pid is None else pid
+    name = _ids.get(pid)
+    if name is None:
+        name = _ids[pid] = f"{_HOST}-{pid}"
+    return name
 
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -124,7 +133,7 @@ def process_started(kind: str) -> None:
 def process_dead(pid: int) -> None:
     """Bookkeeping when a process ends (gunicorn's ``child_exit``, Celery's shutdown)."""
     if MULTIPROCESS:
-        multiprocess.mark_process_dead(f"{socket.gethostname()}-{pid}".replace("_", "-"))
+        multiprocess.mark_process_dead(_process_id(pid))
 
 
 _received: dict[str, Any] = {}  # a child per event type: labels() takes a lock and builds a key

@@ -49,7 +49,8 @@ class LogContextMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        given = request.headers.get("X-Request-ID", "")
+        # META, not request.headers: that builds a dict of every header, on every request.
+        given = request.META.get("HTTP_X_REQUEST_ID", "")
         request_id = given if given and _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         # Cleared here, not after: Django logs a 4xx or 5xx once the middleware has returned,
         # and that line belongs to this request too.

@@ -76,6 +76,12 @@ KEY_16_BYTES = base64.b64encode(bytes(16)).decode()
             "callops: TELNYX_BASE_URL is not a valid URL (expected https://api.telnyx.com/v2)",
         ),
         ({"TELNYX_TIMEOUT": "soon"}, "callops: TELNYX_TIMEOUT is not a number"),
+        (
+            {"CALLOPS_METRICS_ALLOWED_NETWORKS": "10.0.0.0/8,10.0.0.0/33"},
+            "callops: CALLOPS_METRICS_ALLOWED_NETWORKS has an entry that is not a network"
+            " (expected 10.0.0.0/8, ::1/128)",
+        ),
+        ({"LOG_FORMAT": "xml"}, "callops: LOG_FORMAT is not json or text"),
     ],
     ids=lambda value: "-".join(value) if isinstance(value, dict) else None,
 )

@@ -30,7 +30,6 @@ tries to restore them to the Redis that is gone).
 from __future__ import annotations
 
 import functools
-import http.client
 import os
 import signal
 import sys
@@ -56,7 +55,7 @@ from callops.models import (
 )
 from telnyx_sim import CallSimulator
 from tests.faultproxy import FaultProxy
-from tests.helpers import closed_port, wait_for
+from tests.helpers import closed_port, healthy, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -259,7 +258,7 @@ def stack(telnyx, settings, proxies, worker_processes, tmp_path):
         beat = [sys.executable, "-m", "celery", "-A", "config", "beat", "--loglevel", "INFO"]
         started.append(start_process(beat, env=environment, log_path=tmp_path / "beat.log"))
         procs = worker_processes(count=workers, concurrency=concurrency, **env)
-        wait_for(lambda: _healthy(port), timeout=30, interval=0.1)
+        wait_for(lambda: healthy(port), timeout=30, interval=0.1)
         wait_for(lambda: "beat: Starting" in (tmp_path / "beat.log").read_text(), timeout=30)
         sims.append(sim.start())
         running = Stack(sim, postgres, redis, procs, tmp_path)
@@ -295,15 +294,6 @@ def _supervise(stack: Stack, restart, done: threading.Event) -> None:
             )
             stack.restarts.append((worker.pid, why))
             (stack.workers[index],) = restart()
-
-
-def _healthy(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
 
 
 # --- The cases ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from benchmarks.harness import start_process, stop_processes
 from callops.models import Command, Delivery, Partner, PartnerConnection, StreamingProfile
 from callops.partner_delivery import webhook_endpoint_create
 from telnyx_sim import Signer, dumps, envelope
-from tests.helpers import closed_port, deliver, wait_for
+from tests.helpers import closed_port, deliver, healthy, wait_for
 from tests.test_partner_webhooks import drive, local_targets, receiver  # noqa: F401 - fixtures
 
 TOKEN = "metrics-token-for-the-test-0123456789"  # noqa: S105
@@ -125,15 +125,6 @@ def _post(port: int, body: bytes, headers: dict[str, str]) -> int:
     return response.status
 
 
-def _healthy(port: int) -> bool:
-    try:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-        conn.request("GET", "/healthz")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def live(telnyx, settings, worker_processes, tmp_path):
     """gunicorn and a Celery worker sharing one metrics directory, JSON logs, the simulator."""
@@ -178,7 +169,7 @@ def live(telnyx, settings, worker_processes, tmp_path):
     web = start_process(gunicorn, env=web_env, log_path=tmp_path / "web.log")
     try:
         (worker,) = worker_processes(count=1, concurrency=2, **env)
-        wait_for(lambda: _healthy(port), timeout=30, interval=0.1)
+        wait_for(lambda: healthy(port), timeout=30, interval=0.1)
         yield port, signer, worker, tmp_path / "web.log"
     finally:
         stop_processes([web], timeout=10)

@@ -59,9 +59,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # First: liveness probes address the process by IP, which host validation would refuse.
-    "config.middleware.HealthzMiddleware",
+    # First: every line logged while answering carries this request's id.
     "config.middleware.LogContextMiddleware",
+    # Then, before host validation: probes and Prometheus address the process by IP.
+    "config.middleware.HealthzMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
