@@ -85,7 +85,10 @@ def clear() -> None:
 def carried() -> dict[str, Any]:
     """What a task published now carries to its worker."""
     context = get_contextvars()
-    return {key: context[key] for key in CARRIED if key in context}
+    carried = {key: context[key] for key in CARRIED if key in context}
+    if "correlation_id" not in carried and "request_id" in context:
+        carried["correlation_id"] = context["request_id"]  # see default_correlation
+    return carried
 
 
 def on_commit(func: Callable[[], Any]) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from callops import commands, logs, queue
 from callops.models import Command, Partner, PartnerConnection, StreamingProfile
-from tests.helpers import deliver, make_call
+from tests.helpers import deliver, make_call, partner_with_key
 from tests.telnyx_events import dumps, envelope
 
 
@@ -129,3 +129,21 @@ def test_it_logs_each_outbound_telnyx_call_with_the_command_s_ids(json_log, teln
     assert line["call_control_id"] == "v3:sent"
     assert line["outcome"] == "succeeded" and line["http_status"] == 200
     assert settings.TELNYX_API_KEY not in json.dumps(json_log())
+
+
+@pytest.mark.django_db
+def test_it_carries_an_api_request_s_id_and_partner_to_the_command_it_creates(
+    json_log, monkeypatch, django_capture_on_commit_callbacks
+):
+    partner, client = partner_with_key("api-logs", "api-conn")
+    make_call("v3:api", "api-conn")
+    published: list[dict] = []
+    monkeypatch.setattr(queue, "publish", lambda *args, **kwargs: published.append(logs.carried()))
+    with django_capture_on_commit_callbacks(execute=True):
+        answer = client.post(
+            "/api/v1/calls/v3:api/hangup/", {}, format="json", HTTP_X_REQUEST_ID="api-req-7"
+        )
+    assert answer.status_code == 202 and answer["X-Request-ID"] == "api-req-7"
+    assert published == [{"correlation_id": "api-req-7"}]
+    logging.getLogger("callops.test").info("after the view")  # the request's context, still
+    assert json_log()[-1]["partner"] == partner.pk

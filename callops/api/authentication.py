@@ -8,6 +8,7 @@ from datetime import timedelta
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
+from callops import logs
 from callops.api_keys import KEY_PREFIX, hash_key
 from callops.models import ApiKey
 
@@ -38,6 +39,7 @@ class PartnerKeyAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed("Unknown or revoked API key.")
         if not key.partner.active:
             raise exceptions.PermissionDenied("This partner is inactive.")
+        logs.bind(partner=key.partner_id)  # on the request's lines (callops.logs)
         now = timezone.now()
         if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
             ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
