@@ -791,6 +791,9 @@ class Delivery(models.Model):
     delivered_at = models.DateTimeField(null=True, blank=True)
     # Retrying stops once this passes (CALLOPS_WEBHOOK_MAX_AGE); a redelivery starts a new window.
     expires_at = models.DateTimeField()
+    # Since when it waits for one of its endpoint's CALLOPS_WEBHOOK_CONCURRENCY slots: its
+    # place in the endpoint's queue (callops.partner_delivery); null when not waiting.
+    waiting_since = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -812,6 +815,17 @@ class Delivery(models.Model):
                 name="delivery_due_idx",
             ),
             models.Index(fields=["status", "created_at"], name="delivery_status_idx"),
+            # An endpoint's slots: what is in flight, and who waits for a slot, in order.
+            models.Index(
+                fields=["endpoint", "next_attempt_at"],
+                condition=models.Q(status="delivering"),
+                name="delivery_in_flight_idx",
+            ),
+            models.Index(
+                fields=["endpoint", "waiting_since"],
+                condition=models.Q(waiting_since__isnull=False),
+                name="delivery_waiting_idx",
+            ),
         ]
         permissions = [("retry_delivery", "Can retry partner webhook deliveries")]
 

@@ -10,20 +10,23 @@
 2. **The circuit breaker.** After ``CALLOPS_WEBHOOK_BREAKER_THRESHOLD`` failed attempts in a
    row an endpoint is parked for ``CALLOPS_WEBHOOK_BREAKER_COOLDOWN``: its deliveries wait
    instead of trying, so a dead endpoint costs one timed-out request per cooldown, not one per
-   event. When the cooldown ends one delivery wins the probe (a conditional UPDATE); its
-   success lets the rest through.
-3. **The attempt.** Claimed with a conditional UPDATE (``next_attempt_at`` is then the lease: a
+   event. When the cooldown ends one delivery wins the probe (decided under the endpoint's
+   row lock, below); its success lets the rest through.
+3. **Bounded concurrency.** At most ``CALLOPS_WEBHOOK_CONCURRENCY`` requests are in flight to
+   one endpoint, across every worker process and host. The slots are counted in the database,
+   under the endpoint's row lock: a slot is a delivery being sent, so a dead worker's slot frees
+   when its claim's lease lapses, and no second store (Redis) can disagree with the claims. A
+   delivery that finds its endpoint full does not hold a worker: it queues (``waiting_since``)
+   and each release wakes the oldest waiter at once, so a slow endpoint holds at most that many
+   workers and the others keep the rest.
+4. **The attempt.** Claimed with a conditional UPDATE (``next_attempt_at`` is then the lease: a
    worker that dies mid-send leaves it to lapse and the sweeper to publish it again), the URL
    checked again (a name may resolve elsewhere by now), then one POST signed with
    ``standardwebhooks``: ``webhook-id`` is the event id, so a partner dedupes retries by it.
-4. **The outcome** (``classify``): 2xx succeeded; 429 and 503 wait their ``Retry-After``;
+5. **The outcome** (``classify``): 2xx succeeded; 429 and 503 wait their ``Retry-After``;
    anything else (another status, a timeout, a refused connection, a redirect) is retried with
    exponential backoff and full jitter, until ``CALLOPS_WEBHOOK_MAX_ATTEMPTS`` or the
    delivery's ``expires_at``, then it is dead.
-
-Not done here (yet): a per-endpoint concurrency limit. One request per call and endpoint is in
-flight at a time, and the breaker stops a failing endpoint from holding the workers; a partner
-with many simultaneous calls still gets as many requests at once as there are workers.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from email.utils import parsedate_to_datetime
 import httpx
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists, F, OuterRef, Q
+from django.db.models import Exists, F, OuterRef, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 from standardwebhooks import Webhook
 
@@ -218,7 +222,7 @@ def _earlier_unfinished(delivery: Delivery) -> bool:
 
 
 def delivery_process(*, delivery_pk: int) -> Step:
-    """Attempt one delivery if it is due, in order and its endpoint not parked."""
+    """Attempt one delivery if it is due, in order, its endpoint not parked and not full."""
     now = timezone.now()
     delivery = Delivery.objects.select_related("endpoint", "event").filter(pk=delivery_pk).first()
     if delivery is None:
@@ -229,32 +233,21 @@ def delivery_process(*, delivery_pk: int) -> Step:
     if not due:
         return Step("skipped")
     if delivery.next_attempt_at > now + timedelta(seconds=1):
-        return Step("skipped")  # an early message (a redelivery meanwhile): its own is queued
-    endpoint = delivery.endpoint
+        return Step("skipped")  # an early message (a redelivery, a waiter's): its own is queued
     logs.bind(
-        partner=endpoint.partner_id, endpoint=endpoint.pk, partner_event_id=delivery.event.event_id
+        partner=delivery.endpoint.partner_id,
+        endpoint=delivery.endpoint_id,
+        partner_event_id=delivery.event.event_id,
     )
-    if not endpoint.active or now > delivery.expires_at:
-        why = "endpoint inactive" if not endpoint.active else "too old"
+    if not delivery.endpoint.active or now > delivery.expires_at:
+        why = "endpoint inactive" if not delivery.endpoint.active else "too old"
         _give_up(delivery, why, now)
         return Step("dead")
     if _earlier_unfinished(delivery):
         return Step("waiting")  # the earlier one publishes this one when it finishes
-    if not _may_try(endpoint, delivery, now):
-        return Step("waiting")
-    lease = now + timedelta(seconds=settings.CALLOPS_WEBHOOK_TIMEOUT + LEASE_MARGIN)
-    claimed = (
-        Delivery.objects.filter(pk=delivery.pk, status=delivery.status, attempts=delivery.attempts)
-        .filter(next_attempt_at__lte=delivery.next_attempt_at)
-        .update(
-            status=Delivery.Status.DELIVERING,
-            attempts=F("attempts") + 1,
-            next_attempt_at=lease,
-            last_attempt_at=now,
-        )
-    )
-    if not claimed:
-        return Step("skipped")  # another worker has it
+    endpoint = _claim(delivery, now)
+    if not isinstance(endpoint, WebhookEndpoint):
+        return Step(endpoint)
     delivery.attempts += 1
     outcome = attempt(endpoint, delivery.event)
     step = delivery_record(delivery=delivery, outcome=outcome)
@@ -269,21 +262,67 @@ def delivery_process(*, delivery_pk: int) -> Step:
     return step
 
 
-def _may_try(endpoint: WebhookEndpoint, delivery: Delivery, now: datetime) -> bool:
-    """False while the endpoint is parked (the delivery waits for the cooldown's end); when
-    the cooldown is over, True for the one delivery that wins the probe."""
-    if endpoint.parked_until is None:
-        return True
-    if endpoint.parked_until > now:
-        Delivery.objects.filter(pk=delivery.pk, status=delivery.status).update(
-            next_attempt_at=endpoint.parked_until
+def _locked_endpoint(endpoint_pk: int) -> WebhookEndpoint:
+    """The endpoint's row, locked until the transaction ends: every claim of one of its slots
+    and every release takes it, so a delivery that finds the endpoint full is queued before
+    the next release looks for whom to wake. ``no_key``: the drains' inserts of deliveries
+    (which share-lock the row they refer to) need not wait for it."""
+    return WebhookEndpoint.objects.select_for_update(no_key=True).get(pk=endpoint_pk)
+
+
+def _in_flight(endpoint_pk: int, now: datetime) -> int:
+    """Requests being sent to the endpoint: claims whose lease has not lapsed (a worker that
+    died mid-send stops counting when its lease does). Read after the lock is taken, in a
+    statement of its own, so it sees every release committed before."""
+    return Delivery.objects.filter(
+        endpoint_id=endpoint_pk, status=Delivery.Status.DELIVERING, next_attempt_at__gt=now
+    ).count()
+
+
+def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
+    """Take one of the endpoint's slots for ``delivery``. Returns the (fresh) endpoint, or why
+    not: ``"waiting"`` (parked, or full: queued for a slot) or ``"skipped"`` (another worker
+    has it).
+
+    The slot is the claim itself: a delivery being sent is a slot taken, so the count and the
+    claims cannot disagree, whatever process or host sent them, and a dead worker's slot
+    frees when its lease lapses. A full endpoint's delivery holds no worker: it records since
+    when it waits (keeping that place if it waited before) and the next release wakes the
+    oldest waiter. Its ``next_attempt_at`` is the fallback should that wake-up be lost (a
+    broker outage): by then every slot taken before has been released or has lapsed."""
+    with transaction.atomic():
+        endpoint = _locked_endpoint(delivery.endpoint_id)
+        mine = Delivery.objects.filter(
+            pk=delivery.pk, status=delivery.status, attempts=delivery.attempts
+        ).filter(next_attempt_at__lte=delivery.next_attempt_at)
+        if endpoint.parked_until is not None and endpoint.parked_until > now:
+            mine.update(next_attempt_at=endpoint.parked_until)
+            return "waiting"  # the probe's success or the sweeper publishes it
+        if _in_flight(endpoint.pk, now) >= max(settings.CALLOPS_WEBHOOK_CONCURRENCY, 1):
+            mine.update(
+                waiting_since=Coalesce(F("waiting_since"), Value(now)),
+                next_attempt_at=now + timedelta(seconds=lease_seconds()),
+            )
+            return "waiting"
+        claimed = mine.update(
+            status=Delivery.Status.DELIVERING,
+            attempts=F("attempts") + 1,
+            next_attempt_at=now + timedelta(seconds=lease_seconds()),
+            last_attempt_at=now,
+            waiting_since=None,
         )
-        return False
-    cooldown = timedelta(seconds=settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN)
-    won = WebhookEndpoint.objects.filter(pk=endpoint.pk, parked_until=endpoint.parked_until).update(
-        parked_until=now + cooldown
-    )
-    return bool(won)
+        if not claimed:
+            return "skipped"
+        if endpoint.parked_until is not None:  # the cooldown is over: this one is the probe
+            endpoint.parked_until = now + timedelta(
+                seconds=settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN
+            )
+            endpoint.save(update_fields=["parked_until"])
+    return endpoint
+
+
+def lease_seconds() -> float:
+    return settings.CALLOPS_WEBHOOK_TIMEOUT + LEASE_MARGIN
 
 
 def attempt(endpoint: WebhookEndpoint, event: PartnerEvent) -> Outcome:
@@ -313,71 +352,93 @@ def attempt(endpoint: WebhookEndpoint, event: PartnerEvent) -> Outcome:
 
 
 def delivery_record(*, delivery: Delivery, outcome: Outcome) -> Step:
-    """Store an attempt's outcome, move the breaker, and say what comes next."""
+    """Store an attempt's outcome, move the breaker, release the slot (waking the endpoint's
+    oldest waiter) and say what comes next. All under the endpoint's lock (``_claim``)."""
     now = timezone.now()
     common = {"last_status_code": outcome.status_code, "last_error": outcome.error[:500]}
-    if outcome.succeeded:
-        Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING).update(
-            status=Delivery.Status.SUCCEEDED, delivered_at=now, **common
+    delivering = Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING)
+    with transaction.atomic():
+        endpoint = _locked_endpoint(delivery.endpoint_id)
+        if outcome.succeeded:
+            delivering.update(status=Delivery.Status.SUCCEEDED, delivered_at=now, **common)
+            _close_breaker(endpoint, now)
+            _publish_next(delivery)
+            step = Step("succeeded")
+        else:
+            _trip(endpoint, now)
+            delay = outcome.wait if outcome.wait is not None else backoff(delivery.attempts)
+            retry_at = now + timedelta(seconds=delay)
+            if (
+                delivery.attempts >= settings.CALLOPS_WEBHOOK_MAX_ATTEMPTS
+                or retry_at > delivery.expires_at
+            ):
+                _give_up(delivery, outcome.error[:480], now, last_status_code=outcome.status_code)
+                step = Step("dead")
+            else:
+                delivering.update(status=Delivery.Status.FAILED, next_attempt_at=retry_at, **common)
+                logger.info("delivery %s: %s, retry in %.2f s", delivery.pk, outcome.error, delay)
+                step = Step("failed", delay=delay)
+        _wake_next_waiter(endpoint.pk, now)
+    return step
+
+
+def _wake_next_waiter(endpoint_pk: int, now: datetime) -> None:
+    """A slot was released: the endpoint's oldest waiter not yet woken is due now. It keeps its
+    place (``waiting_since``) until it gets a slot, so if a newcomer took the slot first it is
+    the next one woken again. One per release: each release frees one slot."""
+    waiter = (
+        Delivery.objects.filter(
+            endpoint_id=endpoint_pk,
+            waiting_since__isnull=False,
+            status__in=[Delivery.Status.PENDING, Delivery.Status.FAILED],
+            next_attempt_at__gt=now,
         )
-        _close_breaker(delivery.endpoint_id, now)
-        _publish_next(delivery)
-        return Step("succeeded")
-    _trip(delivery.endpoint_id, now)
-    delay = outcome.wait if outcome.wait is not None else backoff(delivery.attempts)
-    retry_at = now + timedelta(seconds=delay)
-    if delivery.attempts >= settings.CALLOPS_WEBHOOK_MAX_ATTEMPTS or retry_at > delivery.expires_at:
-        _give_up(delivery, outcome.error[:480], now, last_status_code=outcome.status_code)
-        return Step("dead")
-    Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING).update(
-        status=Delivery.Status.FAILED, next_attempt_at=retry_at, **common
+        .order_by("waiting_since", "pk")
+        .values_list("pk", flat=True)
+        .first()
     )
-    logger.info("delivery %s: %s, retry in %.2f s", delivery.pk, outcome.error, delay)
-    return Step("failed", delay=delay)
+    if waiter is not None:
+        Delivery.objects.filter(pk=waiter).update(next_attempt_at=now)
+        transaction.on_commit(lambda: partner_events.deliveries_enqueue(delivery_pks=[waiter]))
 
 
-def _close_breaker(endpoint_pk: int, now: datetime) -> None:
+def _close_breaker(endpoint: WebhookEndpoint, now: datetime) -> None:
     """A success: the failures in a row start again from 0. If it was the probe of a parked
     endpoint, what waited for the cooldown is due now, not at the cooldown's end."""
-    with transaction.atomic():
-        endpoint = (
-            WebhookEndpoint.objects.select_for_update()
-            .filter(pk=endpoint_pk)
-            .filter(Q(consecutive_failures__gt=0) | Q(parked_until__isnull=False))
-            .first()
-        )
-        if endpoint is None:
-            return  # the usual case: nothing to reset, one query
-        parked_until = endpoint.parked_until
-        endpoint.consecutive_failures, endpoint.parked_until = 0, None
-        endpoint.save(update_fields=["consecutive_failures", "parked_until"])
-        if parked_until is not None:
-            Delivery.objects.filter(
-                endpoint_id=endpoint_pk,
-                status__in=[Delivery.Status.PENDING, Delivery.Status.FAILED],
-                next_attempt_at__gt=now,
-                next_attempt_at__lte=parked_until,
-            ).update(next_attempt_at=now)
-            transaction.on_commit(deliveries_sweep)
+    if endpoint.consecutive_failures == 0 and endpoint.parked_until is None:
+        return  # the usual case: nothing to reset
+    parked_until = endpoint.parked_until
+    endpoint.consecutive_failures, endpoint.parked_until = 0, None
+    endpoint.save(update_fields=["consecutive_failures", "parked_until"])
+    if parked_until is not None:
+        Delivery.objects.filter(
+            endpoint_id=endpoint.pk,
+            status__in=[Delivery.Status.PENDING, Delivery.Status.FAILED],
+            next_attempt_at__gt=now,
+            next_attempt_at__lte=parked_until,
+        ).update(next_attempt_at=now)
+        transaction.on_commit(deliveries_sweep)
 
 
-def _trip(endpoint_pk: int, now: datetime) -> None:
+def _trip(endpoint: WebhookEndpoint, now: datetime) -> None:
     """One more failure in a row; at the threshold the endpoint is parked for the cooldown."""
-    WebhookEndpoint.objects.filter(pk=endpoint_pk).update(
-        consecutive_failures=F("consecutive_failures") + 1
-    )
-    cooldown = timedelta(seconds=settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN)
-    parked = WebhookEndpoint.objects.filter(
-        pk=endpoint_pk,
-        consecutive_failures__gte=settings.CALLOPS_WEBHOOK_BREAKER_THRESHOLD,
-    ).update(parked_until=now + cooldown)
-    if parked:
-        logger.warning("endpoint %s parked for %s after failures in a row", endpoint_pk, cooldown)
+    endpoint.consecutive_failures += 1
+    fields = ["consecutive_failures"]
+    if endpoint.consecutive_failures >= settings.CALLOPS_WEBHOOK_BREAKER_THRESHOLD:
+        cooldown = timedelta(seconds=settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN)
+        endpoint.parked_until = now + cooldown
+        fields.append("parked_until")
+        logger.warning("endpoint %s parked for %s after failures in a row", endpoint.pk, cooldown)
+    endpoint.save(update_fields=fields)
 
 
 def _give_up(delivery: Delivery, why: str, now: datetime, **fields) -> None:
     done = Delivery.objects.filter(pk=delivery.pk, status__in=Delivery.UNFINISHED).update(
-        status=Delivery.Status.DEAD, next_attempt_at=now, **fields, last_error=f"gave up: {why}"
+        status=Delivery.Status.DEAD,
+        next_attempt_at=now,
+        waiting_since=None,
+        **fields,
+        last_error=f"gave up: {why}",
     )
     if done:
         _publish_next(delivery)

@@ -62,6 +62,8 @@ class Receiver:
         self.requests: list[dict] = []
         self.script: list = []
         self.hang_for = 1.0
+        self.delay = 0.0  # seconds each 200 takes (a slow partner)
+        self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         receiver = self
 
@@ -69,6 +71,8 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 with receiver.lock:
+                    receiver.in_flight += 1
+                    receiver.max_in_flight = max(receiver.max_in_flight, receiver.in_flight)
                     answer = receiver.script.pop(0) if receiver.script else 200
                     receiver.requests.append(
                         {
@@ -80,13 +84,20 @@ class Receiver:
                     )
                 if answer == "hang":
                     time.sleep(receiver.hang_for)
+                    self.done()
                     return
+                time.sleep(receiver.delay if answer == 200 else 0)
                 code, headers = answer if isinstance(answer, tuple) else (answer, {})
                 self.send_response(code)
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.send_header("Content-Length", "0")
+                self.done()  # before the answer leaves: the sender's slot frees only after it
                 self.end_headers()
+
+            def done(self) -> None:
+                with receiver.lock:
+                    receiver.in_flight -= 1
 
             def log_message(self, *args) -> None:
                 pass
@@ -584,6 +595,126 @@ def test_an_operator_adds_an_endpoint_in_the_admin_with_a_fresh_secret_never_sho
     assert endpoint.secret.startswith("whsec_")
     page = admin_client.get(f"/admin/callops/webhookendpoint/{endpoint.pk}/change/")
     assert endpoint.secret not in page.content.decode()
+
+
+# --- Bounded concurrency per endpoint ------------------------------------------------------------
+
+
+def calls_begin(count: int, events_each: int = 3) -> list[str]:
+    """``count`` calls on conn-1, the first ``events_each`` webhooks of each applied."""
+    ccids = [f"v3:call-{n}" for n in range(count)]
+    for ccid in ccids:
+        for event in call_life(ccid)[:events_each]:
+            deliver(event)
+    return ccids
+
+
+@pytest.mark.django_db
+def test_a_full_endpoint_queues_a_delivery_until_a_slot_frees_or_its_lease_lapses(
+    acme, receiver, local_targets, settings
+):
+    settings.CALLOPS_WEBHOOK_CONCURRENCY = 1
+    endpoint_for(acme, receiver)
+    calls_begin(2, events_each=1)
+    first, second = Delivery.objects.order_by("pk")
+    lease = timezone.now() + timedelta(seconds=30)
+    Delivery.objects.filter(pk=first.pk).update(status="delivering", next_attempt_at=lease)
+
+    assert partner_delivery.delivery_process(delivery_pk=second.pk).status == "waiting"
+    second.refresh_from_db()
+    assert second.status == "pending" and second.waiting_since is not None
+    assert second.next_attempt_at > timezone.now()  # asleep: a stray message skips it
+    assert partner_delivery.delivery_process(delivery_pk=second.pk).status == "skipped"
+    place = second.waiting_since
+
+    # The worker sending the first died: once its lease lapses its slot is free again.
+    Delivery.objects.filter(pk=first.pk).update(next_attempt_at=timezone.now())
+    Delivery.objects.filter(pk=second.pk).update(next_attempt_at=timezone.now())
+    assert partner_delivery.delivery_process(delivery_pk=second.pk).status == "succeeded"
+    second.refresh_from_db()
+    assert second.waiting_since is None and place is not None
+    assert len(receiver.requests) == 1
+
+
+@pytest.mark.django_db
+def test_a_release_wakes_the_oldest_waiter_at_once_and_a_newcomer_cannot_jump_it(
+    acme, receiver, local_targets, settings
+):
+    settings.CALLOPS_WEBHOOK_CONCURRENCY = 1
+    endpoint_for(acme, receiver)
+    calls_begin(3, events_each=1)
+    sending, older, newer = Delivery.objects.order_by("pk")
+    lease = timezone.now() + timedelta(seconds=30)
+    Delivery.objects.filter(pk=sending.pk).update(status="delivering", next_attempt_at=lease)
+    assert partner_delivery.delivery_process(delivery_pk=older.pk).status == "waiting"
+    assert partner_delivery.delivery_process(delivery_pk=newer.pk).status == "waiting"
+
+    sending.refresh_from_db()
+    sending.attempts = 1
+    partner_delivery.delivery_record(delivery=sending, outcome=partner_delivery.Outcome(True, 200))
+    older.refresh_from_db()
+    newer.refresh_from_db()
+    assert older.next_attempt_at <= timezone.now() < newer.next_attempt_at  # one slot, one wake
+    assert partner_delivery.delivery_process(delivery_pk=older.pk).status == "succeeded"
+    newer.refresh_from_db()
+    assert newer.next_attempt_at <= timezone.now()  # and its release woke the next
+    assert partner_delivery.delivery_process(delivery_pk=newer.pk).status == "succeeded"
+
+
+@pytest.mark.slow
+def test_workers_never_send_an_endpoint_more_than_its_slots_and_another_is_unaffected(
+    transactional_db, local_targets, settings
+):
+    """Six worker threads on the real broker; a partner with a slow endpoint (0.3 s an answer)
+    and a fast one. The slow one never sees more than two requests at once, each event once,
+    with no pause between a slot freeing and the next request; the fast one is done long
+    before."""
+    from celery.contrib.testing.worker import start_worker
+
+    from config.celery_app import app
+
+    settings.CALLOPS_WEBHOOK_CONCURRENCY = 2
+    partner = Partner.objects.create(name="acme")
+    PartnerConnection.objects.create(partner=partner, connection_id="conn-1")
+    with contextlib.ExitStack() as stack:
+        slow, fast = Receiver(), Receiver()
+        for server in (slow, fast):
+            server.thread.start()
+            stack.callback(server.server.server_close)
+            stack.callback(server.server.shutdown)
+        slow.delay = 0.3
+        slow_endpoint, fast_endpoint = endpoint_for(partner, slow), endpoint_for(partner, fast)
+        stack.enter_context(
+            start_worker(
+                app,
+                pool="threads",
+                concurrency=6,
+                perform_ping_check=False,
+                shutdown_timeout=10,
+                loglevel="WARNING",
+            )
+        )
+        started = time.monotonic()
+        calls_begin(8)
+        total = Delivery.objects.filter(endpoint=slow_endpoint).count()
+        assert total == 24
+        wait_for(lambda: len(fast.requests) == total, timeout=20)
+        fast_done = time.monotonic() - started
+        wait_for(lambda: len(slow.answered()) == total, timeout=30)
+        slow_done = time.monotonic() - started
+
+    assert slow.max_in_flight == 2
+    assert fast_done < slow_done / 2
+    # Two at a time, 0.3 s each: the slots were never left idle waiting for a fallback.
+    assert slow_done < total * slow.delay / 2 + 2.0
+    for server, endpoint in ((slow, slow_endpoint), (fast, fast_endpoint)):
+        bodies = server.verified(endpoint.secret)
+        assert len({b["id"] for b in bodies}) == len(bodies) == total
+        for ccid in {b["call_control_id"] for b in bodies}:
+            sequences = [b["sequence"] for b in bodies if b["call_control_id"] == ccid]
+            assert sequences == sorted(sequences)
+    finished = Delivery.objects.values_list("status", "waiting_since")
+    assert set(finished) == {("succeeded", None)}
 
 
 # --- End to end, on the broker -------------------------------------------------------------------
