@@ -34,6 +34,7 @@ from callops.models import (
     MediaStream,
     Partner,
     PartnerConnection,
+    PartnerEvent,
     StreamingProfile,
     TaskRun,
     Transcription,
@@ -667,6 +668,40 @@ class DeliveryAdmin(LargeList, admin.ModelAdmin):
         self.message_user(request, f"{count} delivery(ies) queued again.", messages.SUCCESS)
         if left := queryset.count() - count:
             self.message_user(request, f"{left} skipped: being sent right now.", messages.WARNING)
+
+
+@admin.register(PartnerEvent)
+class PartnerEventAdmin(LargeList, admin.ModelAdmin):
+    """What each partner was told; replaying sends an event again to the endpoints that
+    subscribe to it now (the same id: partners dedupe by it)."""
+
+    list_display = ("type", "sequence", "partner", "call", "occurred_at", "created_at")
+    list_filter = ("type", "created_at")
+    search_fields = ("=event_id", "=call__call_control_id")
+    date_hierarchy = "created_at"
+    list_select_related = ("partner", "call")
+    actions = ["replay"]
+    readonly_fields = [f.name for f in PartnerEvent._meta.fields]
+    # Replaying is sending again, as "Retry now" on a delivery is: the same permission.
+    has_retry_delivery_permission = custom_permission("retry_delivery")
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Replay to subscribed endpoints", permissions=["retry_delivery"])
+    def replay(self, request: HttpRequest, queryset: QuerySet[PartnerEvent]) -> None:
+        sent = sum(
+            len(
+                partner_delivery.partner_event_replay(
+                    event=event, endpoints=partner_delivery.endpoints_subscribed(event=event)
+                )
+            )
+            for event in queryset
+        )
+        self.message_user(request, f"{sent} delivery(ies) queued.", messages.SUCCESS)
 
 
 # --- The console: lists of a call's records, the dashboard's and the timeline's links -------

@@ -39,10 +39,11 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
+from functools import partial
 
 import httpx
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -487,6 +488,44 @@ def delivery_redeliver(*, delivery: Delivery) -> bool:
                 lambda: partner_events.deliveries_enqueue(delivery_pks=[delivery.pk])
             )
     return bool(again)
+
+
+def endpoints_subscribed(*, event: PartnerEvent) -> list[WebhookEndpoint]:
+    """The partner's active endpoints that want ``event`` now (what a replay sends it to)."""
+    interim = event.type == "transcript.segment" and not event.payload.get("data", {}).get(
+        "is_final", True
+    )
+    endpoints = WebhookEndpoint.objects.filter(partner_id=event.partner_id, active=True)
+    return [e for e in endpoints.order_by("pk") if e.wants(event.type, interim=interim)]
+
+
+def partner_event_replay(
+    *, event: PartnerEvent, endpoints: list[WebhookEndpoint]
+) -> list[Delivery]:
+    """Send ``event`` again to each of ``endpoints`` (the same event id and bytes, so the
+    partner dedupes by it): a delivery it already had starts a fresh window of attempts (one
+    being sent right now is left to finish), an endpoint it never went to gets a new one.
+    Returns the deliveries, in the endpoints' order."""
+    now = timezone.now()
+    replayed = []
+    for endpoint in endpoints:
+        delivery = Delivery.objects.filter(event=event, endpoint=endpoint).first()
+        if delivery is None:
+            delivery = partner_events.delivery_build(event, endpoint, now)
+            try:
+                with transaction.atomic():
+                    delivery.save()
+                    transaction.on_commit(
+                        partial(partner_events.deliveries_enqueue, delivery_pks=[delivery.pk])
+                    )
+                replayed.append(delivery)
+                continue
+            except IntegrityError:  # a concurrent replay made it first: send that one again
+                delivery = Delivery.objects.get(event=event, endpoint=endpoint)
+        delivery_redeliver(delivery=delivery)
+        delivery.refresh_from_db()
+        replayed.append(delivery)
+    return replayed
 
 
 def deliveries_sweep(*, limit: int = 500) -> int:

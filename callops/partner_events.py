@@ -125,7 +125,7 @@ def _record(pairs: list[tuple[Call, Fact]]) -> list[PartnerEvent]:
         )
         event.payload = _envelope(event, call, fact.data)
         rows.append(event)
-        deliveries += [_delivery(event, endpoint, now) for endpoint in fact.endpoints]
+        deliveries += [delivery_build(event, endpoint, now) for endpoint in fact.endpoints]
     PartnerEvent.objects.bulk_create(rows)
     for delivery in deliveries:
         delivery.event_id = delivery.event.pk  # bulk_create set the pk on PostgreSQL and SQLite
@@ -154,7 +154,8 @@ def _take_sequences(call: Call, count: int) -> int:
     return last - count + 1
 
 
-def _delivery(event: PartnerEvent, endpoint: WebhookEndpoint, now: datetime) -> Delivery:
+def delivery_build(event: PartnerEvent, endpoint: WebhookEndpoint, now: datetime) -> Delivery:
+    """A new (unsaved) delivery of ``event`` to ``endpoint``, due now."""
     return Delivery(
         event=event,
         endpoint=endpoint,

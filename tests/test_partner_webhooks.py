@@ -112,9 +112,9 @@ class Receiver:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def verified(self, secret: str) -> list[dict]:
-        """Every request's payload, each verified with ``secret``."""
-        return [Webhook(secret).verify(r["body"], r["headers"]) for r in self.requests]
+    def verified(self, secret: str, since: int = 0) -> list[dict]:
+        """Every request's payload (from the ``since``-th on), each verified with ``secret``."""
+        return [Webhook(secret).verify(r["body"], r["headers"]) for r in self.requests[since:]]
 
     def answered(self, code: int = 200) -> list[dict]:
         return [json.loads(r["body"]) for r in self.requests if r["answer"] == code]
@@ -527,6 +527,141 @@ def test_deliveries_are_listed_newest_first_to_their_partner_and_can_be_redelive
     drive()
     assert [r["headers"]["webhook-id"] for r in receiver.requests][-1] == older[0]["event_id"]
     assert acme_api.get("/api/v1/deliveries/?cursor=bogus").status_code == 400
+
+
+# --- Events in the API: listed, filtered, replayed; each partner its own -------------------------
+
+
+@pytest.fixture
+def two_partners(receiver, local_targets):
+    """acme (two calls, an endpoint on the receiver) and rival (a call, its own endpoint)."""
+    acme, acme_api = partner_with_key("acme", "conn-1")
+    rival, rival_api = partner_with_key("rival", "conn-2")
+    endpoint = endpoint_for(acme, receiver)
+    rival_endpoint = endpoint_for(rival, receiver)
+    for event in call_life("v3:call-1")[:3] + call_life("v3:call-2")[:2]:
+        deliver(event)
+    for event in call_life("v3:rival")[:2]:
+        event["data"]["payload"]["connection_id"] = "conn-2"
+        deliver(event)
+    drive()
+    return acme_api, rival_api, endpoint, rival_endpoint
+
+
+@pytest.mark.django_db
+def test_a_partner_lists_its_own_events_newest_first_and_filters_them(two_partners):
+    acme_api, rival_api, _, _ = two_partners
+    listed = acme_api.get("/api/v1/events/").json()["results"]
+    assert len(listed) == 5
+    assert {e["call_control_id"] for e in listed} == {"v3:call-1", "v3:call-2"}
+    assert [e["created_at"] for e in listed] == sorted(
+        (e["created_at"] for e in listed), reverse=True
+    )
+    assert listed[0]["payload"]["id"] == listed[0]["id"]
+
+    def ids(**query) -> list:
+        answer = acme_api.get("/api/v1/events/", query)
+        assert answer.status_code == 200, answer.json()
+        return [(e["call_control_id"], e["type"], e["sequence"]) for e in answer.json()["results"]]
+
+    assert ids(call="v3:call-1", after_sequence=1) == [
+        ("v3:call-1", "stream.started", 3),
+        ("v3:call-1", "call.answered", 2),
+    ]
+    assert ids(type="call.answered") == [
+        ("v3:call-2", "call.answered", 2),
+        ("v3:call-1", "call.answered", 2),
+    ]
+    assert ids(since=(timezone.now() + timedelta(minutes=1)).isoformat()) == []
+    assert ids(call="v3:rival") == []
+    assert len(rival_api.get("/api/v1/events/").json()["results"]) == 2
+
+    one = listed[-1]
+    assert acme_api.get(f"/api/v1/events/{one['id']}/").json() == one
+    assert rival_api.get(f"/api/v1/events/{one['id']}/").status_code == 404
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "query, field",
+    [
+        ({"type": "call.bogus"}, "type"),
+        ({"since": "yesterday"}, "since"),
+        ({"after_sequence": "1.5"}, "after_sequence"),
+        ({"after_sequence": "-1"}, "after_sequence"),
+        ({"after_sequence": str(2**40)}, "after_sequence"),
+        ({"call": "v3:\x00"}, "call"),
+        ({"cursor": "bogus"}, "cursor"),
+    ],
+)
+def test_a_bad_event_filter_is_a_400_naming_it(two_partners, query, field):
+    acme_api = two_partners[0]
+    answer = acme_api.get("/api/v1/events/", query)
+    assert answer.status_code == 400
+    assert [e["field"] for e in answer.json()["errors"]] == [field]
+
+
+@pytest.mark.django_db
+def test_an_event_is_replayed_to_its_subscribers_or_a_chosen_endpoint_of_its_partner(
+    two_partners, receiver
+):
+    acme_api, rival_api, endpoint, rival_endpoint = two_partners
+    event = acme_api.get("/api/v1/events/", {"call": "v3:call-1", "type": "call.answered"})
+    event = event.json()["results"][0]
+    sent_before = len(receiver.requests)
+
+    assert rival_api.post(f"/api/v1/events/{event['id']}/replay/").status_code == 404
+    again = acme_api.post(f"/api/v1/events/{event['id']}/replay/")
+    assert again.status_code == 202
+    assert [(d["endpoint"], d["status"]) for d in again.json()] == [(endpoint.pk, "pending")]
+    drive()
+    assert len(receiver.requests) == sent_before + 1
+    (replayed,) = receiver.verified(endpoint.secret, since=sent_before)
+    assert replayed == event["payload"]  # the same id and body: the partner dedupes by it
+
+    # An endpoint added since never had it: named, it gets a delivery of its own.
+    acme = endpoint.partner
+    later = endpoint_for(acme, receiver, event_types=["call.ended"])
+    named = acme_api.post(
+        f"/api/v1/events/{event['id']}/replay/", {"endpoint": later.pk}, format="json"
+    )
+    assert named.status_code == 202 and [d["endpoint"] for d in named.json()] == [later.pk]
+    drive()
+    assert receiver.verified(later.secret, since=sent_before + 1) == [event["payload"]]
+    assert Delivery.objects.filter(event__event_id=event["id"]).count() == 2
+
+    refused = acme_api.post(
+        f"/api/v1/events/{event['id']}/replay/", {"endpoint": rival_endpoint.pk}, format="json"
+    )
+    assert refused.status_code == 400 and refused.json()["errors"][0]["field"] == "endpoint"
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(active=False)
+    nobody = acme_api.post(f"/api/v1/events/{event['id']}/replay/")  # later wants call.ended
+    assert nobody.status_code == 409
+
+
+@pytest.mark.django_db
+def test_replay_in_the_admin_needs_the_retry_permission(acme, receiver, local_targets, client):
+    from django.contrib.auth.models import Permission, User
+
+    endpoint_for(acme, receiver)
+    deliver(call_life()[0])
+    drive()
+    event = PartnerEvent.objects.get()
+    user = User.objects.create_user("op", password="pw", is_staff=True)
+    user.user_permissions.add(Permission.objects.get(codename="view_partnerevent"))
+    client.force_login(user)
+    form = {"action": "replay", "_selected_action": [event.pk]}
+    client.post("/admin/callops/partnerevent/", form)
+    assert Delivery.objects.get().status == "succeeded"  # without retry_delivery: refused
+
+    user.user_permissions.add(Permission.objects.get(codename="retry_delivery"))
+    client.force_login(User.objects.get(pk=user.pk))
+    client.post("/admin/callops/partnerevent/", form)
+    assert Delivery.objects.get().status == "pending"
+    drive()
+    assert [r["headers"]["webhook-id"] for r in receiver.requests] == [event.event_id] * 2
+    assert client.get("/admin/callops/partnerevent/").status_code == 200
+    assert client.get(f"/admin/callops/partnerevent/{event.pk}/change/").status_code == 200
 
 
 # --- Retention and the admin ------------------------------------------------------------------

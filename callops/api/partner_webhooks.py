@@ -1,9 +1,12 @@
-"""The partner API's webhook endpoints and deliveries: where a partner's events go, and how each
-delivery went. Scoped to the partner like every other resource: another partner's endpoint or
-delivery is a 404. A secret is shown on create and on rotation only."""
+"""The partner API's webhook endpoints, events and deliveries: where a partner's events go, what
+they were, and how each delivery went; an event can be replayed. Scoped to the partner like every
+other resource: another partner's endpoint, event or delivery is a 404. A secret is shown on
+create and on rotation only."""
 
 from __future__ import annotations
 
+from django import forms
+from django_filters import rest_framework as filters
 from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -12,8 +15,8 @@ from rest_framework.response import Response
 from callops import partner_delivery, partner_events
 from callops.api.idempotency import idempotent
 from callops.api.serializers import ErrorSerializer
-from callops.api.views import ERRORS, IDEMPOTENCY, CallPagination
-from callops.models import Delivery, WebhookEndpoint
+from callops.api.views import ERRORS, IDEMPOTENCY, CallPagination, UTCDateTimeFilter
+from callops.models import Delivery, PartnerEvent, WebhookEndpoint
 from callops.targets import UnsafeTarget
 
 
@@ -204,3 +207,138 @@ class DeliveryViewSet(viewsets.ReadOnlyModelViewSet):
             )
         delivery.refresh_from_db()
         return Response(DeliverySerializer(delivery).data, status=status.HTTP_202_ACCEPTED)
+
+
+# --- Events: list and replay ------------------------------------------------------------------
+
+
+class PlainTextField(forms.CharField):
+    """Text PostgreSQL can compare: a NUL is refused here (a 400), not by the database (a 500)."""
+
+    def validate(self, value) -> None:
+        super().validate(value)
+        if value and "\x00" in value:
+            raise forms.ValidationError("must not contain NUL characters")
+
+
+class PlainTextFilter(filters.CharFilter):
+    field_class = PlainTextField
+
+
+class SequenceFilter(filters.NumberFilter):
+    """A whole number in the column's range (a decimal or a huge number is a 400)."""
+
+    field_class = forms.IntegerField
+
+
+class PartnerEventFilter(filters.FilterSet):
+    call = PlainTextFilter(
+        field_name="call__call_control_id", max_length=255, help_text="A call_control_id."
+    )
+    type = filters.ChoiceFilter(choices=[(t, t) for t in partner_events.EVENT_TYPES])
+    since = UTCDateTimeFilter(
+        field_name="created_at", lookup_expr="gte", help_text="Created at or after (ISO 8601)."
+    )
+    after_sequence = SequenceFilter(
+        field_name="sequence",
+        lookup_expr="gt",
+        min_value=0,
+        max_value=2**31 - 1,
+        help_text="Only events numbered above this in their call (with call=).",
+    )
+
+    class Meta:
+        model = PartnerEvent
+        fields = ["call", "type", "since", "after_sequence"]
+
+
+class PartnerEventSerializer(serializers.ModelSerializer):
+    id = serializers.CharField(source="event_id", read_only=True)
+    call_control_id = serializers.SerializerMethodField()
+    payload = serializers.JSONField(read_only=True, help_text="The body each endpoint gets.")
+
+    class Meta:
+        model = PartnerEvent
+        fields = [
+            "id",
+            "type",
+            "call_control_id",
+            "sequence",
+            "occurred_at",
+            "created_at",
+            "payload",
+        ]
+        read_only_fields = fields
+
+    def get_call_control_id(self, event: PartnerEvent) -> str | None:
+        return event.payload.get("call_control_id")
+
+
+class ReplayInput(serializers.Serializer):
+    endpoint = serializers.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=2**63 - 1,
+        help_text="One of your active endpoints; omitted: every active endpoint that subscribes"
+        " to the event's type.",
+    )
+
+    def validate_endpoint(self, pk: int) -> WebhookEndpoint:
+        endpoint = self.context["partner"].webhook_endpoints.filter(pk=pk, active=True).first()
+        if endpoint is None:
+            raise serializers.ValidationError("no such active endpoint of yours")
+        return endpoint
+
+
+class EventPagination(CallPagination):
+    """Newest first by ``created_at``, whose cursor is checked as the calls' is (a 400)."""
+
+
+@extend_schema(tags=["webhooks"])
+@extend_schema_view(
+    list=extend_schema(responses={200: PartnerEventSerializer(many=True), **ERRORS}),
+    retrieve=extend_schema(responses={200: PartnerEventSerializer, **NOT_FOUND}),
+)
+class PartnerEventViewSet(viewsets.ReadOnlyModelViewSet):
+    """Events of your calls, newest first: what each endpoint was sent (or will be)."""
+
+    serializer_class = PartnerEventSerializer
+    pagination_class = EventPagination
+    filter_backends = [filters.DjangoFilterBackend]
+    filterset_class = PartnerEventFilter
+    lookup_field = "event_id"
+    lookup_url_kwarg = "id"
+    lookup_value_regex = "evt_[0-9a-f]{32}"
+
+    def get_queryset(self):
+        if getattr(self, "swagger_fake_view", False):
+            return PartnerEvent.objects.none()
+        return PartnerEvent.objects.filter(partner=self.request.user)
+
+    @posted(
+        ReplayInput,
+        {
+            202: DeliverySerializer(many=True),
+            409: OpenApiResponse(ErrorSerializer, description="No active endpoint wants it"),
+            **NOT_FOUND,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    @idempotent
+    def replay(self, request, id=None):
+        """Send the event again (same id and body: dedupe by it) to the endpoint named, or to
+        every active endpoint that subscribes to its type now."""
+        event = self.get_object()
+        body = ReplayInput(data=request.data, context={"partner": request.user})
+        body.is_valid(raise_exception=True)
+        chosen = body.validated_data.get("endpoint")
+        endpoints = [chosen] if chosen else partner_delivery.endpoints_subscribed(event=event)
+        if not endpoints:
+            message = "no active endpoint of yours subscribes to this event's type"
+            return Response({"errors": [{"field": None, "message": message}]}, status=409)
+        deliveries = partner_delivery.partner_event_replay(event=event, endpoints=endpoints)
+        for delivery in deliveries:
+            delivery.event = event
+        return Response(
+            DeliverySerializer(deliveries, many=True).data, status=status.HTTP_202_ACCEPTED
+        )

@@ -11,6 +11,7 @@ router.register(
     "webhook-endpoints", partner_webhooks.WebhookEndpointViewSet, basename="webhook-endpoint"
 )
 router.register("deliveries", partner_webhooks.DeliveryViewSet, basename="delivery")
+router.register("events", partner_webhooks.PartnerEventViewSet, basename="event")
 
 CALL = "calls/<str:call_control_id>"
 
