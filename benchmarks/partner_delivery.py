@@ -369,7 +369,7 @@ class Bench:
         return self.window("A", t0 + 5, t1, healthy_cpu), self.window("A", t1, t2, down_cpu)
 
     def window(self, name: str, start: float, end: float, cpu) -> dict:
-        from callops.models import PartnerEvent
+        from callops.models import Delivery, PartnerEvent
 
         created = set(
             PartnerEvent.objects.filter(
@@ -383,7 +383,22 @@ class Bench:
         for arrived, _, event_id, _, created_at in sorted(rows):
             first.setdefault(event_id, (arrived - created_at) * 1000)
         lags = list(first.values())
+        # Where the time went: state change -> the claim of the attempt that succeeded (the
+        # drain's commit, the broker, a worker thread, the order and slot checks), then the
+        # claim -> receipt (the POST).
+        claims = dict(
+            Delivery.objects.filter(
+                endpoint=self.endpoints[name], event__event_id__in=created, attempts=1
+            ).values_list("event__event_id", "last_attempt_at")
+        )
+        to_claim, to_receipt = [], []
+        for arrived, _, event_id, _, created_at in rows:
+            if claimed := claims.get(event_id):
+                to_claim.append((claimed.timestamp() - created_at) * 1000)
+                to_receipt.append((arrived - claimed.timestamp()) * 1000)
         return {
+            "to_claim": (percentile(to_claim, 50), percentile(to_claim, 99)),
+            "to_receipt": (percentile(to_receipt, 50), percentile(to_receipt, 99)),
             "events": len(created),
             "received": len(ids),
             "twice": sum(1 for n in ids.values() if n > 1),
@@ -450,6 +465,14 @@ def main() -> int:
                 f"{w['p99']:.1f}",
                 f"{w['others']:.0%}",
             ]
+            for label, w in (("both healthy", healthy), (f"B down ({args.down})", down))
+        ],
+    )
+    print()
+    print_table(
+        ["phase", "-> claim p50", "p99", "claim -> receipt p50", "p99"],
+        [
+            [label, *(f"{v:.1f}" for v in (*w["to_claim"], *w["to_receipt"]))]
             for label, w in (("both healthy", healthy), (f"B down ({args.down})", down))
         ],
     )

@@ -744,16 +744,22 @@ def calls_begin(count: int, events_each: int = 3) -> list[str]:
     return ccids
 
 
+def one_slot_taken(partner, receiver, settings, *, calls: int) -> list[Delivery]:
+    """An endpoint with one slot, taken by the first of ``calls`` calls' first deliveries."""
+    settings.CALLOPS_WEBHOOK_CONCURRENCY = 1
+    endpoint_for(partner, receiver)
+    calls_begin(calls, events_each=1)
+    deliveries = list(Delivery.objects.order_by("pk"))
+    lease = timezone.now() + timedelta(seconds=30)
+    Delivery.objects.filter(pk=deliveries[0].pk).update(status="delivering", next_attempt_at=lease)
+    return deliveries
+
+
 @pytest.mark.django_db
 def test_a_full_endpoint_queues_a_delivery_until_a_slot_frees_or_its_lease_lapses(
     acme, receiver, local_targets, settings
 ):
-    settings.CALLOPS_WEBHOOK_CONCURRENCY = 1
-    endpoint_for(acme, receiver)
-    calls_begin(2, events_each=1)
-    first, second = Delivery.objects.order_by("pk")
-    lease = timezone.now() + timedelta(seconds=30)
-    Delivery.objects.filter(pk=first.pk).update(status="delivering", next_attempt_at=lease)
+    first, second = one_slot_taken(acme, receiver, settings, calls=2)
 
     assert partner_delivery.delivery_process(delivery_pk=second.pk).status == "waiting"
     second.refresh_from_db()
@@ -772,15 +778,10 @@ def test_a_full_endpoint_queues_a_delivery_until_a_slot_frees_or_its_lease_lapse
 
 
 @pytest.mark.django_db
-def test_a_release_wakes_the_oldest_waiter_at_once_and_a_newcomer_cannot_jump_it(
+def test_a_release_wakes_the_oldest_waiter_at_once_one_per_slot_freed(
     acme, receiver, local_targets, settings
 ):
-    settings.CALLOPS_WEBHOOK_CONCURRENCY = 1
-    endpoint_for(acme, receiver)
-    calls_begin(3, events_each=1)
-    sending, older, newer = Delivery.objects.order_by("pk")
-    lease = timezone.now() + timedelta(seconds=30)
-    Delivery.objects.filter(pk=sending.pk).update(status="delivering", next_attempt_at=lease)
+    sending, older, newer = one_slot_taken(acme, receiver, settings, calls=3)
     assert partner_delivery.delivery_process(delivery_pk=older.pk).status == "waiting"
     assert partner_delivery.delivery_process(delivery_pk=newer.pk).status == "waiting"
 
