@@ -245,8 +245,6 @@ def delivery_process(*, delivery_pk: int) -> Step:
         why = "endpoint inactive" if not delivery.endpoint.active else "too old"
         _give_up(delivery, why, now)
         return Step("dead")
-    if _earlier_unfinished(delivery):
-        return Step("waiting")  # the earlier one publishes this one when it finishes
     endpoint = _claim(delivery, now)
     if not isinstance(endpoint, WebhookEndpoint):
         return Step(endpoint)
@@ -283,8 +281,8 @@ def _in_flight(endpoint_pk: int, now: datetime) -> int:
 
 def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
     """Take one of the endpoint's slots for ``delivery``. Returns the (fresh) endpoint, or why
-    not: ``"waiting"`` (parked, or full: queued for a slot) or ``"skipped"`` (another worker
-    has it).
+    not: ``"waiting"`` (an earlier one of its call unfinished, the endpoint parked, or full:
+    queued for a slot) or ``"skipped"`` (another worker has it).
 
     The slot is the claim itself: a delivery being sent is a slot taken, so the count and the
     claims cannot disagree, whatever process or host sent them, and a dead worker's slot
@@ -294,6 +292,12 @@ def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
     broker outage): by then every slot taken before has been released or has lapsed."""
     with transaction.atomic():
         endpoint = _locked_endpoint(delivery.endpoint_id)
+        # Under the lock, as every release is: the earlier delivery either finished before
+        # (and this one goes on), or its release, after this, sees this one and publishes it.
+        # Checked before taking the lock, its release could commit between the check and
+        # this delivery's wait, and nobody would publish it until the sweeper.
+        if _earlier_unfinished(delivery):
+            return "waiting"
         mine = Delivery.objects.filter(
             pk=delivery.pk, status=delivery.status, attempts=delivery.attempts
         ).filter(next_attempt_at__lte=delivery.next_attempt_at)

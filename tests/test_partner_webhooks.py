@@ -15,7 +15,7 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from standardwebhooks import Webhook
@@ -795,6 +795,35 @@ def test_a_release_wakes_the_oldest_waiter_at_once_one_per_slot_freed(
     newer.refresh_from_db()
     assert newer.next_attempt_at <= timezone.now()  # and its release woke the next
     assert partner_delivery.delivery_process(delivery_pk=newer.pk).status == "succeeded"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_next_of_a_call_is_checked_under_the_lock_its_predecessor_releases_under(
+    acme, receiver, local_targets
+):
+    """Checked outside the lock, the second found the first still being sent while the first's
+    release had already looked for its successor: nobody published it until the sweeper."""
+    endpoint = endpoint_for(acme, receiver)
+    deliver(call_life()[0])
+    deliver(call_life()[1])
+    first, second = Delivery.objects.order_by("sequence")
+    Delivery.objects.filter(pk=first.pk).update(status="delivering")
+    locked, release = threading.Event(), threading.Event()
+
+    def first_releases() -> None:  # what delivery_record does, held open
+        with transaction.atomic():
+            WebhookEndpoint.objects.select_for_update(no_key=True).get(pk=endpoint.pk)
+            Delivery.objects.filter(pk=first.pk).update(status="succeeded")
+            locked.set()
+            release.wait(5)
+        connection.close()
+
+    releasing = threading.Thread(target=first_releases)
+    releasing.start()
+    locked.wait(5)
+    threading.Timer(0.3, release.set).start()
+    assert partner_delivery.delivery_process(delivery_pk=second.pk).status == "succeeded"
+    releasing.join()
 
 
 @pytest.mark.slow

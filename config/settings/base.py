@@ -337,9 +337,9 @@ CALLOPS_WEBHOOK_BACKOFF_CAP = env.float("CALLOPS_WEBHOOK_BACKOFF_CAP", default=6
 CALLOPS_WEBHOOK_BREAKER_THRESHOLD = env.int("CALLOPS_WEBHOOK_BREAKER_THRESHOLD", default=5)
 CALLOPS_WEBHOOK_BREAKER_COOLDOWN = env.int("CALLOPS_WEBHOOK_BREAKER_COOLDOWN", default=60)
 # Requests in flight at once to one endpoint, across every worker process and host; what
-# finds its endpoint full waits its turn (it holds no worker meanwhile). Well below the
-# partners worker's concurrency (16 threads), so a slow endpoint leaves most of it to others.
-CALLOPS_WEBHOOK_CONCURRENCY = env.int("CALLOPS_WEBHOOK_CONCURRENCY", default=4)
+# finds its endpoint full waits its turn (it holds no worker meanwhile). Half the
+# partners worker's 16 threads, so a slow endpoint leaves the other half to the others.
+CALLOPS_WEBHOOK_CONCURRENCY = env.int("CALLOPS_WEBHOOK_CONCURRENCY", default=8)
 # Seconds the previous signing secret still signs after a rotation (the API may choose).
 CALLOPS_WEBHOOK_SECRET_OVERLAP = env.int("CALLOPS_WEBHOOK_SECRET_OVERLAP", default=24 * 3600)
 # Retention: finished (succeeded or dead) deliveries, and partner events with no delivery left.
