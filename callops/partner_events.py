@@ -133,7 +133,9 @@ def _record(pairs: list[tuple[Call, Fact]]) -> list[PartnerEvent]:
     firsts: dict[tuple, Delivery] = {}
     for delivery in deliveries:  # in sequence order: the first of each (call, endpoint)
         firsts.setdefault((delivery.call_id, delivery.endpoint_id), delivery)
-    pks = [d.pk for d in firsts.values()]
+    # Not those of a parked endpoint: the probe's success or the sweeper publishes them, so a
+    # dead endpoint's events cost no task each while it is parked.
+    pks = [d.pk for d in firsts.values() if d.next_attempt_at <= now]
     logs.on_commit(lambda: deliveries_enqueue(delivery_pks=pks))
     return rows
 
@@ -155,13 +157,15 @@ def _take_sequences(call: Call, count: int) -> int:
 
 
 def delivery_build(event: PartnerEvent, endpoint: WebhookEndpoint, now: datetime) -> Delivery:
-    """A new (unsaved) delivery of ``event`` to ``endpoint``, due now."""
+    """A new (unsaved) delivery of ``event`` to ``endpoint``, due now, or when the endpoint's
+    cooldown ends if it is parked (as it read)."""
+    parked_until = endpoint.parked_until
     return Delivery(
         event=event,
         endpoint=endpoint,
         call=event.call,
         sequence=event.sequence,
-        next_attempt_at=now,
+        next_attempt_at=max(now, parked_until) if parked_until else now,
         expires_at=now + timedelta(seconds=settings.CALLOPS_WEBHOOK_MAX_AGE),
         created_at=now,
     )

@@ -21,7 +21,7 @@ from django.utils import timezone
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from callops import commands, events, partner_delivery, tasks, webhooks
+from callops import commands, events, partner_delivery, queue, tasks, webhooks
 from callops.models import (
     Command,
     Delivery,
@@ -375,6 +375,21 @@ def test_what_waited_for_the_cooldown_goes_as_soon_as_the_probe_succeeds(
     b.refresh_from_db()
     assert b.next_attempt_at <= timezone.now()  # not 10 minutes on
     assert partner_delivery.delivery_process(delivery_pk=b.pk).status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_a_parked_endpoints_new_deliveries_wait_for_its_cooldown_without_a_task_each(
+    acme, receiver, local_targets, monkeypatch, django_capture_on_commit_callbacks
+):
+    endpoint = endpoint_for(acme, receiver)
+    parked_until = timezone.now() + timedelta(seconds=60)
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(parked_until=parked_until)
+    published = []
+    monkeypatch.setattr(queue, "publish", lambda name, *args, **_: published.append(name))
+    with django_capture_on_commit_callbacks(execute=True):
+        deliver(call_life()[0])
+    assert Delivery.objects.get().next_attempt_at == parked_until
+    assert queue.DELIVER_PARTNER_EVENT not in published
 
 
 @pytest.mark.django_db
