@@ -9,7 +9,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('callops', '0013_partner_webhooks'),
+        ('callops', '0014_delivery_slots'),
     ]
 
     operations = [
