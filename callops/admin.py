@@ -678,7 +678,6 @@ class PartnerEventAdmin(LargeList, admin.ModelAdmin):
     list_display = ("type", "sequence", "partner", "call", "occurred_at", "created_at")
     list_filter = ("type", "created_at")
     search_fields = ("=event_id", "=call__call_control_id")
-    date_hierarchy = "created_at"
     list_select_related = ("partner", "call")
     actions = ["replay"]
     readonly_fields = [f.name for f in PartnerEvent._meta.fields]

@@ -548,11 +548,14 @@ def command_process(
         outcome = Outcome("succeeded", http_status=200, data=data)
         _slow_down(headers)
     answered = time.monotonic()
-    _attempt_log(command, outcome)
-    _attempted(command, outcome, answered - sent)
     # The outcome is stored first: if Redis fails now, the command stays what Telnyx made it.
     # The turn still counts from when the answer came back, not from after the bookkeeping.
     step = command_record(command=command, outcome=outcome)
+    _attempted(command, outcome, answered - sent)
+    try:
+        _attempt_log(command, outcome)
+    except Exception:  # the outcome is recorded; only the timeline's detail would be missing
+        logger.warning("command %s: attempt not logged", command.pk, exc_info=True)
     ago = time.monotonic() - answered
     _best_effort("release the rate-limit turn", limiter.complete, slot.send, ago)
     return step

@@ -32,6 +32,7 @@
 from __future__ import annotations
 
 import base64
+import http.cookiejar
 import json
 import logging
 import os
@@ -301,13 +302,17 @@ def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
         mine = Delivery.objects.filter(
             pk=delivery.pk, status=delivery.status, attempts=delivery.attempts
         ).filter(next_attempt_at__lte=delivery.next_attempt_at)
+        # A ``delivering`` row here is a dead sender's (its lease lapsed): waiting, it must
+        # not stay ``delivering``, or it would count as a slot taken and no release would wake it.
+        waits = {"status": Delivery.Status.FAILED} if delivery.status == "delivering" else {}
         if endpoint.parked_until is not None and endpoint.parked_until > now:
-            mine.update(next_attempt_at=endpoint.parked_until)
+            mine.update(next_attempt_at=endpoint.parked_until, **waits)
             return "waiting"  # the probe's success or the sweeper publishes it
         if _in_flight(endpoint.pk, now) >= max(settings.CALLOPS_WEBHOOK_CONCURRENCY, 1):
             mine.update(
                 waiting_since=Coalesce(F("waiting_since"), Value(now)),
                 next_attempt_at=now + timedelta(seconds=lease_seconds()),
+                **waits,
             )
             return "waiting"
         claimed = mine.update(
@@ -342,8 +347,13 @@ def _client() -> httpx.Client:
     client is safe to share between threads."""
     client = _clients.get(os.getpid())
     if client is None:
+        # No cookie jar: a Set-Cookie from one partner's endpoint must never ride along with
+        # another partner's deliveries to the same host.
+        refuse_all = http.cookiejar.CookieJar(
+            http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+        )
         client = _clients[os.getpid()] = httpx.Client(
-            headers={"User-Agent": USER_AGENT}, follow_redirects=False
+            headers={"User-Agent": USER_AGENT}, follow_redirects=False, cookies=refuse_all
         )
     return client
 

@@ -914,3 +914,33 @@ def test_a_worker_delivers_on_the_partners_queue_after_commit(
     bodies = receiver.answered(200)
     assert [b["type"] for b in bodies] == ["call.initiated", "call.answered", "stream.started"]
     receiver.verified(endpoint.secret)
+
+
+def test_it_never_carries_an_endpoints_cookie_to_another_request():
+    """One pooled client serves every partner: a Set-Cookie from one endpoint must not ride along
+    with the next delivery (another partner's, perhaps, on the same host)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class SetsCookies(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.headers.get("Cookie"))
+            self.send_response(200)
+            self.send_header("Set-Cookie", "session=partner-a; Path=/")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SetsCookies)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        for _ in range(3):
+            partner_delivery._client().post(url, content=b"{}")
+    finally:
+        server.shutdown()
+    assert seen == [None, None, None]
