@@ -847,6 +847,7 @@ def drain_once(args, run: Scratch, env: dict, template: str, workers: int, work:
     copy_database(template, args.database, pg=args.pg)
     redis.Redis.from_url(run.redis_url).flushdb()
     logs = [work / f"backlog-{workers}-{i}.log" for i in range(workers)]
+    env = {**env, "LOG_LEVEL_CELERY_TASKS": "INFO"}  # tasks are counted from Celery's lines
     procs = []
     meter = None
     try:

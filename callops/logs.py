@@ -166,8 +166,11 @@ class Formatter(structlog.stdlib.ProcessorFormatter):
         super().__init__(*args, processors=processors, foreign_pre_chain=_pre_chain(), **kwargs)
 
 
-def logging_config(*, level: str, format: str) -> dict:
-    """``LOGGING`` for Django settings (and Celery, which is given the same)."""
+def logging_config(*, level: str, format: str, task_level: str = "WARNING") -> dict:
+    """``LOGGING`` for Django settings (and Celery, which is given the same). ``task_level``:
+    Celery's line per task received and per task succeeded (two a message, most of a worker's
+    logging CPU); callops logs what matters of each command and delivery itself, and a task
+    that fails is logged at ERROR whatever this says."""
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -175,7 +178,12 @@ def logging_config(*, level: str, format: str) -> dict:
         "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "callops"}},
         "root": {"handlers": ["console"], "level": level},
         # httpx logs every request at INFO; callops logs what matters about each command itself.
-        "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+        "loggers": {
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
+            "celery.worker.strategy": {"level": task_level},
+            "celery.app.trace": {"level": task_level},
+        },
     }
 
 

@@ -400,7 +400,9 @@ def log_settings(default_format: str) -> tuple[str, dict]:
     if log_format not in ("json", "text"):
         raise ConfigurationError("LOG_FORMAT is not json or text")
     level = env.str("LOG_LEVEL", default="INFO")
-    return log_format, logs.logging_config(level=level, format=log_format)
+    # Celery's "Task ... received" / "succeeded" lines: INFO shows them.
+    task_level = env.str("LOG_LEVEL_CELERY_TASKS", default="WARNING")
+    return log_format, logs.logging_config(level=level, format=log_format, task_level=task_level)
 
 
 LOG_FORMAT, LOGGING = log_settings("text")
