@@ -99,6 +99,11 @@ def record_link(obj, model: str, label: str = "", width: int = 24):
     return format_html('<a href="{}" title="{}">{}</a>', url, label, Truncator(label).chars(width))
 
 
+def cut(value: str, width: int):
+    """A long id cut to ``width`` characters, the whole of it in the title."""
+    return format_html('<span title="{}">{}</span>', value, Truncator(value).chars(width))
+
+
 def duration(start, end) -> str:
     """``end - start`` as ``1:02:03.4``; "-" before the start. Running ones count to now."""
     if start is None:
@@ -286,11 +291,7 @@ class CallAdmin(LargeList, admin.ModelAdmin):
 
     @admin.display(description="call control id", ordering="call_control_id")
     def short_id(self, call) -> str:
-        return format_html(
-            '<span title="{}">{}</span>',
-            call.call_control_id,
-            Truncator(call.call_control_id).chars(28),
-        )
+        return cut(call.call_control_id, 28)
 
     @admin.display(description="duration")
     def lasted(self, call) -> str:
@@ -322,8 +323,8 @@ class CallAdmin(LargeList, admin.ModelAdmin):
 class WebhookEventAdmin(LargeList, admin.ModelAdmin):
     list_display = (
         "event_type",
-        "event_id",
-        "call_control_id",
+        "short_event_id",
+        "short_call_id",
         "status",
         "occurred_at",
         "received_at",
@@ -341,6 +342,15 @@ class WebhookEventAdmin(LargeList, admin.ModelAdmin):
     payload_shown = masked_json("payload")
     exclude = ["payload"]  # else the form would bring it back, unmasked
     has_replay_permission = custom_permission("replay_webhookevent")
+
+    # Cut to fit a 1400-px screen; the whole id in the title (and on the event's page).
+    @admin.display(description="event id", ordering="event_id")
+    def short_event_id(self, event) -> str:
+        return cut(event.event_id, 13)
+
+    @admin.display(description="call control id", ordering="call_control_id")
+    def short_call_id(self, event) -> str:
+        return cut(event.call_control_id, 28)
 
     def has_add_permission(self, request) -> bool:
         return False
