@@ -117,16 +117,20 @@ def healthz(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
+def _holds_token(request: HttpRequest, expected: str) -> bool:
+    """``Authorization: Bearer <expected>``. Constant time, so the token cannot be guessed a
+    character at a time; an empty setting means no token at all (compare_digest would say an
+    empty one matches)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    given_ok = hmac.compare_digest(given.strip().encode(), expected.encode())
+    return bool(expected) and scheme.lower() == "bearer" and given_ok
+
+
 def may_see_readiness_details(request: HttpRequest) -> bool:
     """The checks' texts and the tasks' results and errors describe the inside (exception
     types, what failed and why): only a staff session or the holder of CALLOPS_READYZ_TOKEN
     reads them. Everyone else, a load balancer too, needs only ready or not."""
-    expected = settings.CALLOPS_READYZ_TOKEN
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Constant time, so the token cannot be guessed a character at a time; an empty setting
-    # means no token at all (compare_digest would say an empty one matches).
-    given_ok = hmac.compare_digest(given.strip().encode(), expected.encode())
-    if expected and scheme.lower() == "bearer" and given_ok:
+    if _holds_token(request, settings.CALLOPS_READYZ_TOKEN):
         return True
     try:
         return bool(request.user.is_staff)
@@ -194,13 +198,8 @@ def _networks(entries: tuple[str, ...]) -> tuple:
 def may_scrape(request: HttpRequest) -> bool:
     """The holder of CALLOPS_METRICS_TOKEN, or a client in CALLOPS_METRICS_ALLOWED_NETWORKS
     (matched against the connection's own address, not a forwarded one)."""
-    expected = settings.CALLOPS_METRICS_TOKEN
-    if expected:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode(), expected.encode()
-        ):
-            return True
+    if _holds_token(request, settings.CALLOPS_METRICS_TOKEN):
+        return True
     try:
         address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
     except ValueError:
