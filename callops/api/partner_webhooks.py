@@ -167,10 +167,6 @@ class WebhookEndpointViewSet(
         return Response(WebhookEndpointWithSecretSerializer(endpoint).data)
 
 
-class DeliveryPagination(CallPagination):
-    """Newest first by ``created_at``, whose cursor is checked as the calls' is (a 400)."""
-
-
 @extend_schema(tags=["webhooks"])
 @extend_schema_view(
     list=extend_schema(responses={200: DeliverySerializer(many=True), **ERRORS}),
@@ -180,7 +176,7 @@ class DeliveryViewSet(viewsets.ReadOnlyModelViewSet):
     """Deliveries of your events to your endpoints, newest first."""
 
     serializer_class = DeliverySerializer
-    pagination_class = DeliveryPagination
+    pagination_class = CallPagination  # newest first by created_at, cursor checked
 
     def get_queryset(self):
         if getattr(self, "swagger_fake_view", False):
@@ -290,10 +286,6 @@ class ReplayInput(serializers.Serializer):
         return endpoint
 
 
-class EventPagination(CallPagination):
-    """Newest first by ``created_at``, whose cursor is checked as the calls' is (a 400)."""
-
-
 @extend_schema(tags=["webhooks"])
 @extend_schema_view(
     list=extend_schema(responses={200: PartnerEventSerializer(many=True), **ERRORS}),
@@ -303,7 +295,7 @@ class PartnerEventViewSet(viewsets.ReadOnlyModelViewSet):
     """Events of your calls, newest first: what each endpoint was sent (or will be)."""
 
     serializer_class = PartnerEventSerializer
-    pagination_class = EventPagination
+    pagination_class = CallPagination  # newest first by created_at, cursor checked
     filter_backends = [filters.DjangoFilterBackend]
     filterset_class = PartnerEventFilter
     lookup_field = "event_id"
