@@ -547,13 +547,13 @@ def command_process(
     else:
         outcome = Outcome("succeeded", http_status=200, data=data)
         _slow_down(headers)
-    answered = time.monotonic()
+    answered, answered_at = time.monotonic(), timezone.now()
     # The outcome is stored first: if Redis fails now, the command stays what Telnyx made it.
     # The turn still counts from when the answer came back, not from after the bookkeeping.
     step = command_record(command=command, outcome=outcome)
     _attempted(command, outcome, answered - sent)
     try:
-        _attempt_log(command, outcome)
+        _attempt_log(command, outcome, answered_at)
     except Exception:  # the outcome is recorded; only the timeline's detail would be missing
         logger.warning("command %s: attempt not logged", command.pk, exc_info=True)
     ago = time.monotonic() - answered
@@ -577,7 +577,7 @@ def _take_turn(limiter, reserved_at: float | None) -> Reservation:
     return slot
 
 
-def _attempt_log(command: Command, outcome: Outcome) -> None:
+def _attempt_log(command: Command, outcome: Outcome, answered_at: datetime) -> None:
     """Keep this send and its answer (``CommandAttempt``): the command itself keeps only the
     last. One INSERT per send, after the answer, so it never delays the send."""
     error = " ".join(p for p in (outcome.reason, outcome.code, outcome.title) if p)
@@ -585,7 +585,7 @@ def _attempt_log(command: Command, outcome: Outcome) -> None:
         command_id=command.pk,
         number=command.attempts,
         sent_at=command.sent_at,
-        answered_at=timezone.now(),
+        answered_at=answered_at,
         http_status=outcome.http_status,
         outcome=outcome.kind,
         error=error[:255],
