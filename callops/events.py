@@ -151,10 +151,11 @@ def _apply(batch: list[WebhookEvent]) -> dict[int, str]:
                 try:
                     with context, transaction.atomic():
                         call = call or _create_call(ccid)
+                        before = _facts(call)
                         _merge(call, event)
                         HANDLERS[event.event_type](call, event)
                         partner_events.webhook_event_applied(call=call, event=event)
-                        call.save()
+                        _save_changed_calls([call], {call.pk: before})
                 except Exception as exc:
                     logger.exception(
                         "event %s (%s) failed",
@@ -417,8 +418,12 @@ def on_stream_event(call: Call, event: WebhookEvent) -> None:
     """streaming.started, .stopped and .failed. A failure naming a stream_id callops already
     knows is that stream's; every other fact is paired by time among the URL's streams."""
     stream_id = _text(event.body.get("stream_id"), 255)
-    known = stream_id and MediaStream.objects.filter(call=call, stream_id=stream_id).first()
-    if event.event_type == "streaming.failed" and known:
+    known = (
+        event.event_type == "streaming.failed"
+        and stream_id
+        and MediaStream.objects.filter(call=call, stream_id=stream_id).first()
+    )
+    if known:
         reason = _text(event.body.get("failure_reason"), 2000) or "streaming failed"
         known.failure_reason = known.failure_reason or reason
         state.session_record_stop(known, event.occurred_at)
@@ -549,7 +554,9 @@ def _facts(call: Call) -> tuple:
 
 
 def _save_changed_calls(calls: Iterable[Call], before: dict[int, tuple]) -> None:
-    """One UPDATE for the calls whose same fields changed (most often only last_event_at)."""
+    """One UPDATE for the calls whose same fields changed (most often only last_event_at);
+    none for a call that did not change. A lifecycle event saves its call this way too: a
+    full-row save of every column cost more than the event's own handler."""
     by_fields: dict[tuple[Field, ...], list[Call]] = {}
     now = timezone.now()
     for call in calls:

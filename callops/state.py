@@ -246,8 +246,11 @@ def call_mark_ended(*, call: Call, at: datetime) -> None:
     sessions = [*call.streams.all(), *call.forks.all(), *call.transcriptions.all()]
     # The call's duration limit, looked up once rather than once per session.
     limit = max_duration(call) if any(s.started_at for s in sessions) else None
-    for session in sessions:
-        session_save(call, session, at, limit=limit)
+    for session in sessions:  # one a stop already closed is not written again
+        if session_merge(
+            call, session, at, limit=lambda: limit or max_duration(call), recompute=True
+        ):
+            session.save()
 
 
 def call_adopt(placeholder: Call, *, named: dict) -> Call:
