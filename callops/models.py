@@ -17,6 +17,7 @@ from django.db import models
 from django.db.models.functions import Now
 from django.utils import timezone
 
+from callops import lookups
 from callops.actions import ACTIONS, STOPS
 from callops.telnyx_params import REJECT_CAUSES
 
@@ -591,28 +592,34 @@ class StreamingProfile(models.Model):
         if not connection_id:
             return None
         memo = _PROFILES.get()
-        if memo is not None and connection_id in memo:
-            return memo[connection_id]
+        if memo is None:
+            return cls._look_up(connection_id)
+        if connection_id not in memo:  # a drain: remembered across its batches for a while
+            memo[connection_id] = lookups.PROFILES.get(
+                connection_id, lambda: cls._look_up(connection_id)
+            )
+        return memo[connection_id]
+
+    @classmethod
+    def _look_up(cls, connection_id: str) -> StreamingProfile | None:
         owner = PartnerConnection.objects.filter(connection_id=connection_id).first()
-        profile = None
-        if owner is not None:
-            profiles = {
-                p.connection_id: p
-                for p in cls.objects.filter(
-                    partner_id=owner.partner_id, connection_id__in=[connection_id, ""]
-                )
-            }
-            profile = profiles.get(connection_id) or profiles.get("")
-        if memo is not None:
-            memo[connection_id] = profile
-        return profile
+        if owner is None:
+            return None
+        profiles = {
+            p.connection_id: p
+            for p in cls.objects.filter(
+                partner_id=owner.partner_id, connection_id__in=[connection_id, ""]
+            )
+        }
+        return profiles.get(connection_id) or profiles.get("")
 
     @staticmethod
     @contextmanager
     def looked_up_once() -> Iterator[None]:
         """Within the block, each connection's profile is read once. A drain wraps a batch in
         it: a call's policies and duration limit ask for the profile on every lifecycle event
-        (two queries each); a profile changed meanwhile is seen from the next batch on."""
+        (two queries each). Drains also remember it across batches (``callops.lookups``): a
+        profile changed meanwhile is seen within ``CALLOPS_LOOKUP_TTL`` seconds."""
         token = _PROFILES.set({})
         try:
             yield

@@ -227,7 +227,9 @@ def _earlier_unfinished(delivery: Delivery) -> bool:
 def delivery_process(*, delivery_pk: int) -> Step:
     """Attempt one delivery if it is due, in order, its endpoint not parked and not full."""
     now = timezone.now()
-    delivery = Delivery.objects.select_related("endpoint", "event").filter(pk=delivery_pk).first()
+    delivery = (
+        Delivery.objects.select_related("endpoint__partner", "event").filter(pk=delivery_pk).first()
+    )
     if delivery is None:
         return Step("skipped")
     due = delivery.status in (Delivery.Status.PENDING, Delivery.Status.FAILED) or (
@@ -242,8 +244,10 @@ def delivery_process(*, delivery_pk: int) -> Step:
         endpoint=delivery.endpoint_id,
         partner_event_id=delivery.event.event_id,
     )
-    if not delivery.endpoint.active or now > delivery.expires_at:
-        why = "endpoint inactive" if not delivery.endpoint.active else "too old"
+    # Read now, not when the event was created: drains remember endpoints for a while.
+    inactive = not (delivery.endpoint.active and delivery.endpoint.partner.active)
+    if inactive or now > delivery.expires_at:
+        why = "endpoint inactive" if inactive else "too old"
         _give_up(delivery, why, now)
         return Step("dead")
     endpoint = _claim(delivery, now)

@@ -27,7 +27,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from callops import logs, queue
+from callops import logs, lookups, queue
 from callops.models import Call, Command, Delivery, PartnerEvent, WebhookEndpoint, WebhookEvent
 
 logger = logging.getLogger("callops.partner_events")
@@ -42,8 +42,10 @@ _ENDPOINTS: ContextVar[dict[str, list[WebhookEndpoint]] | None] = ContextVar(
 
 @contextmanager
 def looked_up_once() -> Iterator[None]:
-    """Within the block, each connection's endpoints are read once (a drain's batch; an
-    endpoint added meanwhile gets events from the next batch on)."""
+    """Within the block, each connection's endpoints are read once (a drain's batch). Drains
+    also remember them across batches (``callops.lookups``): an endpoint added, changed or
+    deactivated meanwhile is seen within ``CALLOPS_LOOKUP_TTL`` seconds (a delivery to an
+    endpoint deactivated since is not sent: ``partner_delivery`` reads it again first)."""
     token = _ENDPOINTS.set({})
     try:
         yield
@@ -56,16 +58,19 @@ def endpoints_for(connection_id: str) -> list[WebhookEndpoint]:
     if not connection_id:
         return []
     memo = _ENDPOINTS.get()
-    if memo is not None and connection_id in memo:
-        return memo[connection_id]
-    found = list(
+    if memo is None:
+        return _look_up(connection_id)
+    if connection_id not in memo:  # a drain: remembered across its batches for a while
+        memo[connection_id] = lookups.ENDPOINTS.get(connection_id, lambda: _look_up(connection_id))
+    return memo[connection_id]
+
+
+def _look_up(connection_id: str) -> list[WebhookEndpoint]:
+    return list(
         WebhookEndpoint.objects.filter(
             active=True, partner__active=True, partner__connections__connection_id=connection_id
         ).order_by("pk")
     )
-    if memo is not None:
-        memo[connection_id] = found
-    return found
 
 
 @dataclass

@@ -319,6 +319,10 @@ CALLOPS_DRAIN_SHARDS = env.int("CALLOPS_DRAIN_SHARDS", default=8)
 # after the first of them arrives, so what follows joins its batch (the call's answer, media
 # start and machine-detection results are drained at once).
 CALLOPS_DRAIN_DELAY = env.float("CALLOPS_DRAIN_DELAY", default=0.25)
+# Seconds a worker remembers a connection's streaming profile and webhook endpoints across
+# drain batches (callops.lookups); a change made on another host is seen within this. 0: each
+# batch reads them again.
+CALLOPS_LOOKUP_TTL = env.float("CALLOPS_LOOKUP_TTL", default=2.0)
 
 # --- Webhooks to partners (callops.partner_delivery) -----------------------------------------
 # Seconds one POST to a partner's endpoint may take (connect, send, answer) before it counts as

@@ -34,4 +34,7 @@ CACHES = {
     }
 }
 CALLOPS_RATE_LIMIT_URL = env.str("CALLOPS_RATE_LIMIT_URL", default=REDIS_URL)
+# Off: tests reuse connection ids over rolled-back rows, which a worker's memory would outlive
+# (tests/test_lookups.py turns it on).
+CALLOPS_LOOKUP_TTL = env.float("CALLOPS_LOOKUP_TTL", default=0)
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
