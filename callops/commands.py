@@ -820,10 +820,13 @@ def command_cancel(*, command: Command) -> bool:
             status=Command.Status.CANCELLED, finished_at=timezone.now()
         )
         spec = actions.get(command.action)
-        session = getattr(command, spec.record) if spec.record else None
-        if cancelled and session is not None and spec.starts:
+        # What it would have started (a start's record, or an answer's inline ones) never
+        # will: failed, so no webhook is ever paired with it (events._repair relies on it).
+        sessions = [s for name in spec.records if (s := getattr(command, name)) is not None]
+        if cancelled and sessions:
             Call.objects.select_for_update().get(pk=command.call_id)  # the lock, as for events
-            state.session_fail(session, "command cancelled", timezone.now())
+            for session in sessions:
+                state.session_fail(session, "command cancelled", timezone.now())
     return bool(cancelled)
 
 

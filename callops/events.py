@@ -29,6 +29,7 @@ from callops.actions import ACTIONS
 from callops.exceptions import EventError
 from callops.models import (
     Call,
+    CallSession,
     Command,
     DtmfDigit,
     MediaStream,
@@ -384,13 +385,18 @@ def _repair(
     stored = [e for e in stored if e.status == WebhookEvent.Status.PROCESSED or e.pk in applied]
     spans = _spans([e for e in [*stored, event] if _key_of(e) == key])
     model = Command._meta.get_field(field).related_model  # "stream" -> MediaStream
-    refused = Command.objects.filter(
-        **{f"{field}__call": call},
-        status__in=[Command.Status.FAILED, Command.Status.CANCELLED],
-        action__in=[a.name for a in ACTIONS.values() if field in a.records],
-    ).values(field)
-    waiting = model.objects.filter(call=call, **key).exclude(pk__in=refused)
-    waiting = list(waiting.order_by("requested_at", "pk"))
+    waiting = list(model.objects.filter(call=call, **key).order_by("requested_at", "pk"))
+    # A refused or cancelled start failed its record in the same transaction: only a failed
+    # record can be one, so a call without any needs no look at its commands.
+    if any(record.status == CallSession.Status.FAILED for record in waiting):
+        refused = set(
+            Command.objects.filter(
+                **{f"{field}__call": call},
+                status__in=[Command.Status.FAILED, Command.Status.CANCELLED],
+                action__in=[a.name for a in ACTIONS.values() if field in a.records],
+            ).values_list(field, flat=True)
+        )
+        waiting = [record for record in waiting if record.pk not in refused]
     for index, span in enumerate(spans):
         record = waiting[index] if index < len(waiting) else model(call=call, **key)
         record.started_at, record.stopped_at = span.started_at, span.stopped_at

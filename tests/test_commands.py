@@ -14,6 +14,8 @@ from callops.commands import CallEnded, Outcome, classify, command_create, serve
 from callops.models import Call, Command, MediaStream, Transcription
 from callops.ratelimit import get_limiter
 from callops.telnyx_params import ParamsInvalid
+from tests.helpers import deliver
+from tests.telnyx_events import envelope
 
 STREAM = {"stream_url": "wss://media.example.com/s", "stream_track": "both_tracks"}
 
@@ -408,6 +410,22 @@ def test_repair_reenqueues_stuck_commands(live_call, monkeypatch, settings):
     enqueued.clear()
     assert commands.commands_repair() == 2
     assert sorted(enqueued) == sorted([lost.pk, dead.pk])
+
+
+def test_a_cancelled_answer_fails_what_it_would_have_started_and_no_webhook_pairs_with_it(
+    telnyx, db
+):
+    call = Call.objects.create(call_control_id="v3:parked", connection_id="conn-1")
+    answer = create(call, "answer", {**STREAM, "transcription": True})
+    assert commands.command_cancel(command=answer)
+    answer.refresh_from_db()
+    assert (answer.stream.status, answer.stream.failure_reason) == ("failed", "command cancelled")
+    assert answer.transcription.status == "failed"
+    # A stream Telnyx starts on that URL later is another one's: it gets a record of its own.
+    deliver(envelope("streaming.started", "v3:parked", stream_url=STREAM["stream_url"]))
+    started = MediaStream.objects.get(call=call, status="active")
+    assert started.pk != answer.stream_id
+    assert process(answer).delay is None and telnyx.requests == []
 
 
 def test_cancel_and_retry(telnyx, live_call, settings):
