@@ -61,7 +61,12 @@ class DeliveryPolicy:
 
 @dataclass(frozen=True)
 class DeliveryRecord:
-    """One webhook POST attempt. ``status`` is 0 when no answer came (timeout, refused)."""
+    """One webhook POST attempt. ``status`` is 0 when no answer came (timeout, refused).
+
+    ``monotonic`` is when the POST started and ``queued`` when its event was queued for
+    delivery (both ``time.monotonic()``): on a first attempt, the difference is how long the
+    event waited for a delivery thread, and for its call's earlier events to go first.
+    """
 
     event_id: str
     event_type: str
@@ -73,6 +78,7 @@ class DeliveryRecord:
     duplicate: bool
     monotonic: float
     elapsed: float
+    queued: float
 
     @property
     def ok(self) -> bool:
@@ -85,6 +91,7 @@ class _Delivery:
     data: dict[str, Any]
     duplicate: bool = False
     attempts: int = 0
+    queued: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -296,6 +303,7 @@ class WebhookSender:
             duplicate=delivery.duplicate,
             monotonic=started,
             elapsed=time.monotonic() - started,
+            queued=delivery.queued,
         )
         with self._lock:
             self._deliveries.append(record)
