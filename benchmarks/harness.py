@@ -9,6 +9,9 @@ A benchmark runs on this (small, shared) machine only, against the local Postgre
 - ``rss_by_role()`` says how much memory each of those processes holds;
 - ``measure_quietly()`` waits for the machine to be idle before a measurement and repeats one
   that other processes disturbed;
+- ``simulated_calls()`` is the Telnyx simulator the whole-stack benchmarks drive;
+- ``start_receiver()`` runs a partner's HTTPS webhook receiver that verifies every request
+  (``Receipts`` reads what it got);
 - ``percentile()`` and ``print_table()`` report.
 
 Linux only: the meter and the quiet wait read /proc.
@@ -18,17 +21,23 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import json
+import multiprocessing
 import os
 import resource
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Protocol, TypeVar
 
@@ -37,6 +46,8 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the benchmarks run as scripts and import callops and config
+
+from telnyx_sim import CallPlan, CallSimulator, DeliveryPolicy, DeliveryRecord  # noqa: E402
 
 PG = "postgres://postgres@127.0.0.1:5432"
 NOISE_LIMIT = 0.10  # share of the machine's CPU other processes may take during a measurement
@@ -160,6 +171,140 @@ def stop_processes(procs: Iterable[subprocess.Popen], timeout: float = 20) -> No
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+
+
+# --- The Telnyx simulator -------------------------------------------------------------------
+
+
+def simulated_calls(
+    *,
+    webhook_url: str,
+    api,
+    connection_id: str,
+    call_duration: float,
+    delivery_workers: int,
+    on_delivery: Callable[[DeliveryRecord], None] | None = None,
+) -> CallSimulator:
+    """The calls of the whole-stack benchmarks, placed by hand (``place_call``): incoming on
+    ``connection_id``, parked until callops answers through ``api`` (a running
+    ``TelnyxAPISimulator``), then ``call_duration`` s (+-20 %) with a transcript a second and no
+    media (production refuses the private stream URL media would need). Their webhooks go to
+    ``webhook_url`` from ``delivery_workers`` threads. Seeded; its own logs stay short, a
+    benchmark keeps what it needs through ``on_delivery``."""
+    return CallSimulator(
+        webhook_url=webhook_url,
+        api=api,
+        plan=CallPlan(
+            call_duration=call_duration,
+            connection_id=connection_id,
+            transcription_interval=1.0,
+            media=False,
+        ),
+        delivery=DeliveryPolicy(delivery_workers=delivery_workers),
+        on_delivery=on_delivery,
+        log_size=1000,
+        seed=1,
+    )
+
+
+# --- Partners' webhook receivers ------------------------------------------------------------
+
+
+def self_signed(work: Path) -> tuple[str, str]:
+    """A throw-away certificate for ``localhost`` and its key (paths in ``work``): receivers
+    serve HTTPS, as production wants of an endpoint, and the workers trust it through
+    ``SSL_CERT_FILE``."""
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"),
+            *("ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+def serve_receiver(port: int, cert: str, key: str, secret: str, log_path: str) -> None:
+    """A partner's HTTPS webhook server (its own process): verify, log, answer 204. One log
+    line per request: arrival (wall clock), verified or not, then the body's fields."""
+    from standardwebhooks import Webhook
+
+    verifier = Webhook(secret)
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            arrived = time.time()
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            try:
+                event = verifier.verify(body, dict(self.headers.items()))
+                ok = True
+            except Exception:  # noqa: BLE001 - any failure to verify is what is counted
+                event, ok = json.loads(body), False
+            line = json.dumps(
+                [arrived, ok, event["id"], event["type"], event["created_at"]],
+                separators=(",", ":"),
+            )
+            with lock:
+                log.write(line + "\n")
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)  # listening from here on
+    server.daemon_threads = True
+    # The log appears once the port is open: start_receiver waits for it.
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - the process's lifetime
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    # The handshake in the request's own thread, not in the accepting loop.
+    server.socket = context.wrap_socket(
+        server.socket, server_side=True, do_handshake_on_connect=False
+    )
+    server.serve_forever()
+
+
+def start_receiver(
+    port: int, cert: str, key: str, secret: str, log_path: Path
+) -> multiprocessing.Process:
+    """``serve_receiver`` in a fresh interpreter (spawned, so nothing of this process's
+    threads or Django comes along), once it listens. ``log_path`` must not exist yet."""
+    proc = multiprocessing.get_context("spawn").Process(
+        target=serve_receiver, args=(port, cert, key, secret, str(log_path)), daemon=True
+    )
+    proc.start()
+    deadline = time.monotonic() + 30
+    while not log_path.exists():
+        if not proc.is_alive() or time.monotonic() > deadline:
+            proc.terminate()
+            raise RuntimeError(f"the receiver on port {port} did not start")
+        time.sleep(0.05)
+    return proc
+
+
+class Receipts:
+    """What a receiver logged: (arrival, verified, event id, type, created_at) per request,
+    both times Unix seconds."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def read(self) -> list[tuple[float, bool, str, str, float]]:
+        rows = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                arrived, ok, event_id, kind, created = json.loads(line)
+                created_at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+                rows.append((arrived, ok, event_id, kind, created_at))
+        return rows
 
 
 # --- CPU ------------------------------------------------------------------------------------

@@ -38,23 +38,19 @@ every figure, so it prints how much CPU they took.
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
 import os
 import socket
-import ssl
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from harness import (
     CpuMeter,
+    Receipts,
     add_quiet_options,
     add_scratch_options,
     create_answering_partner,
@@ -62,83 +58,32 @@ from harness import (
     print_table,
     print_verdicts,
     scratch,
-    start_process,
+    self_signed,
+    simulated_calls,
+    start_receiver,
     stop_processes,
     wait_for_quiet,
 )
-from system_load import stack_env, start_beat, start_web, start_worker, wait_for_log
+from system_load import (
+    PARTNER_THREADS,
+    stack_env,
+    start_beat,
+    start_partners_worker,
+    start_web,
+    start_worker,
+    wait_for_log,
+)
 from webhook_throughput import free_port
 
-from telnyx_sim import CallPlan, CallSimulator, DeliveryPolicy, TelnyxAPISimulator
+from telnyx_sim import TelnyxAPISimulator
 
 CONNECTION_ID = "partnerbench-conn"
 STREAM_URL = "wss://media.example.com/s"
 TARGET_P99_MS = 250.0
 TARGET_RATIO = 1.20
-PARTNER_THREADS = 16  # docker-compose's worker-partners
 
 
-# --- The partners' receivers ----------------------------------------------------------------
-
-
-def serve_receiver(port: int, cert: str, key: str, secret: str, log_path: str) -> None:
-    """A partner's HTTPS webhook server (its own process): verify, log, answer 204. One log
-    line per request: arrival (wall clock), verified or not, then the body's fields."""
-    from standardwebhooks import Webhook
-
-    verifier = Webhook(secret)
-    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - the process's lifetime
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            arrived = time.time()
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            try:
-                event = verifier.verify(body, dict(self.headers.items()))
-                ok = True
-            except Exception:  # noqa: BLE001 - any failure to verify is what is counted
-                event, ok = json.loads(body), False
-            line = json.dumps(
-                [arrived, ok, event["id"], event["type"], event["created_at"]],
-                separators=(",", ":"),
-            )
-            with lock:
-                log.write(line + "\n")
-            self.send_response(204)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    # The handshake in the request's own thread, not in the accepting loop.
-    server.socket = context.wrap_socket(
-        server.socket, server_side=True, do_handshake_on_connect=False
-    )
-    server.serve_forever()
-
-
-class Receipts:
-    """What a receiver logged: (arrival, verified, event id, type, created_at) per request."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def read(self) -> list[tuple[float, bool, str, str, float]]:
-        rows = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                arrived, ok, event_id, kind, created = json.loads(line)
-                created_at = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-                rows.append((arrived, ok, event_id, kind, created_at))
-        return rows
+# --- A dead endpoint ------------------------------------------------------------------------
 
 
 def silent_port(mode: str) -> tuple[int, socket.socket | None]:
@@ -153,20 +98,6 @@ def silent_port(mode: str) -> tuple[int, socket.socket | None]:
     return port, sock
 
 
-def self_signed(work: Path) -> tuple[str, str]:
-    cert, key = work / "cert.pem", work / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"),
-            *("ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return str(cert), str(key)
-
-
 # --- The run --------------------------------------------------------------------------------
 
 
@@ -174,24 +105,18 @@ class Bench:
     def __init__(self, args, run, work: Path):
         self.args, self.run, self.work = args, run, work
         self.procs: list = []
-        self.receivers: list[multiprocessing.Process] = []
+        self.receivers: list = []
 
     def start(self) -> None:
         args = self.args
         self.api = TelnyxAPISimulator(api_key="KEY_PARTNERBENCH", rate_limit=100).start()
         web_port = free_port()
-        self.calls = CallSimulator(
+        self.calls = simulated_calls(
             webhook_url=f"http://127.0.0.1:{web_port}/webhooks/telnyx/",
             api=self.api,
-            plan=CallPlan(
-                call_duration=args.call_duration,
-                connection_id=CONNECTION_ID,
-                transcription_interval=1.0,
-                media=False,
-            ),
-            delivery=DeliveryPolicy(delivery_workers=8),
-            log_size=1000,
-            seed=1,
+            connection_id=CONNECTION_ID,
+            call_duration=args.call_duration,
+            delivery_workers=8,
         )
         self.cert, self.key = self_signed(self.work)
         self.env = stack_env(self.run, self.calls.signer, self.work, self.api, 100)
@@ -208,20 +133,13 @@ class Bench:
 
         partner = create_answering_partner("partnerbench", CONNECTION_ID, STREAM_URL)
         self.endpoints, self.receipts = {}, {}
-        spawn = multiprocessing.get_context("spawn")
         for name in ("A", "B"):
             port = free_port()
             endpoint = partner_delivery.webhook_endpoint_create(
                 partner=partner, url=f"https://localhost:{port}/hooks", description=name
             )
             log = self.work / f"receiver-{name}.log"
-            proc = spawn.Process(
-                target=serve_receiver,
-                args=(port, self.cert, self.key, endpoint.secret, str(log)),
-                daemon=True,
-            )
-            proc.start()
-            self.receivers.append(proc)
+            self.receivers.append(start_receiver(port, self.cert, self.key, endpoint.secret, log))
             self.endpoints[name], self.receipts[name] = endpoint, Receipts(log)
         self.healthy_url_b = self.endpoints["B"].url
 
@@ -243,18 +161,9 @@ class Bench:
         )
 
     def start_partners_worker(self):
-        """``worker-partners`` as docker-compose runs it (a thread pool)."""
+        """``worker-partners`` as docker-compose runs it; a new name each time (it restarts)."""
         log = self.work / f"worker-partners-{len(self.procs)}.log"
-        proc = start_process(
-            [
-                *(sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", "partners"),
-                *("--loglevel", "INFO", "--pool", "threads", "--concurrency", str(PARTNER_THREADS)),
-                *("-n", f"pb-partners-{time.monotonic_ns()}@%h"),
-            ],
-            env=self.env,
-            log_path=log,
-        )
-        wait_for_log(proc, log, " ready.")
+        proc = start_partners_worker(self.env, f"pb-partners-{time.monotonic_ns()}", log)
         self.procs.append(proc)
         return proc
 

@@ -109,21 +109,14 @@ from harness import (
     print_verdicts,
     rss_by_role,
     scratch,
+    simulated_calls,
     start_process,
     stop_processes,
     wait_for_quiet,
 )
 from webhook_throughput import free_port, production_env
 
-from telnyx_sim import (
-    CallPlan,
-    CallSimulator,
-    CommandRecord,
-    DeliveryPolicy,
-    DeliveryRecord,
-    Signer,
-    TelnyxAPISimulator,
-)
+from telnyx_sim import CommandRecord, DeliveryRecord, Signer, TelnyxAPISimulator
 from telnyx_sim.envelopes import dumps, envelope
 
 SETTINGS = "config.settings.production"
@@ -137,6 +130,7 @@ TARGET_LAG_P99_S = 1.0
 TARGET_SLOPE = 1.0  # events/s; see the module docstring
 TARGET_ANSWER_P99_MS = 100.0
 TARGET_RATIO = 1.6
+PARTNER_THREADS = 16  # docker-compose's worker-partners
 ROLES = ("web", "worker", "beat", "postgres", "redis", "bench")
 ROLE_NAMES = {"bench": "simulator"}  # this process: the simulator and the sampling
 
@@ -192,13 +186,15 @@ def start_web(env: dict, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError("gunicorn did not answer /healthz in time")
 
 
-def start_worker(env: dict, name: str, concurrency: int, log: Path, queue: str) -> subprocess.Popen:
+def start_worker(
+    env: dict, name: str, concurrency: int, log: Path, queue: str, pool: str = "prefork"
+) -> subprocess.Popen:
     """A Celery worker as docker-compose runs it: ``worker`` takes queue ``callops``,
     ``worker-events`` queue ``events`` (its name made unique)."""
     proc = start_process(
         [
             *(sys.executable, "-m", "celery", "-A", "config", "worker", "-Q", queue),
-            *("--loglevel", "INFO", "--pool", "prefork", "--concurrency", str(concurrency)),
+            *("--loglevel", "INFO", "--pool", pool, "--concurrency", str(concurrency)),
             *("-n", f"{name}@%h"),
         ],
         env=env,
@@ -206,6 +202,11 @@ def start_worker(env: dict, name: str, concurrency: int, log: Path, queue: str) 
     )
     wait_for_log(proc, log, " ready.")
     return proc
+
+
+def start_partners_worker(env: dict, name: str, log: Path) -> subprocess.Popen:
+    """``worker-partners`` as docker-compose runs it: queue ``partners``, 16 threads."""
+    return start_worker(env, name, PARTNER_THREADS, log, "partners", pool="threads")
 
 
 def start_beat(env: dict, work: Path) -> subprocess.Popen:
@@ -323,19 +324,13 @@ class LoadBench:
         args = self.args
         self.api = TelnyxAPISimulator(api_key="KEY_SYSBENCH", rate_limit=args.limit).start()
         port = free_port()
-        self.calls = CallSimulator(
+        self.calls = simulated_calls(
             webhook_url=f"http://127.0.0.1:{port}{WEBHOOK_PATH}",
             api=self.api,
-            plan=CallPlan(
-                call_duration=args.call_duration,
-                connection_id=CONNECTION_ID,
-                transcription_interval=1.0,
-                media=False,
-            ),
-            delivery=DeliveryPolicy(delivery_workers=args.delivery_workers),
+            connection_id=CONNECTION_ID,
+            call_duration=args.call_duration,
+            delivery_workers=args.delivery_workers,
             on_delivery=self.deliveries.append,
-            log_size=1000,
-            seed=1,
         )
         env = stack_env(self.run, self.calls.signer, self.work, self.api, args.limit)
         self.run.migrate(env)
