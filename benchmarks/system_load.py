@@ -2,6 +2,7 @@
 webhook events scales with worker processes.
 
     .venv/bin/python benchmarks/system_load.py [--rates 1,5,10,15,20,25] [--hold 60] [--target 20]
+        [--no-partners] [--interim] [--delivery-workers 64]
     .venv/bin/python benchmarks/system_load.py --backlog [--events 50000] [--calls 2000]
 
 Load mode (the default), on this machine only:
@@ -13,36 +14,62 @@ Load mode (the default), on this machine only:
    and transcription inline: one ``answer`` command per call.
 2. Starts the production-like stack from the project's own files, with
    ``config.settings.production`` on the scratch services: gunicorn with ``config/gunicorn.py``
-   as docker-compose runs it (its worker count: 2 per core), the two Celery workers of
+   as docker-compose runs it (its worker count: 2 per core), the Celery workers of
    docker-compose (``worker -Q callops`` for commands and ``worker -Q events`` for drains,
-   prefork, ``--concurrency 2`` each, INFO logs), Celery beat (the
-   maintenance schedules at their default periods), and in this process the simulator:
-   ``TelnyxAPISimulator`` for the command API and ``CallSimulator`` placing calls and POSTing
-   signed webhooks, without media. The simulator's rate limit and ``TELNYX_RATE_LIMIT`` are both
+   prefork, ``--concurrency 2`` each; ``worker-partners``, ``-Q partners``, a pool of 16
+   threads; INFO logs), Celery beat (the maintenance schedules at their default periods), and
+   in this process the simulator: ``TelnyxAPISimulator`` for the command API and
+   ``CallSimulator`` placing calls and POSTing signed webhooks from ``--delivery-workers`` (64)
+   threads, without media. The simulator's rate limit and ``TELNYX_RATE_LIMIT`` are both
    ``--limit`` (100/s): at 25 calls/s the stack sends 25 answers/s, so no rate limit is what is
-   measured.
+   measured. gunicorn's sync workers close the connection after each request, so each webhook
+   POST opens a connection of its own, as before.
+   Partner callbacks (off with ``--no-partners``): through the partner API
+   (``POST /api/v1/webhook-endpoints/``, with an API key of the partner's), one endpoint for
+   every event type (``--interim``: interim transcript segments too) on an HTTPS receiver in a
+   process of its own that verifies each request with ``standardwebhooks``
+   (``harness.start_receiver``). It listens on loopback: this run's processes trust its
+   self-signed certificate (``SSL_CERT_FILE``) and have ``CALLOPS_ALLOW_PRIVATE_TARGETS`` on,
+   production's own setting, off by default.
 3. Warm-up: a few short calls through the whole stack (not measured).
 4. Per rate: calls placed on a fixed schedule for ``--hold`` seconds. Each is answered by
    callops, then sends call.answered, streaming.started, a call.transcription a second and,
    ``--call-duration`` (20 s, +-20 %) after the answer, streaming.stopped and call.hangup: ~25
    webhooks. The number of live calls is steady once one call duration has passed, so the
    measurement window is the rest of the hold (40 s of 60). In the window:
-   - webhooks/s: deliveries answered 2xx; ack p50/p99: the simulator's POST time of every
-     delivery attempt (``DeliveryRecord.elapsed``; a timeout counts as 2 s);
+   - webhooks/s (delivered): deliveries answered 2xx; ack p50/p99: the simulator's POST time
+     of every delivery attempt (``DeliveryRecord.elapsed``; a timeout counts as 2 s);
+   - whether that load was truly offered: offered webhooks/s (events the simulator's calls
+     queued for delivery in the window); wait p50/p99 (queued -> the POST started: a delivery
+     thread free, the call's earlier events sent); POSTs in flight, mean and most, of the
+     delivery threads (a note when all were busy at once: the pool was the limit); how far the
+     placer fell behind its schedule (p99 and most, over the hold) and the transcripts' timer
+     (their spacing beyond 1 s, p99 and most); the benchmark process's CPU, which is the
+     simulator's, in cores (a note above 0.8: one process, one GIL, so the load generator
+     itself may be the limit);
    - apply lag p50/p99: ``processed_at - received_at`` of the events received in the window,
      read after the drain below, so an event applied late counts with its whole lag;
    - backlog slope: pending events counted every second, least-squares slope (events/s);
    - call.initiated received -> answer at the simulator p50/p99, for the calls placed in the
      window (the event's ``received_at`` against the answer's ``CommandRecord.wall_time``: the
      same machine's wall clock);
-   - CPU per process (web = the gunicorn tree, worker = the Celery worker tree, beat,
-     PostgreSQL, Redis, simulator = this process) and RSS at the window's end;
+   - partner callbacks: partner events created per second and events delivered per second
+     (first receipt at the receiver in the window), delivery latency p50/p99 (the event's
+     ``created_at``, taken in the drain's transaction, -> the receiver got it, for the events
+     created in the window), and over the hold the events, those received twice, and
+     worker-partners CPU per event delivered;
+   - CPU per process (web = the gunicorn tree, worker = the commands and events Celery
+     workers' trees, partners = worker-partners, beat, PostgreSQL, Redis, simulator = this
+     process) and RSS at the window's end; the receiver's, outside callops like the
+     simulator's, on a line of its own per rate;
    - events applied per second of worker CPU: events applied in the window / worker CPU.
    Losses count over the whole hold: calls never answered (200 from the simulator), calls whose
    stream or transcription callops never saw start, events failed, commands failed or never
-   finished, webhooks never answered 2xx after the simulator's retries, events left pending.
-   Then placing stops, the calls end, and the run waits until nothing is pending (events,
-   commands, webhooks) before the next rate, at most ``--drain-timeout`` s.
+   finished, webhooks never answered 2xx after the simulator's retries, events left pending;
+   with partner callbacks, partner events of the hold never received verified by the end of
+   the drain, and requests whose signature did not verify. Then placing stops, the calls end,
+   and the run waits until nothing is pending (events, commands, webhooks, partner deliveries)
+   before the next rate, at most ``--drain-timeout`` s.
 5. A rate is held when ack p99 < 200 ms, apply lag p99 < 1 s, the backlog slope is below
    1 event/s and nothing is lost. The slope threshold: a worker that keeps up leaves a sawtooth
    of at most a few claims pending (CALLOPS_DRAIN_CLAIM events each), whose fitted slope over a
@@ -87,8 +114,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import psycopg
@@ -97,6 +126,7 @@ from harness import (
     NOISE_LIMIT,
     CpuMeter,
     CpuUse,
+    Receipts,
     Scratch,
     add_quiet_options,
     add_scratch_options,
@@ -109,8 +139,10 @@ from harness import (
     print_verdicts,
     rss_by_role,
     scratch,
+    self_signed,
     simulated_calls,
     start_process,
+    start_receiver,
     stop_processes,
     wait_for_quiet,
 )
@@ -131,8 +163,10 @@ TARGET_SLOPE = 1.0  # events/s; see the module docstring
 TARGET_ANSWER_P99_MS = 100.0
 TARGET_RATIO = 1.6
 PARTNER_THREADS = 16  # docker-compose's worker-partners
-ROLES = ("web", "worker", "beat", "postgres", "redis", "bench")
-ROLE_NAMES = {"bench": "simulator"}  # this process: the simulator and the sampling
+# The processes of the CPU and RSS tables. "bench" is this process: the simulator and the
+# sampling. The partners' receiver, outside callops like the simulator, is printed on its own.
+ROLES = ("web", "worker", "partners", "beat", "postgres", "redis", "bench")
+ROLE_NAMES = {"bench": "simulator"}
 
 
 # --- Processes ------------------------------------------------------------------------------
@@ -227,11 +261,36 @@ def start_beat(env: dict, work: Path) -> subprocess.Popen:
 
 
 @dataclass
+class Offered:
+    """Whether the simulator offered the load it was asked for, in the window."""
+
+    webhooks_per_s: float  # events the simulator's calls queued for delivery
+    wait_ms: tuple[float, float]  # queued -> POST started, first attempts, p50 / p99
+    in_flight: tuple[float, int]  # POSTs at once: mean (busy thread-seconds / s) and most
+    placer_late_ms: tuple[float, float]  # behind the placing schedule: p99 and most
+    timer_late_ms: tuple[float, float]  # transcripts' spacing beyond 1 s: p99 and most
+
+
+@dataclass
+class PartnerResult:
+    """The partner endpoint's side of one rate."""
+
+    created_per_s: float  # partner events created in the window
+    delivered_per_s: float  # events that first reached the receiver in the window
+    latency_ms: tuple[float, float]  # created_at -> first receipt, events created in the window
+    created: int  # partner events created over the whole hold
+    undelivered: int  # of those, never received verified by the end of the drain
+    unverified: int  # requests of the hold whose signature did not verify
+    twice: int  # events of the hold received more than once
+    receiver_cpu: float  # CPU seconds of the receiver in the window
+
+
+@dataclass
 class RateResult:
     rate: float
     window: float  # seconds
     placed: int
-    placed_late_ms: float  # how far the placer fell behind its schedule, at most
+    offered: Offered
     webhooks_per_s: float
     ack_ms: tuple[float, float]
     lag_s: tuple[float, float]
@@ -246,6 +305,7 @@ class RateResult:
     rss: dict[str, list[float]]
     pg_exited: float
     sessions: int
+    partners: PartnerResult | None
 
     @property
     def per_worker_cpu_s(self) -> float:
@@ -272,7 +332,7 @@ class Hold:
 
     rate: float
     placed: list[tuple[float, str]]  # (monotonic, call_control_id)
-    late: float  # ms the placer fell behind its schedule, at most
+    late: list[float]  # ms the placer was behind its schedule, per call placed
     w0: float  # the window, monotonic
     w1: float
     w0_wall: datetime
@@ -333,6 +393,12 @@ class LoadBench:
             on_delivery=self.deliveries.append,
         )
         env = stack_env(self.run, self.calls.signer, self.work, self.api, args.limit)
+        if args.partners:
+            # The receiver serves HTTPS on loopback: the workers trust its certificate, and
+            # this run lets endpoints point at private addresses (production's own setting,
+            # off by default; only this run's processes have it on).
+            self.cert, self.key = self_signed(self.work)
+            env.update(SSL_CERT_FILE=self.cert, CALLOPS_ALLOW_PRIVATE_TARGETS="true")
         self.run.migrate(env)
         os.environ.update(env)
         import django
@@ -341,9 +407,17 @@ class LoadBench:
         # Production's logging says INFO to the console: the simulator would log every call.
         logging.getLogger("telnyx_sim").setLevel(logging.WARNING)
 
-        create_answering_partner("sysbench", CONNECTION_ID, STREAM_URL)
+        partner = create_answering_partner("sysbench", CONNECTION_ID, STREAM_URL)
         self.web = start_web(env, port, self.work / "gunicorn.log")
         self.procs.append(self.web)
+        trees = {"web": [self.web.pid]}
+        if args.partners:
+            self.receiver = self.register_receiver(partner, f"http://127.0.0.1:{port}/api/v1/")
+            self.partners_worker = start_partners_worker(
+                env, "sysbench-partners", self.work / "worker-partners.log"
+            )
+            self.procs.append(self.partners_worker)
+            trees.update(partners=[self.partners_worker.pid], receiver=[self.receiver.pid])
         self.worker = start_worker(env, "sysbench", 2, self.work / "worker.log", "callops")
         self.events_worker = start_worker(
             env, "sysbench-events", 2, self.work / "worker-events.log", "events"
@@ -353,25 +427,48 @@ class LoadBench:
         self.beat = start_beat(env, self.work)
         self.procs.append(self.beat)
         self.calls.start()
-        self.meter = CpuMeter(
-            self.run.database_url,
-            {
-                "web": [self.web.pid],
-                "worker": [self.worker.pid, self.events_worker.pid],
-                "beat": [self.beat.pid],
-            },
-        )
+        trees.update(worker=[self.worker.pid, self.events_worker.pid], beat=[self.beat.pid])
+        self.meter = CpuMeter(self.run.database_url, trees)
         self.sampler = Sampler(self.run.database_url)
         self.sampler.start()
         (backend,) = self.meter.db.execute("SELECT pg_backend_pid()").fetchone()
         with open(f"/proc/{backend}/stat") as f:
             self.postmaster = int(f.read().rsplit(")", 1)[1].split()[1])
+        partners = (
+            f"partners x {PARTNER_THREADS} threads, receiver {self.endpoint_url}"
+            if args.partners
+            else "no partner callbacks"
+        )
         print(
             f"stack up: gunicorn on 127.0.0.1:{port} (config/gunicorn.py), workers: commands x 2"
-            " and events x 2, beat, "
-            f"simulator {self.api.base_url} (rate limit {args.limit}/s); logs in {self.work}",
+            f", events x 2, {partners}; beat, simulator {self.api.base_url} (rate limit "
+            f"{args.limit}/s, {args.delivery_workers} delivery threads); logs in {self.work}",
             flush=True,
         )
+
+    def register_receiver(self, partner, api: str):
+        """The partner's endpoint for every event type, registered through the partner API as
+        a partner would, on a receiver that verifies each request's signature."""
+        from callops.api_keys import api_key_create
+        from callops.management.commands._demo import api_call
+
+        _, key = api_key_create(partner=partner, name="sysbench")
+        port = free_port()
+        self.endpoint_url = f"https://localhost:{port}/hooks"
+        endpoint = api_call(
+            api,
+            key,
+            "POST",
+            "webhook-endpoints/",
+            {
+                "url": self.endpoint_url,
+                "event_types": [],  # every type
+                "include_interim": self.args.interim,
+                "description": "system_load receiver",
+            },
+        )
+        self.receipts = Receipts(self.work / "receiver.log")
+        return start_receiver(port, self.cert, self.key, endpoint["secret"], self.receipts.path)
 
     def stop(self) -> None:
         if hasattr(self, "sampler"):
@@ -383,6 +480,9 @@ class LoadBench:
         stop_processes(self.procs)
         if hasattr(self, "api"):
             self.api.stop()
+        if hasattr(self, "receiver"):
+            self.receiver.terminate()
+            self.receiver.join(5)
 
     def pg_and_sessions(self) -> tuple[float, int]:
         """(CPU seconds of the PostgreSQL backends that have ended, on any database: the
@@ -401,9 +501,10 @@ class LoadBench:
 
     # Waiting
 
-    def open_work(self) -> tuple[int, int, int]:
-        """(live calls, pending events, commands not finished)."""
-        from callops.models import Command, WebhookEvent
+    def open_work(self) -> tuple[int, int, int, int]:
+        """(live calls, pending events, commands not finished, partner deliveries not
+        finished)."""
+        from callops.models import Command, Delivery, WebhookEvent
 
         return (
             len(self.calls.live_calls),
@@ -411,6 +512,7 @@ class LoadBench:
             Command.objects.filter(
                 status__in=[Command.Status.QUEUED, Command.Status.SENDING]
             ).count(),
+            Delivery.objects.filter(status__in=Delivery.UNFINISHED).count(),
         )
 
     def wait_drained(self, timeout: float) -> bool:
@@ -442,7 +544,7 @@ class LoadBench:
         n = max(1, round(rate * hold))
         self.deliveries.clear()
         placed: list[tuple[float, str]] = []
-        late = [0.0]
+        late: list[float] = []
         start_wall = datetime.now(UTC)
         start = time.monotonic()
 
@@ -451,7 +553,7 @@ class LoadBench:
                 due = start + i / rate
                 if (pause := due - time.monotonic()) > 0:
                     time.sleep(pause)
-                late[0] = max(late[0], (time.monotonic() - due) * 1000)
+                late.append(max(0.0, time.monotonic() - due) * 1000)
                 placed.append((time.monotonic(), self.calls.place_call()))
 
         placer = threading.Thread(target=place, name="placer", daemon=True)
@@ -471,7 +573,7 @@ class LoadBench:
         drain_seconds = time.monotonic() - drain_start
         return self.result(
             Hold(
-                *(rate, placed, late[0], w0, w1, w0_wall, w1_wall, start_wall, cpu, rss),
+                *(rate, placed, late, w0, w1, w0_wall, w1_wall, start_wall, cpu, rss),
                 *(pg1 - pg0, sessions1 - sessions0),
             ),
             drained,
@@ -483,7 +585,7 @@ class LoadBench:
 
         from callops.models import Call, Command, WebhookEvent
 
-        rate, placed, late, cpu, rss = hold.rate, hold.placed, hold.late, hold.cpu, hold.rss
+        rate, placed, cpu, rss = hold.rate, hold.placed, hold.cpu, hold.rss
         w0, w1, w0_wall, w1_wall = hold.w0, hold.w1, hold.w0_wall, hold.w1_wall
         start_wall = hold.start_wall
         records = list(self.deliveries)
@@ -546,12 +648,17 @@ class LoadBench:
             ).count(),
             "webhooks lost": len(never_ok),
         }
+        partners = None
+        if self.args.partners:
+            partners = self.partner_result(hold)
+            losses["partner events undelivered"] = partners.undelivered
+            losses["signature failures"] = partners.unverified
         acks = [r.elapsed * 1000 for r in in_window]
         return RateResult(
             rate=rate,
             window=w1 - w0,
             placed=len(placed),
-            placed_late_ms=late,
+            offered=offered(records, hold, self.args.delivery_workers),
             webhooks_per_s=sum(r.ok for r in in_window) / (w1 - w0),
             ack_ms=(percentile(acks, 50), percentile(acks, 99)),
             lag_s=lag,
@@ -566,7 +673,73 @@ class LoadBench:
             rss=rss,
             pg_exited=hold.pg_exited,
             sessions=hold.sessions,
+            partners=partners,
         )
+
+    def partner_result(self, hold: Hold) -> PartnerResult:
+        """The receiver's log against the partner events of the hold, read after the drain."""
+        from callops.models import PartnerEvent
+
+        w0, w1 = hold.w0_wall.timestamp(), hold.w1_wall.timestamp()
+        created = dict(
+            PartnerEvent.objects.filter(created_at__gte=hold.start_wall).values_list(
+                "event_id", "created_at"
+            )
+        )
+        rows = [r for r in self.receipts.read() if r[2] in created]
+        first: dict[str, float] = {}
+        for arrived, ok, event_id, _, _ in sorted(rows):
+            if ok:
+                first.setdefault(event_id, arrived)
+        received = Counter(r[2] for r in rows)
+        in_window = [e for e, at in created.items() if w0 <= at.timestamp() < w1]
+        latency = [(first[e] - created[e].timestamp()) * 1000 for e in in_window if e in first]
+        return PartnerResult(
+            created_per_s=len(in_window) / (w1 - w0),
+            delivered_per_s=sum(w0 <= at < w1 for at in first.values()) / (w1 - w0),
+            latency_ms=(percentile(latency, 50), percentile(latency, 99)),
+            created=len(created),
+            undelivered=len(created.keys() - first.keys()),
+            unverified=sum(not r[1] for r in rows),
+            twice=sum(n > 1 for n in received.values()),
+            receiver_cpu=hold.cpu.roles["receiver"],
+        )
+
+
+def offered(records: list[DeliveryRecord], hold: Hold, threads: int) -> Offered:
+    """What the simulator offered in the window, from its delivery records (read after the
+    drain, so every event queued in the window has had its first attempt)."""
+    w0, w1 = hold.w0, hold.w1
+    firsts = [r for r in records if r.attempt == 1 and not r.duplicate and w0 <= r.queued < w1]
+    waits = [(r.monotonic - r.queued) * 1000 for r in firsts]
+    # Busy thread-seconds inside the window, and the most POSTs at once (a sweep).
+    busy, edges = 0.0, []
+    for r in records:
+        start, end = r.monotonic, r.monotonic + r.elapsed
+        if start < w1 and end > w0:
+            busy += min(end, w1) - max(start, w0)
+            edges += [(start, 1), (end, -1)]
+    most = now = 0
+    for _, step in sorted(edges):
+        now += step
+        most = max(most, now)
+    # A call's transcripts are each scheduled 1 s after the one before ran: what their spacing
+    # exceeds that by is how late the simulator's timer thread ran them (or waited for its lock).
+    spacing: dict[str, list[float]] = {}
+    for r in sorted(firsts, key=lambda r: r.queued):
+        if r.event_type == "call.transcription":
+            spacing.setdefault(r.call_control_id, []).append(r.queued)
+    timer_late = [
+        max(0.0, b - a - 1.0) * 1000 for times in spacing.values() for a, b in pairwise(times)
+    ]
+    late = hold.late
+    return Offered(
+        webhooks_per_s=len(firsts) / (w1 - w0),
+        wait_ms=(percentile(waits, 50), percentile(waits, 99)),
+        in_flight=(busy / (w1 - w0), most),
+        placer_late_ms=(percentile(late, 99), max(late, default=float("nan"))),
+        timer_late_ms=(percentile(timer_late, 99), max(timer_late, default=float("nan"))),
+    )
 
 
 def run_load(args, run: Scratch, work: Path) -> bool:
@@ -584,7 +757,8 @@ def run_load(args, run: Scratch, work: Path) -> bool:
             )
             results.append(result)
             print(
-                f"  {rate:g} calls/s: {result.webhooks_per_s:.0f} webhooks/s, ack p99 "
+                f"  {rate:g} calls/s: {result.offered.webhooks_per_s:.0f} webhooks/s offered, "
+                f"{result.webhooks_per_s:.0f} delivered, ack p99 "
                 f"{result.ack_ms[1]:.1f} ms, lag p99 {result.lag_s[1]:.2f} s, slope "
                 f"{result.slope:+.2f}/s, lost {result.lost}, drained in "
                 f"{result.drain_seconds:.0f} s: {'held' if result.held else 'NOT held'}",
@@ -605,10 +779,19 @@ def ms(value: float) -> str:
 
 
 def report_load(args, results: list[RateResult]) -> bool:
+    partners = (
+        f", worker-partners ({PARTNER_THREADS} threads) delivering to one HTTPS receiver "
+        f"that verifies each request (every event type, interim transcripts "
+        f"{'included' if args.interim else 'left out'})"
+        if args.partners
+        else ", no partner callbacks (--no-partners)"
+    )
+    roles = [r for r in ROLES if args.partners or r != "partners"]
     print(
         f"\nWhole system, {os.cpu_count()} cores: gunicorn (config/gunicorn.py), Celery workers "
-        "for commands and for events x 2 children each, beat, PostgreSQL, Redis, simulator "
-        f"without media in the benchmark process.\nCalls of {args.call_duration:g} s (+-20 %), "
+        f"for commands and for events x 2 children each{partners}, beat, PostgreSQL, Redis, "
+        f"simulator without media in the benchmark process ({args.delivery_workers} delivery "
+        f"threads).\nCalls of {args.call_duration:g} s (+-20 %), "
         f"answered with streaming and transcription inline; rate limits {args.limit}/s (not "
         "reached). Each rate held "
         f"{args.hold:g} s; figures over the last {results[0].window:.0f} s of it, losses over "
@@ -649,6 +832,85 @@ def report_load(args, results: list[RateResult]) -> bool:
             for r in results
         ],
     )
+    print(
+        "\nLoad offered in the window. offered: webhooks the simulator's calls queued per second;"
+        " delivered: answered 2xx.\nwait: queued -> POST started (a delivery thread free, the"
+        " call's earlier events sent). in flight: POSTs at once, mean\nand most, of"
+        f" {args.delivery_workers} delivery threads. placer late: behind the placing schedule."
+        " timer late: transcripts spaced beyond\ntheir 1 s (the simulator's timer thread"
+        " behind). simulator: cores of the benchmark process (one process, one GIL)."
+    )
+    print_table(
+        (
+            "calls/s",
+            "offered/s",
+            "delivered/s",
+            "wait p50 ms",
+            "wait p99 ms",
+            "in flight",
+            "most",
+            "placer late p99 ms",
+            "max",
+            "timer late p99 ms",
+            "max",
+            "simulator",
+        ),
+        [
+            (
+                f"{r.rate:g}",
+                f"{r.offered.webhooks_per_s:,.0f}",
+                f"{r.webhooks_per_s:,.0f}",
+                ms(r.offered.wait_ms[0]),
+                ms(r.offered.wait_ms[1]),
+                f"{r.offered.in_flight[0]:.1f}",
+                r.offered.in_flight[1],
+                ms(r.offered.placer_late_ms[0]),
+                ms(r.offered.placer_late_ms[1]),
+                ms(r.offered.timer_late_ms[0]),
+                ms(r.offered.timer_late_ms[1]),
+                f"{r.cpu.cores(r.cpu.roles['bench']):.2f}",
+            )
+            for r in results
+        ],
+    )
+    if args.partners:
+        print(
+            "\nPartner callbacks. events/s: partner events created in the window; delivered/s:"
+            " events that first reached the\nreceiver in the window; latency: created_at ->"
+            " the receiver got it, events created in the window; over the\nhold: events,"
+            " never delivered verified by the end of the drain, signature failures, received"
+            " twice;\npartners ms/event: worker-partners CPU per event delivered in the window."
+        )
+        print_table(
+            (
+                "calls/s",
+                "events/s",
+                "delivered/s",
+                "latency p50 ms",
+                "latency p99 ms",
+                "events",
+                "undelivered",
+                "sig failures",
+                "twice",
+                "partners ms/event",
+            ),
+            [
+                (
+                    f"{r.rate:g}",
+                    f"{p.created_per_s:,.1f}",
+                    f"{p.delivered_per_s:,.1f}",
+                    ms(p.latency_ms[0]),
+                    ms(p.latency_ms[1]),
+                    p.created,
+                    p.undelivered,
+                    p.unverified,
+                    p.twice,
+                    f"{r.cpu.roles['partners'] / max(1, p.delivered_per_s * r.window) * 1000:.2f}",
+                )
+                for r in results
+                if (p := r.partners)
+            ],
+        )
     print("\nLosses over each hold (after the drain)")
     names = list(results[0].losses) if results else []
     print_table(
@@ -667,7 +929,7 @@ def report_load(args, results: list[RateResult]) -> bool:
     print_table(
         (
             "calls/s",
-            *(ROLE_NAMES.get(r, r) for r in ROLES),
+            *(ROLE_NAMES.get(r, r) for r in roles),
             "pg ended",
             "others",
             "idle %",
@@ -677,7 +939,7 @@ def report_load(args, results: list[RateResult]) -> bool:
         [
             (
                 f"{r.rate:g}",
-                *(f"{r.cpu.cores(r.cpu.roles[role]):.2f}" for role in ROLES),
+                *(f"{r.cpu.cores(r.cpu.roles[role]):.2f}" for role in roles),
                 f"{r.cpu.cores(r.pg_exited):.2f}",
                 f"{r.cpu.cores(r.cpu.not_ours):.2f}",
                 f"{100 * r.cpu.idle_share:.0f}",
@@ -689,13 +951,13 @@ def report_load(args, results: list[RateResult]) -> bool:
     )
     print("\nCPU per webhook delivered in the window, ms")
     print_table(
-        ("calls/s", *(ROLE_NAMES.get(r, r) for r in ROLES), "pg ended"),
+        ("calls/s", *(ROLE_NAMES.get(r, r) for r in roles), "pg ended"),
         [
             (
                 f"{r.rate:g}",
                 *(
                     f"{seconds / max(1, r.webhooks_per_s * r.window) * 1000:.2f}"
-                    for seconds in (*(r.cpu.roles[role] for role in ROLES), r.pg_exited)
+                    for seconds in (*(r.cpu.roles[role] for role in roles), r.pg_exited)
                 ),
             )
             for r in results
@@ -703,18 +965,27 @@ def report_load(args, results: list[RateResult]) -> bool:
     )
     print("\nRSS at the window's end, MiB: processes x largest (total)")
     print_table(
-        ("calls/s", *(ROLE_NAMES.get(r, r) for r in ROLES)),
+        ("calls/s", *(ROLE_NAMES.get(r, r) for r in roles)),
         [
             (
                 f"{r.rate:g}",
                 *(
                     f"{len(v)} x {max(v):.0f} ({sum(v):.0f})" if (v := r.rss.get(role)) else "-"
-                    for role in ROLES
+                    for role in roles
                 ),
             )
             for r in results
         ],
     )
+    for r in results:
+        if p := r.partners:
+            rss = r.rss.get("receiver") or [float("nan")]
+            print(
+                f"receiver (outside callops, like the simulator), {r.rate:g} calls/s: "
+                f"{r.cpu.cores(p.receiver_cpu):.2f} cores, "
+                f"{p.receiver_cpu / max(1, p.delivered_per_s * r.window) * 1000:.2f} ms per "
+                f"event delivered, RSS {max(rss):.0f} MiB"
+            )
     print()
     for r in results:
         if r.cpu.others_share > NOISE_LIMIT:
@@ -723,10 +994,22 @@ def report_load(args, results: list[RateResult]) -> bool:
                 f"NOISY: {r.rate:g} calls/s: other processes took {r.cpu.others_share:.0%} of "
                 f"the CPU ({top})"
             )
-        if r.placed_late_ms > 100:
+        if r.offered.placer_late_ms[1] > 100:
             print(
-                f"NOTE: {r.rate:g} calls/s: the placer fell up to {r.placed_late_ms:.0f} ms "
-                "behind its schedule (the simulator's process is saturated)"
+                f"NOTE: {r.rate:g} calls/s: the placer fell up to "
+                f"{r.offered.placer_late_ms[1]:.0f} ms behind its schedule (the simulator's "
+                "process is saturated, or the machine's CPU)"
+            )
+        if r.offered.in_flight[1] >= args.delivery_workers:
+            print(
+                f"NOTE: {r.rate:g} calls/s: all {args.delivery_workers} delivery threads were "
+                "busy at once: the pool limited the load offered (--delivery-workers)"
+            )
+        if r.cpu.cores(r.cpu.roles["bench"]) > 0.8:
+            print(
+                f"NOTE: {r.rate:g} calls/s: the simulator's process took "
+                f"{r.cpu.cores(r.cpu.roles['bench']):.2f} cores, near the one its GIL allows: "
+                "the load generator may be the limit"
             )
         if not r.held:
             why = []
@@ -983,7 +1266,21 @@ def main() -> int:
         "--limit", type=int, default=100, help="TELNYX_RATE_LIMIT and the simulator's, /s"
     )
     parser.add_argument(
-        "--delivery-workers", type=int, default=16, help="the simulator's webhook POST threads"
+        "--delivery-workers",
+        type=int,
+        default=64,
+        help="the simulator's webhook POST threads (enough that the pool is never the limit)",
+    )
+    parser.add_argument(
+        "--no-partners",
+        dest="partners",
+        action="store_false",
+        help="no partner endpoint, no worker-partners, no receiver (for comparison)",
+    )
+    parser.add_argument(
+        "--interim",
+        action="store_true",
+        help="the partner endpoint takes interim transcript segments too",
     )
     parser.add_argument("--keep-going", action="store_true", help="go on past a rate not held")
     parser.add_argument(
