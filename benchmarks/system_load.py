@@ -56,8 +56,9 @@ Load mode (the default), on this machine only:
    - partner callbacks: partner events created per second and events delivered per second
      (first receipt at the receiver in the window), delivery latency p50/p99 (the event's
      ``created_at``, taken in the drain's transaction, -> the receiver got it, for the events
-     created in the window), and over the hold the events, those received twice, and
-     worker-partners CPU per event delivered;
+     created in the window; and its two parts, -> the claim of the attempt and the claim ->
+     receipt, for events delivered at their first attempt), and over the hold the events,
+     those received twice, and worker-partners CPU per event delivered;
    - CPU per process (web = the gunicorn tree, worker = the commands and events Celery
      workers' trees, partners = worker-partners, beat, PostgreSQL, Redis, simulator = this
      process) and RSS at the window's end; the receiver's, outside callops like the
@@ -278,6 +279,11 @@ class PartnerResult:
     created_per_s: float  # partner events created in the window
     delivered_per_s: float  # events that first reached the receiver in the window
     latency_ms: tuple[float, float]  # created_at -> first receipt, events created in the window
+    # The latency's two parts, p50 / p99 (events delivered at their first attempt): created_at
+    # -> the claim of that attempt (the drain's commit, the broker, a worker thread, the order
+    # and slot checks), and the claim -> the receipt (the POST).
+    to_claim_ms: tuple[float, float]
+    claim_to_receipt_ms: tuple[float, float]
     created: int  # partner events created over the whole hold
     undelivered: int  # of those, never received verified by the end of the drain
     unverified: int  # requests of the hold whose signature did not verify
@@ -678,7 +684,7 @@ class LoadBench:
 
     def partner_result(self, hold: Hold) -> PartnerResult:
         """The receiver's log against the partner events of the hold, read after the drain."""
-        from callops.models import PartnerEvent
+        from callops.models import Delivery, PartnerEvent
 
         w0, w1 = hold.w0_wall.timestamp(), hold.w1_wall.timestamp()
         created = dict(
@@ -694,10 +700,19 @@ class LoadBench:
         received = Counter(r[2] for r in rows)
         in_window = [e for e, at in created.items() if w0 <= at.timestamp() < w1]
         latency = [(first[e] - created[e].timestamp()) * 1000 for e in in_window if e in first]
+        claims = dict(
+            Delivery.objects.filter(
+                event__event_id__in=in_window, attempts=1, status=Delivery.Status.SUCCEEDED
+            ).values_list("event__event_id", "last_attempt_at")
+        )
+        to_claim = [(at - created[e]).total_seconds() * 1000 for e, at in claims.items()]
+        to_receipt = [(first[e] - at.timestamp()) * 1000 for e, at in claims.items() if e in first]
         return PartnerResult(
             created_per_s=len(in_window) / (w1 - w0),
             delivered_per_s=sum(w0 <= at < w1 for at in first.values()) / (w1 - w0),
             latency_ms=(percentile(latency, 50), percentile(latency, 99)),
+            to_claim_ms=(percentile(to_claim, 50), percentile(to_claim, 99)),
+            claim_to_receipt_ms=(percentile(to_receipt, 50), percentile(to_receipt, 99)),
             created=len(created),
             undelivered=len(created.keys() - first.keys()),
             unverified=sum(not r[1] for r in rows),
@@ -877,9 +892,11 @@ def report_load(args, results: list[RateResult]) -> bool:
         print(
             "\nPartner callbacks. events/s: partner events created in the window; delivered/s:"
             " events that first reached the\nreceiver in the window; latency: created_at ->"
-            " the receiver got it, events created in the window; over the\nhold: events,"
-            " never delivered verified by the end of the drain, signature failures, received"
-            " twice;\npartners ms/event: worker-partners CPU per event delivered in the window."
+            " the receiver got it, events created in the window, and its two\nparts (events"
+            " delivered at their first attempt): -> claim (drain commit, broker, worker thread,"
+            " order and slot\nchecks) and claim -> receipt (the POST); over the hold: events,"
+            " never delivered verified by the end of\nthe drain, signature failures, received"
+            " twice; partners ms/event: worker-partners CPU per event delivered\nin the window."
         )
         print_table(
             (
@@ -888,6 +905,10 @@ def report_load(args, results: list[RateResult]) -> bool:
                 "delivered/s",
                 "latency p50 ms",
                 "latency p99 ms",
+                "-> claim p50",
+                "p99",
+                "claim -> receipt p50",
+                "p99",
                 "events",
                 "undelivered",
                 "sig failures",
@@ -901,6 +922,7 @@ def report_load(args, results: list[RateResult]) -> bool:
                     f"{p.delivered_per_s:,.1f}",
                     ms(p.latency_ms[0]),
                     ms(p.latency_ms[1]),
+                    *(ms(v) for v in (*p.to_claim_ms, *p.claim_to_receipt_ms)),
                     p.created,
                     p.undelivered,
                     p.unverified,
