@@ -22,8 +22,9 @@ Load mode (the default), on this machine only:
    ``CallSimulator`` placing calls and POSTing signed webhooks from ``--delivery-workers`` (64)
    threads, without media. The simulator's rate limit and ``TELNYX_RATE_LIMIT`` are both
    ``--limit`` (100/s): at 25 calls/s the stack sends 25 answers/s, so no rate limit is what is
-   measured. gunicorn's sync workers close the connection after each request, so each webhook
-   POST opens a connection of its own, as before.
+   measured. gunicorn's sync workers close the connection after each request (``Connection:
+   close``), so each webhook POST opens a connection of its own: a kept-alive pool would buy
+   nothing.
    Partner callbacks (off with ``--no-partners``): through the partner API
    (``POST /api/v1/webhook-endpoints/``, with an API key of the partner's), one endpoint for
    every event type (``--interim``: interim transcript segments too) on an HTTPS receiver in a
