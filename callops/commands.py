@@ -9,6 +9,7 @@ record it. Retries reuse the command's ``command_id``; a succeeded command is ne
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
@@ -16,7 +17,9 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -197,8 +200,58 @@ def commands_create_stops(
     return len(created)
 
 
+# Set by ``held_for_sending``: the command this worker will send itself, with the log context
+# it was created in.
+_HELD: ContextVar[list[tuple[int, contextvars.Context]] | None] = ContextVar(
+    "callops_held_command", default=None
+)
+
+
+@contextmanager
+def held_for_sending() -> Iterator[list[tuple[int, contextvars.Context]]]:
+    """Within the block, the first command created and committed is not published: it is
+    kept, with its log context, for the caller to send once its own work is done
+    (``commands_send_held``). An urgent drain sends the answer it created this way: no task
+    message, and no wait for a free worker while every other one is busy; any further
+    command is published as usual, so it goes in parallel on another worker."""
+    held: list[tuple[int, contextvars.Context]] = []
+    token = _HELD.set(held)
+    try:
+        yield held
+    finally:
+        _HELD.reset(token)
+
+
+def commands_send_held(held: list[tuple[int, contextvars.Context]]) -> None:
+    """Send each held command now, here, as the ``send_command`` task would (a turn to wait
+    for is published to come back at). Never raises: if sending cannot even start, the
+    command is published instead."""
+    for command_pk, context in held:
+        try:
+            context.run(command_send, command_pk=command_pk)
+        except Exception:
+            logger.exception("command %s: could not send it inline; publishing it", command_pk)
+            command_enqueue(command_pk=command_pk)
+
+
+def command_send(
+    *, command_pk: int, reserved_at: float | None = None, turn: str | None = None
+) -> Next:
+    """One visit of the sender: process the command, and publish it to come back when its
+    turn or retry is due."""
+    logs.bind(command=command_pk)
+    step = command_process(command_pk=command_pk, reserved_at=reserved_at, turn=turn)
+    if step.delay is not None:
+        command_enqueue(command_pk=command_pk, countdown=step.delay, reserved_at=step.reserved_at)
+    return step
+
+
 def _enqueue_new(command: Command) -> None:
     metrics.COMMANDS_CREATED.labels(command.action).inc()
+    held = _HELD.get()
+    if held is not None and not held:
+        held.append((command.pk, contextvars.copy_context()))
+        return
     command_enqueue(command_pk=command.pk)
 
 

@@ -77,9 +77,12 @@ def drain_webhook_events(shard: int = 0, lane: str = drain.SOON) -> int:
 @shared_task(name=queue.DRAIN_URGENT_EVENTS, ignore_result=True)
 def drain_urgent_events(shard: int = 0) -> int:
     """Apply a shard's pending events that a caller waits on (``drain.URGENT_EVENTS``), on the
-    commands' queue, so an answer is never held behind transcript drains."""
-    applied = events.events_drain(shard=shard, types=drain.URGENT_EVENTS)
-    drain.after_batch(shard=shard, applied=applied, lane=drain.NOW)
+    commands' queue, so an answer is never held behind transcript drains; then send the first
+    command they created (the answer) here, without a task of its own."""
+    with commands.held_for_sending() as held:
+        applied = events.events_drain(shard=shard, types=drain.URGENT_EVENTS)
+        drain.after_batch(shard=shard, applied=applied, lane=drain.NOW)
+    commands.commands_send_held(held)
     return applied
 
 
@@ -111,12 +114,7 @@ def send_command(
     mid-send leaves the message to be delivered again, and the claim's lease decides who sends.
     ``turn``: the rate-limit turn its enqueuer took for it (a redelivered message reuses it:
     the attempt it was taken for never completed, or the claim finds the command done)."""
-    logs.bind(command=command_pk)
-    step = commands.command_process(command_pk=command_pk, reserved_at=reserved_at, turn=turn)
-    if step.delay is not None:
-        commands.command_enqueue(
-            command_pk=command_pk, countdown=step.delay, reserved_at=step.reserved_at
-        )
+    step = commands.command_send(command_pk=command_pk, reserved_at=reserved_at, turn=turn)
     return step.outcome.kind if step.outcome else None
 
 

@@ -8,7 +8,7 @@ from django.contrib.auth import get_user_model
 from callops import commands
 from callops.models import Call, Command, MediaStream, StreamingProfile, Transcription
 from tests.helpers import deliver, make_call, partner_with_key
-from tests.telnyx_events import envelope
+from tests.telnyx_events import dumps, envelope
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("fake_dns")]
 
@@ -298,3 +298,33 @@ def test_a_profile_setting_callops_does_not_have_is_refused_by_name(acme):
     response = acme[1].post("/api/v1/profiles/", body, format="json")
     assert response.status_code == 400
     assert {e["field"] for e in response.json()["errors"]} == {"answer_delay"}  # id: read-only
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_urgent_drain_sends_the_answer_it_created_itself_and_publishes_the_rest(
+    acme, telnyx, monkeypatch
+):
+    """No send_command message and no wait for a free worker between the call.initiated and
+    its answer; a second answer in the same batch goes on another worker, in parallel."""
+    from callops import drain, queue, tasks, webhooks
+
+    published = []
+    real_publish = queue.publish
+    monkeypatch.setattr(
+        queue,
+        "publish",
+        lambda name, *a, **kw: (published.append(name), real_publish(name, *a, **kw)),
+    )
+    profile(acme[0], answer_policy="answer")
+    same_shard = [f"v3:in-{k}" for k in range(100) if drain.shard_of(f"v3:in-{k}") == 0][:2]
+    for ccid in same_shard:
+        telnyx.add_call(ccid, answered=False)
+        event = envelope("call.initiated", ccid, direction="incoming", state="parked")
+        webhooks.store_event(webhooks.parse_event(dumps(event)), handled=True)
+    assert tasks.drain_urgent_events.run(0) == 2
+    # The first answer went from the drain itself: no message for it; the second was published.
+    assert [r.action for r in telnyx.requests] == ["answer"]
+    assert published.count(queue.SEND_COMMAND) == 1
+    first = Command.objects.get(call__call_control_id=telnyx.requests[0].call_control_id)
+    assert first.status == "succeeded"
+    assert Command.objects.exclude(pk=first.pk).get().status == "queued"
