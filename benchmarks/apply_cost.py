@@ -13,7 +13,8 @@ call.initiated, call.answered, streaming.started, a segment a second, call.hangu
 events first, alone (``drain.URGENT_EVENTS``), then the rest. It prints CPU and wall time
 per event applied, SQL statements per event, and the CPU inside each handler (cProfile's
 cumulative time per call of the handler, with ``--profile`` the top of the whole profile).
-The commands the policies create are published to the scratch broker and never sent.
+The commands the policies create are published to the scratch broker and never sent; so are
+the partner deliveries ``--endpoint`` makes the drains create.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--per-call", type=int, default=24, help="events per call")
     parser.add_argument("--batch", type=int, default=12, help="events stored between drains")
+    parser.add_argument(
+        "--endpoint",
+        action="store_true",
+        help="the partner has a webhook endpoint for every event type (its deliveries are"
+        " published, never sent)",
+    )
     parser.add_argument("--profile", action="store_true", help="print the top of the profile")
     parser.add_argument(
         "--callees", nargs="*", default=[], help="--profile: functions whose callees to print"
@@ -76,7 +83,13 @@ def main() -> int:
         from callops import drain, events, webhooks
 
         # The backlog's calls, answered: their connection gets the answering partner.
-        create_answering_partner("apply-cost", BACKLOG_CONNECTION_ID, STREAM_URL)
+        partner = create_answering_partner("apply-cost", BACKLOG_CONNECTION_ID, STREAM_URL)
+        if args.endpoint:
+            from callops import partner_delivery
+
+            partner_delivery.webhook_endpoint_create(
+                partner=partner, url="https://hooks.example.com/callops"
+            )
         backlog = backlog_events(args.calls * args.per_call, args.calls)
         bodies = [webhooks.parse_event(body) for body in backlog]
         kinds = Counter(event.event_type for event in bodies)
