@@ -15,7 +15,13 @@ from rest_framework.response import Response
 from callops import partner_delivery, partner_events
 from callops.api.idempotency import idempotent
 from callops.api.serializers import ErrorSerializer
-from callops.api.views import ERRORS, IDEMPOTENCY, CallPagination, UTCDateTimeFilter
+from callops.api.views import (
+    ERRORS,
+    IDEMPOTENCY,
+    UNSUPPORTED,
+    CallPagination,
+    UTCDateTimeFilter,
+)
 from callops.models import Delivery, PartnerEvent, WebhookEndpoint
 from callops.targets import UnsafeTarget
 
@@ -24,7 +30,9 @@ def posted(request, responses: dict):
     """The schema of a POST: its body, the Idempotency-Key and what it may answer."""
     reused = OpenApiResponse(ErrorSerializer, description="Idempotency-Key reused")
     return extend_schema(
-        request=request, parameters=[IDEMPOTENCY], responses={**responses, 422: reused}
+        request=request,
+        parameters=[IDEMPOTENCY],
+        responses={**responses, 422: reused, **UNSUPPORTED},
     )
 
 
@@ -121,7 +129,9 @@ class DeliverySerializer(serializers.ModelSerializer):
 @extend_schema_view(
     list=extend_schema(responses={200: WebhookEndpointSerializer(many=True), **ERRORS}),
     retrieve=extend_schema(responses={200: WebhookEndpointSerializer, **NOT_FOUND}),
-    partial_update=extend_schema(responses={200: WebhookEndpointSerializer, **NOT_FOUND}),
+    partial_update=extend_schema(
+        responses={200: WebhookEndpointSerializer, **NOT_FOUND, **UNSUPPORTED}
+    ),
     destroy=extend_schema(responses={204: None, **NOT_FOUND}),
 )
 class WebhookEndpointViewSet(

@@ -41,6 +41,12 @@ ERRORS = {
         (503, "The database or the rate limit's cache is down; retry after Retry-After"),
     )
 }
+# What any request with a body may also answer (DRF's parsers: JSON only).
+UNSUPPORTED = {
+    415: OpenApiResponse(
+        s.ErrorSerializer, description="The body is not JSON: send Content-Type: application/json"
+    )
+}
 IDEMPOTENCY = OpenApiParameter(
     "Idempotency-Key",
     OpenApiTypes.STR,
@@ -129,6 +135,7 @@ def _is_utc_timestamp(position: str | None) -> bool:
             202: s.CommandSerializer,
             422: OpenApiResponse(s.ErrorSerializer, description="Idempotency-Key reused"),
             **ERRORS,
+            **UNSUPPORTED,
         },
     ),
 )
@@ -289,6 +296,7 @@ def command_view(name: str, input_class: type[s.CommandInput], summary: str) -> 
             ),
             422: OpenApiResponse(s.ErrorSerializer, description="Idempotency-Key reused"),
             **ERRORS,
+            **UNSUPPORTED,
         },
     )(view)
 
@@ -328,8 +336,10 @@ def _uuid_or_none(value: str):
 @extend_schema_view(
     list=extend_schema(responses={200: s.StreamingProfileSerializer(many=True), **ERRORS}),
     retrieve=extend_schema(responses={200: s.StreamingProfileSerializer, **ERRORS}),
-    create=extend_schema(responses={201: s.StreamingProfileSerializer, **ERRORS}),
-    partial_update=extend_schema(responses={200: s.StreamingProfileSerializer, **ERRORS}),
+    create=extend_schema(responses={201: s.StreamingProfileSerializer, **ERRORS, **UNSUPPORTED}),
+    partial_update=extend_schema(
+        responses={200: s.StreamingProfileSerializer, **ERRORS, **UNSUPPORTED}
+    ),
     destroy=extend_schema(responses={204: None, **ERRORS}),
 )
 class StreamingProfileViewSet(
@@ -362,6 +372,7 @@ class StreamingProfileViewSet(
             201: s.StreamingProfileSerializer,
             422: OpenApiResponse(s.ErrorSerializer, description="Idempotency-Key reused"),
             **ERRORS,
+            **UNSUPPORTED,
         },
     )
     @idempotent
