@@ -7,6 +7,8 @@ from datetime import timedelta
 
 import pytest
 import redis
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from callops import commands
@@ -253,6 +255,70 @@ def test_it_sends_a_command_once_with_its_command_id(telnyx, live_call):
     assert len(telnyx.requests) == 1
 
 
+def fields_of(record) -> dict:
+    return {f.attname: getattr(record, f.attname) for f in record._meta.concrete_fields}
+
+
+@pytest.mark.parametrize(("vendor", "statements"), [("postgresql", 1), ("portable", 2)])
+def test_a_claim_takes_the_command_once_with_its_call(live_call, monkeypatch, vendor, statements):
+    """PostgreSQL claims in one statement that returns the command and its call; any other
+    database (SQLite under ./bin/run) through the ORM. Either way: the row as stored, once."""
+    params = {**STREAM, "custom_parameters": [{"name": "tenant", "value": "a"}]}
+    command = create(live_call, params=params, client_state="c3RhdGU=")
+    if vendor != "postgresql":  # no backend has "as_portable" SQL: the ORM's own is compiled
+        monkeypatch.setattr(connection, "vendor", vendor)
+    with CaptureQueriesContext(connection) as queries:
+        claimed = commands.command_claim(command_pk=command.pk)
+    assert len(queries) == statements
+    assert commands.command_claim(command_pk=command.pk) is None  # held while its lease runs
+    monkeypatch.undo()
+    stored = Command.objects.get(pk=command.pk)
+    assert (stored.status, stored.attempts, stored.outcome_unknown) == ("sending", 1, False)
+    assert stored.first_sent_at == stored.sent_at < stored.lease_expires_at
+    assert fields_of(claimed) == fields_of(stored)
+    assert claimed.params == params  # JSON as a dict, not its text
+    with CaptureQueriesContext(connection) as queries:
+        assert fields_of(claimed.call) == fields_of(Call.objects.get(pk=live_call.pk))
+    assert len(queries) == 1  # the comparison's own: the call came with the claim
+
+
+def test_a_lapsed_lease_is_taken_over_with_its_outcome_unknown(live_call):
+    command = create(live_call)
+    commands.command_claim(command_pk=command.pk)
+    Command.objects.filter(pk=command.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    taken = commands.command_claim(command_pk=command.pk)
+    assert (taken.status, taken.attempts, taken.outcome_unknown) == ("sending", 2, True)
+    assert taken.first_sent_at < taken.sent_at  # Telnyx's window counts from the first send
+
+
+def test_a_success_is_recorded_with_its_attempt_in_two_statements(telnyx, live_call):
+    """No partner listens, nothing but the row changes: the outcome, and the attempt the
+    timeline shows, each one statement in autocommit (no transaction around them)."""
+    command = create(live_call, "fork_stop", {})
+    with CaptureQueriesContext(connection) as queries:
+        assert process(command).outcome.kind == "succeeded"
+    statements = [q["sql"].split()[0] for q in queries]
+    assert statements[0] == "UPDATE"  # the claim, with its call
+    assert statements[1:] == ["SELECT", "UPDATE", "INSERT"]  # endpoints, outcome, attempt
+    command.refresh_from_db()
+    assert (command.status, command.last_http_status, command.lease_expires_at) == (
+        "succeeded",
+        200,
+        None,
+    )
+    assert command.finished_at is not None
+    attempt = command.attempt_log.get()
+    assert (attempt.number, attempt.http_status, attempt.outcome, attempt.error) == (
+        1,
+        200,
+        "succeeded",
+        "",
+    )
+    assert attempt.sent_at == command.sent_at <= attempt.answered_at <= command.finished_at
+
+
 def test_a_fork_target_reaches_telnyx_though_the_sdk_has_no_argument_for_it(telnyx, live_call):
     command = create(live_call, "fork_start", {"target": "udp:192.0.2.1:5000"})
     process(command)
@@ -478,9 +544,7 @@ def test_a_send_in_flight_counts_until_it_completes(settings):
 
 
 @pytest.mark.parametrize("kind", ["redis", "file"])
-def test_it_spaces_tickets_by_the_window_plus_the_send_duration_it_learnt(
-    settings, tmp_path, kind
-):
+def test_it_spaces_tickets_by_the_window_plus_the_send_duration_it_learnt(settings, tmp_path, kind):
     """A turn frees a send's duration after the turn ``limit`` before it was due (the log counts
     from the answer): tickets a bare window / limit apart would run ahead of the room."""
     from callops.ratelimit import FileRateLimiter
