@@ -2,9 +2,13 @@
 
     celery -A benchmarks.command_probe worker ...
 
-Same app, settings and tasks as ``celery -A config``; it logs one line per limiter decision and
-one per scheduled task start, so the benchmark can tell where a command's time went:
+Same app, settings and tasks as ``celery -A config``; it writes a line per task message received
+and per task run (so the benchmark counts messages and task times with Celery's own "received" /
+"succeeded" lines left off, as in production), one per limiter decision and one per scheduled
+task start, so the benchmark can tell where a command's time went:
 
+- ``cmdbench received NAME`` (the worker's main process) and ``cmdbench done NAME SECONDS
+  RESULT`` (its pool process): a task message and how long its task ran;
 - ``probe start late_ms=X``: how long after its ETA a scheduled task started in a pool child
   (Celery's timer, a busy pool, a backlog in the queue ahead of it);
 - ``probe reserve KIND late_ms=X delay_ms=Y``: what the limiter said. KIND is ``new-ready`` /
@@ -13,7 +17,10 @@ one per scheduled task start, so the benchmark can tell where a command's time w
   window was still full at its ticket: it gets a new one). ``late_ms`` is how long after its
   ticket the holder asked.
 
-By default nothing else changes: the wrapper calls the limiter and returns its answer.
+The lines are written straight to the worker's log (``os.write``), not through ``logging``: a
+line through callops' formatter costs many times a plain write, there are several per command,
+and the worker CPU the benchmark prints would include its own probe. By default nothing else
+changes: the wrapper calls the limiter and returns its answer.
 
 ``CMDBENCH_VARIANTS`` (comma separated) turns on experiments, candidate changes to callops
 tried here before anyone edits it (``command_throughput.py --variant``):
@@ -30,7 +37,7 @@ import os
 import time
 from datetime import datetime
 
-from celery.signals import task_prerun, worker_process_init
+from celery.signals import task_postrun, task_prerun, task_received, worker_process_init
 
 from callops import ratelimit
 from config.celery_app import app
@@ -44,6 +51,12 @@ logger = logging.getLogger("cmdbench.probe")
 _reserve = ratelimit.RedisRateLimiter.reserve
 
 
+def _write(line: str) -> None:
+    """One line to the worker's log file (its stderr, shared by the pool processes): one
+    write of a whole line, so lines of several processes never mix."""
+    os.write(2, f"{line}\n".encode())
+
+
 def _log_reserve(slot: ratelimit.Reservation, reserved_at: float | None) -> None:
     if reserved_at is None:
         kind, late = ("new-ready" if slot.ready else "new-ticket"), 0.0
@@ -55,7 +68,7 @@ def _log_reserve(slot: ratelimit.Reservation, reserved_at: float | None) -> None
             kind = "holder-early"
         else:
             kind = "holder-no-room"
-    logger.info("probe reserve %s late_ms=%.2f delay_ms=%.2f", kind, late, slot.delay * 1000)
+    _write(f"probe reserve {kind} late_ms={late:.2f} delay_ms={slot.delay * 1000:.2f}")
 
 
 def _probed_reserve(self, reserved_at: float | None = None) -> ratelimit.Reservation:
@@ -100,11 +113,27 @@ def _install_variants(**_) -> None:
         commands.command_enqueue = _enqueue_scheduled
 
 
+@task_received.connect
+def _received(request=None, **_) -> None:
+    _write(f"cmdbench received {request.name}")
+
+
+_running: dict[str, float] = {}  # task id -> when it started (monotonic)
+
+
 @task_prerun.connect
-def _started(task=None, **_) -> None:
+def _started(task=None, task_id: str = "", **_) -> None:
+    _running[task_id] = time.monotonic()
     eta = getattr(task.request, "eta", None)
     if not eta:
         return
     if isinstance(eta, str):
         eta = datetime.fromisoformat(eta)
-    logger.info("probe start late_ms=%.2f", (time.time() - eta.timestamp()) * 1000)
+    _write(f"probe start late_ms={(time.time() - eta.timestamp()) * 1000:.2f}")
+
+
+@task_postrun.connect
+def _done(task=None, task_id: str = "", retval=None, **_) -> None:
+    started = _running.pop(task_id, None)
+    if started is not None:
+        _write(f"cmdbench done {task.name} {time.monotonic() - started:.6f}s: {retval!r}")

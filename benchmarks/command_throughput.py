@@ -15,8 +15,11 @@ What it does, on this machine only:
    (Celery's Django fixup closes a child's database connections around every task whatever
    ``CONN_MAX_AGE`` says, unless ``CELERY_DB_REUSE_MAX`` is set: phases B and C print the
    database sessions opened per command and per call.) They run
-   ``celery -A benchmarks.command_probe``: the project's app plus a log line per limiter decision
-   and per scheduled task start (see that module); ``--no-probe`` runs ``celery -A config``.
+   ``celery -A benchmarks.command_probe``: the project's app plus a line per task message, per
+   task run, per limiter decision and per scheduled task start, each a plain write, with
+   Celery's own task lines off as in production (see that module); ``--no-probe`` runs
+   ``celery -A config`` with Celery's "received" / "succeeded" lines on to count messages (its
+   worker CPU then includes formatting them).
    ``--variant`` turns on the probe's experiments (candidate changes, tried without editing
    callops), ``--guard`` sets ``TELNYX_RATE_LIMIT_GUARD`` for the run.
 3. Warm-up: a few commands and a few incoming calls through gunicorn, so every worker child
@@ -27,7 +30,9 @@ What it does, on this machine only:
    both on this process's monotonic clock. Target: p99 < 100 ms.
 5. Phase B, throughput at the limit: ``--commands`` commands are created as fast as this process
    can, and the run waits until every one has finished. Targets: rate >= 0.95 x limit, < 1 % of
-   requests answered 429, no command lost (not succeeded), no duplicate sent.
+   requests answered 429, no command lost (not succeeded), no duplicate sent, and (issue 12) at
+   most 1.5 task messages and 5 ms of worker CPU (the worker processes' user + system time over
+   the phase, their main processes included) per command.
    The rate checked is the briefed one: 200s / (last - first arrival) / limit. Its ideal for
    this limiter is 1 / (1 + guard) = 0.99: the first ``limit`` commands go at once (the
    window's allowance), and from then on tickets pace the rest at limit / (1 + guard) per
@@ -105,6 +110,9 @@ TARGET_P99_MS = 100.0
 TARGET_RATE = 0.95
 TARGET_429_SHARE = 0.01
 TARGET_ANSWER_P99_MS = 100.0
+# Issue 12: what a command may cost the workers under a burst at the limit.
+TARGET_MESSAGES_PER_COMMAND = 1.5
+TARGET_WORKER_CPU_MS = 5.0
 
 # Phase C's partner: its connection's profile answers incoming calls with media inline. The
 # stream URL's host is public (production refuses private targets); nothing listens there,
@@ -112,12 +120,42 @@ TARGET_ANSWER_P99_MS = 100.0
 CONNECTION_ID = "cmdbench-conn"
 STREAM_URL = "wss://media.example.com/s"
 
-TASK_DONE = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] succeeded in ([0-9.e-]+)s")
-RECEIVED = re.compile(r"Task callops\.tasks\.send_command\[[^\]]+\] received")
 RATE_LIMITED = re.compile(r"rate limited, retry in")
 PROBE_START = re.compile(r"probe start late_ms=(-?[0-9.]+)")
 PROBE_RESERVE = re.compile(r"probe reserve ([a-z-]+) late_ms=(-?[0-9.]+) delay_ms=(-?[0-9.]+)")
-ANY_RECEIVED = re.compile(r"Task callops\.tasks\.([a-z_]+)\[[^\]]+\] received")
+
+
+@dataclass(frozen=True)
+class TaskLines:
+    """How the workers' logs show each task message received (group 1: the task's name) and
+    each task run (groups: name, seconds, its result's repr)."""
+
+    received: re.Pattern
+    done: re.Pattern
+
+    def messages(self, log: str, task: str | None = None) -> Counter[str]:
+        return Counter(m[1] for m in self.received.finditer(log) if task in (None, m[1]))
+
+    def runs(self, log: str, task: str) -> list[tuple[float, str]]:
+        return [(float(m[2]), m[3]) for m in self.done.finditer(log) if m[1] == task]
+
+
+# The probe's own lines (benchmarks/command_probe.py): a plain write each, with Celery's task
+# lines left off as in production, so the worker CPU printed is the workers' own.
+PROBE_LINES = TaskLines(
+    re.compile(r"cmdbench received callops\.tasks\.([a-z_]+)"),
+    re.compile(r"cmdbench done callops\.tasks\.([a-z_]+) ([0-9.e-]+)s: (\S+)"),
+)
+# --no-probe: Celery's "received" / "succeeded" lines (LOG_LEVEL_CELERY_TASKS=INFO), whose
+# formatting the worker CPU printed then includes.
+CELERY_LINES = TaskLines(
+    re.compile(r"Task callops\.tasks\.([a-z_]+)\[[^\]]+\] received"),
+    re.compile(r"Task callops\.tasks\.([a-z_]+)\[[^\]]+\] succeeded in ([0-9.e-]+)s: (\S+)"),
+)
+
+
+def task_lines(args: argparse.Namespace) -> TaskLines:
+    return CELERY_LINES if args.no_probe else PROBE_LINES
 
 
 # --- Workers --------------------------------------------------------------------------------
@@ -150,9 +188,10 @@ def start_workers(
             *("--loglevel", "INFO", "-n", f"cmdbench{index}@%h", "-Q", queues),
         ]
         log_path = log_dir / f"worker{index}.log"
-        # The run counts task messages from Celery's "received" lines, which production leaves
-        # out (LOG_LEVEL_CELERY_TASKS): the worker CPU printed includes writing them.
-        env = {**env, "LOG_LEVEL_CELERY_TASKS": "INFO"}
+        if app == "config":
+            # No probe: the run counts task messages from Celery's "received" lines, which
+            # production leaves out (LOG_LEVEL_CELERY_TASKS); the worker CPU includes them.
+            env = {**env, "LOG_LEVEL_CELERY_TASKS": "INFO"}
         workers.append(Worker(start_process(command, env=env, log_path=log_path), log_path))
     deadline = time.monotonic() + 60
     for worker in workers:
@@ -516,7 +555,7 @@ class Bench:
                 action="answer", call__call_control_id__in=list(sent)
             ).values_list("call__call_control_id", "created_at", "sent_at", "finished_at", "status")
         }
-        messages = Counter(ANY_RECEIVED.findall("".join(w.log(w.offset) for w in self.workers)))
+        messages = task_lines(self.args).messages("".join(w.log(w.offset) for w in self.workers))
         opened = self.sessions() - sessions
         time.sleep(0.5)  # the limiter's window empties
         return PhaseC(
@@ -596,11 +635,11 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB, c: Phas
         if finished_at is not None:
             after_sim.append((finished_at.timestamp() - at) * 1000)
     log = "".join(b.logs)
+    lines = task_lines(args)
     durations: dict[str, list[float]] = {"sent": [], "rescheduled": []}
-    for match in TASK_DONE.finditer(log):
-        kind = "rescheduled" if log[match.end() : match.end() + 6] == ": None" else "sent"
-        durations[kind].append(float(match.group(1)) * 1000)
-    messages = len(RECEIVED.findall(log))
+    for seconds, result in lines.runs(log, "send_command"):
+        durations["rescheduled" if result == "None" else "sent"].append(seconds * 1000)
+    messages = lines.messages(log, "send_command")["send_command"]
     eta_late = [float(x) for x in PROBE_START.findall(log)]
     reserves: dict[str, list[float]] = {}
     for kind, late, _delay in PROBE_RESERVE.findall(log):
@@ -680,6 +719,14 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB, c: Phas
             (b.lost == 0, "phase B no command lost"),
             (b.duplicates == (0, 0), "phase B no duplicate"),
             (b.max_window_all <= limit, f"phase B at most {limit} requests in any 1-s window"),
+            (
+                messages / b.n <= TARGET_MESSAGES_PER_COMMAND,
+                f"phase B task messages per command <= {TARGET_MESSAGES_PER_COMMAND:g}",
+            ),
+            (
+                worker_cpu / b.n * 1000 <= TARGET_WORKER_CPU_MS,
+                f"phase B worker CPU per command <= {TARGET_WORKER_CPU_MS:g} ms",
+            ),
             (
                 pct(c.latencies, 99) < TARGET_ANSWER_P99_MS and len(c.latencies) == c.n,
                 f"phase C p99 call.initiated -> answer at Telnyx < {TARGET_ANSWER_P99_MS:g} ms "
