@@ -637,8 +637,8 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB, c: Phas
     log = "".join(b.logs)
     lines = task_lines(args)
     durations: dict[str, list[float]] = {"sent": [], "rescheduled": []}
-    for seconds, result in lines.runs(log, "send_command"):
-        durations["rescheduled" if result == "None" else "sent"].append(seconds * 1000)
+    for took, result in lines.runs(log, "send_command"):
+        durations["rescheduled" if result == "None" else "sent"].append(took * 1000)
     messages = lines.messages(log, "send_command")["send_command"]
     eta_late = [float(x) for x in PROBE_START.findall(log)]
     reserves: dict[str, list[float]] = {}
