@@ -702,6 +702,7 @@ def report(args: argparse.Namespace, guard: float, a: PhaseA, b: PhaseB, c: Phas
         "worker CPU per task message / per command",
         f"{worker_cpu / max(1, messages) * 1000:.1f} / {worker_cpu / b.n * 1000:.1f} ms",
     )
+    line("  of which in the kernel (system time)", f"{cpu.kernel['workers'] / b.n * 1000:.1f} ms")
     for error in [text for text in log.splitlines() if " ERROR/" in text][:5]:
         print(f"  worker error: {error[:160]}")
 
