@@ -9,6 +9,7 @@ record it. Retries reuse the command's ``command_id``; a succeeded command is ne
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -26,7 +27,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, IntegrityError, connections, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -664,12 +665,8 @@ def command_process(
     answered, answered_at = time.monotonic(), timezone.now()
     # The outcome is stored first: if Redis fails now, the command stays what Telnyx made it.
     # The turn still counts from when the answer came back, not from after the bookkeeping.
-    step = command_record(command=command, outcome=outcome)
+    step = command_record(command=command, outcome=outcome, answered_at=answered_at)
     _attempted(command, outcome, answered - sent)
-    try:
-        _attempt_log(command, outcome, answered_at)
-    except Exception:  # the outcome is recorded; only the timeline's detail would be missing
-        logger.warning("command %s: attempt not logged", command.pk, exc_info=True)
     ago = time.monotonic() - answered
     _best_effort("release the rate-limit turn", limiter.complete, slot.send, ago)
     return step
@@ -693,12 +690,29 @@ def _take_turn(limiter, reserved_at: float | None) -> Reservation:
 
 def _attempt_log(command: Command, outcome: Outcome, answered_at: datetime) -> None:
     """Keep this send and its answer (``CommandAttempt``): the command itself keeps only the
-    last. One INSERT per send, after the answer, so it never delays the send; a plain
-    statement, not the ORM's create(), which cost several times its run time to compile."""
-    error = " ".join(p for p in (outcome.reason, outcome.code, outcome.title) if p)
+    last. One INSERT per send, after the answer, so it never delays the send. Best effort: the
+    outcome is recorded by then; only the timeline's detail would be missing."""
     db = connections[DEFAULT_DB_ALIAS]
+    try:
+        with _may_fail(db), db.cursor() as cursor:
+            cursor.execute(
+                _attempt_insert_sql(), _attempt_values(db, command, outcome, answered_at)
+            )
+    except Exception:
+        logger.warning("command %s: attempt not logged", command.pk, exc_info=True)
+
+
+def _may_fail(db) -> contextlib.AbstractContextManager:
+    """Around a statement whose failure the caller survives: in autocommit nothing (the
+    statement is its own transaction); in a caller's transaction (a test's) a savepoint, so
+    the transaction goes on after it."""
+    return contextlib.nullcontext() if db.get_autocommit() else transaction.atomic()
+
+
+def _attempt_values(db, command: Command, outcome: Outcome, answered_at: datetime) -> list:
+    error = " ".join(p for p in (outcome.reason, outcome.code, outcome.title) if p)
     adapt = db.ops.adapt_datetimefield_value
-    values = (
+    return [
         command.pk,
         command.attempts,
         adapt(command.sent_at),
@@ -706,13 +720,13 @@ def _attempt_log(command: Command, outcome: Outcome, answered_at: datetime) -> N
         outcome.http_status,
         outcome.kind,
         error[:255],
-    )
-    with db.cursor() as cursor:
-        cursor.execute(_attempt_insert_sql(), values)
+    ]
 
 
 @functools.cache
 def _attempt_insert_sql() -> str:
+    # A plain statement, not the ORM's create(), which cost several times its run time to
+    # compile. Only names are formatted in; every value is a bound parameter.
     meta = CommandAttempt._meta
     names = ("command", "number", "sent_at", "answered_at", "http_status", "outcome", "error")
     columns = ", ".join(f'"{meta.get_field(name).column}"' for name in names)
@@ -819,11 +833,17 @@ def _gave_up(command: Command, delay: float = 0.0, attempts: int | None = None) 
     )
 
 
-def command_record(*, command: Command, outcome: Outcome) -> Next:
-    """Store an attempt's outcome and apply what it means to the call's records."""
+def command_record(
+    *, command: Command, outcome: Outcome, answered_at: datetime | None = None
+) -> Next:
+    """Store an attempt's outcome and apply what it means to the call's records.
+
+    ``answered_at``: when Telnyx's answer to the attempt came back (None: nothing was sent, a
+    settlement); the attempt is kept too (``CommandAttempt``)."""
     if outcome.kind == "retry":
         if _gave_up(command, outcome.delay):
-            _finish(command, outcome, failed=True, reason=f"gave up after {outcome.reason}")
+            reason = f"gave up after {outcome.reason}"
+            _finish(command, outcome, failed=True, reason=reason, answered_at=answered_at)
             step = Next(outcome=outcome)
         else:
             retry_at = timezone.now() + timedelta(seconds=outcome.delay)
@@ -835,6 +855,8 @@ def command_record(*, command: Command, outcome: Outcome) -> Next:
                 **unknown,
                 **_error_fields(outcome),
             )
+            if answered_at is not None:
+                _attempt_log(command, outcome, answered_at)
             logger.info(
                 "command %s: %s, retry in %.2f s", command.pk, outcome.reason, outcome.delay
             )
@@ -842,7 +864,7 @@ def command_record(*, command: Command, outcome: Outcome) -> Next:
         if outcome.pause:
             _best_effort("pause for Telnyx's 429", get_limiter().pause, outcome.pause)
         return step
-    _finish(command, outcome, failed=outcome.kind != "succeeded")
+    _finish(command, outcome, failed=outcome.kind != "succeeded", answered_at=answered_at)
     return Next(outcome=outcome)
 
 
@@ -856,7 +878,15 @@ def _error_fields(outcome: Outcome, reason: str | None = None) -> dict[str, Any]
     }
 
 
-def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | None = None):
+def _finish(
+    command: Command,
+    outcome: Outcome,
+    *,
+    failed: bool,
+    reason: str | None = None,
+    answered_at: datetime | None = None,
+) -> None:
+    """Record a final outcome, and the attempt that got it when ``answered_at`` is given."""
     now = timezone.now()
     spec = actions.get(command.action)
     fields = {
@@ -869,13 +899,15 @@ def _finish(command: Command, outcome: Outcome, *, failed: bool, reason: str | N
     # Each connection's endpoints are read once here, whichever branch below reads them.
     with partner_events.looked_up_once():
         if not failed and not _more_to_record(spec, command):
-            # The row is the whole record (most sends): one statement, in autocommit.
-            if _update_unfinished(command.pk, fields):
+            # The row is the whole record (most sends): in autocommit, with the attempt.
+            if _update_unfinished(command.pk, fields, command, outcome, answered_at):
                 metrics.COMMANDS_FINISHED.labels(command.action, "succeeded").inc()
             return
         _finish_in_transaction(
             command, outcome, spec, fields, failed=failed, reason=reason, now=now
         )
+    if answered_at is not None:
+        _attempt_log(command, outcome, answered_at)
 
 
 def _more_to_record(spec: actions.TelnyxAction, command: Command) -> bool:
@@ -888,26 +920,51 @@ def _more_to_record(spec: actions.TelnyxAction, command: Command) -> bool:
     )
 
 
-def _update_unfinished(command_pk: int, fields: dict[str, Any]) -> bool:
+def _update_unfinished(
+    command_pk: int,
+    fields: dict[str, Any],
+    command: Command | None = None,
+    outcome: Outcome | None = None,
+    answered_at: datetime | None = None,
+) -> bool:
     """Set ``fields`` on the command unless it is finished already (cancelled meanwhile, or
-    recorded by another worker): True if it was not. The ORM's UPDATE of the same cost more
-    CPU to compile than the statement takes to run."""
+    recorded by another worker): True if it was not. With ``answered_at``, the attempt is
+    kept too (``_attempt_log``): on PostgreSQL in the same statement, in autocommit.
+
+    Plain statements: the ORM's UPDATE of the same cost more CPU to compile than it takes to
+    run."""
     db = connections[DEFAULT_DB_ALIAS]
-    sql = _update_unfinished_sql(tuple(fields))
-    params = [
-        Command._meta.get_field(name).get_db_prep_save(value, db) for name, value in fields.items()
-    ]
+    names = tuple(fields)
+    values = [Command._meta.get_field(name).get_db_prep_save(fields[name], db) for name in names]
+    values += [command_pk, Command.Status.SENDING, Command.Status.QUEUED]
+    if answered_at is not None and db.vendor == "postgresql":
+        attempt = _attempt_values(db, command, outcome, answered_at)
+        sql = _update_unfinished_sql(names, with_attempt=True)
+        try:
+            with _may_fail(db), db.cursor() as cursor:
+                cursor.execute(sql, values + attempt)
+                return cursor.fetchone()[0] > 0
+        except DatabaseError:  # the attempt could not be kept: the outcome alone, as below
+            logger.warning("command %s: attempt not kept with its outcome", command_pk)
     with db.cursor() as cursor:
-        cursor.execute(sql, [*params, command_pk, Command.Status.SENDING, Command.Status.QUEUED])
-        return cursor.rowcount > 0
+        cursor.execute(_update_unfinished_sql(names), values)
+        updated = cursor.rowcount > 0
+    if answered_at is not None:
+        _attempt_log(command, outcome, answered_at)
+    return updated
 
 
 @functools.cache
-def _update_unfinished_sql(names: tuple[str, ...]) -> str:
+def _update_unfinished_sql(names: tuple[str, ...], with_attempt: bool = False) -> str:
     meta = Command._meta
     assignments = ", ".join(f'"{meta.get_field(name).column}" = %s' for name in names)
-    # Only column names are formatted in; every value is a bound parameter.
-    return f'UPDATE "{meta.db_table}" SET {assignments} WHERE id = %s AND status IN (%s, %s)'  # noqa: S608
+    # Only names are formatted in; every value is a bound parameter.
+    update = f'UPDATE "{meta.db_table}" SET {assignments} WHERE id = %s AND status IN (%s, %s)'  # noqa: S608
+    if not with_attempt:
+        return update
+    # One statement, one commit. A data-modifying WITH runs whether or not it is read.
+    counted = "RETURNING (SELECT count(*) FROM finished)"
+    return f"WITH finished AS ({update} RETURNING 1) {_attempt_insert_sql()} {counted}"
 
 
 def _finish_in_transaction(

@@ -293,22 +293,22 @@ def test_a_lapsed_lease_is_taken_over_with_its_outcome_unknown(live_call):
     assert taken.first_sent_at < taken.sent_at  # Telnyx's window counts from the first send
 
 
-def test_a_success_is_recorded_with_its_attempt_in_two_statements(telnyx, live_call):
-    """No partner listens, nothing but the row changes: the outcome, and the attempt the
-    timeline shows, each one statement in autocommit (no transaction around them)."""
+def test_a_success_is_recorded_with_its_attempt_in_one_statement(
+    telnyx, live_call, transactional_db
+):
+    """No partner listens, nothing but the row changes: the outcome and the attempt the
+    timeline shows are one statement, in autocommit (the claim is one more)."""
     command = create(live_call, "fork_stop", {})
     with CaptureQueriesContext(connection) as queries:
         assert process(command).outcome.kind == "succeeded"
     statements = [q["sql"].split()[0] for q in queries]
-    assert statements[0] == "UPDATE"  # the claim, with its call
-    assert statements[1:] == ["SELECT", "UPDATE", "INSERT"]  # endpoints, outcome, attempt
+    assert statements == ["UPDATE", "SELECT", "WITH"]  # claim, endpoints, outcome and attempt
     command.refresh_from_db()
     assert (command.status, command.last_http_status, command.lease_expires_at) == (
         "succeeded",
         200,
         None,
     )
-    assert command.finished_at is not None
     attempt = command.attempt_log.get()
     assert (attempt.number, attempt.http_status, attempt.outcome, attempt.error) == (
         1,
@@ -317,6 +317,22 @@ def test_a_success_is_recorded_with_its_attempt_in_two_statements(telnyx, live_c
         "",
     )
     assert attempt.sent_at == command.sent_at <= attempt.answered_at <= command.finished_at
+
+
+def test_an_attempt_that_cannot_be_kept_never_loses_its_outcome(
+    telnyx, live_call, monkeypatch, caplog
+):
+    values = commands._attempt_values
+    # A number the table refuses (it is a positive integer): the attempt's INSERT fails.
+    monkeypatch.setattr(
+        commands, "_attempt_values", lambda *args: [*values(*args)[:1], -1, *values(*args)[2:]]
+    )
+    command = create(live_call, "fork_stop", {})
+    assert process(command).outcome.kind == "succeeded"
+    command.refresh_from_db()
+    assert (command.status, command.attempts) == ("succeeded", 1)
+    assert not command.attempt_log.exists()
+    assert "attempt not logged" in caplog.text
 
 
 def test_a_fork_target_reaches_telnyx_though_the_sdk_has_no_argument_for_it(telnyx, live_call):

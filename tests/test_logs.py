@@ -7,6 +7,8 @@ import json
 import logging
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from callops import commands, logs, queue
 from callops.models import Command, Partner, PartnerConnection, StreamingProfile
@@ -147,3 +149,19 @@ def test_it_carries_an_api_request_s_id_and_partner_to_the_command_it_creates(
     assert published == [{"correlation_id": "api-req-7"}]
     logging.getLogger("callops.test").info("after the view")  # the request's context, still
     assert json_log()[-1]["partner"] == partner.pk
+
+
+@given(
+    st.lists(
+        st.sampled_from(
+            ["Bearer", "basic", "TOKEN", "tokens", " ", "\t", "://", "user", ":", "pw", "@", "/"]
+            + ["cok_", "a1", "_", "-", "whsec_", "c2Vj=", "'", ",", "x"]
+        ),
+        max_size=12,
+    ).map("".join)
+)
+def test_the_quick_scan_for_secret_shapes_never_spares_a_text_they_would_change(text):
+    changed = text
+    for pattern, replacement in logs._SECRET_TEXT:
+        changed = pattern.sub(replacement, changed)
+    assert logs._mask_text(text, []) == changed
