@@ -32,7 +32,7 @@ from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from callops import actions, logs, metrics, partner_events, queue, state
+from callops import actions, logs, metrics, partner_events, prepared, queue, state
 from callops.exceptions import CallopsError
 from callops.models import DIAL_PLACEHOLDER, Call, CallSession, Command, CommandAttempt
 from callops.ratelimit import Reservation, get_limiter
@@ -547,8 +547,9 @@ def command_claim(*, command_pk: int) -> Command | None:
 
 def _claim_returning(db, command_pk: int, now: datetime, due: datetime) -> Command | None:
     """The claim on PostgreSQL: the same conditional UPDATE, joined to the call and returning
-    both rows, as one statement. The ORM's UPDATE and select_related SELECT were two round
-    trips and most of a send's CPU, in compiling them and building the models."""
+    both rows, as one prepared statement (``callops.prepared``). The ORM's UPDATE and
+    select_related SELECT were two round trips and most of a send's CPU, in compiling them
+    and building the models."""
     sql, command_fields, converters = _claim_statement()
     params = {
         "pk": command_pk,
@@ -558,9 +559,7 @@ def _claim_returning(db, command_pk: int, now: datetime, due: datetime) -> Comma
         "due": due,
         "lease": now + _lease(),
     }
-    with db.cursor() as cursor:
-        cursor.execute(sql, params)
-        row = cursor.fetchone()
+    row = prepared.fetchone(db, sql, params)
     if row is None:
         return None
     values = list(row)
@@ -941,9 +940,8 @@ def _update_unfinished(
         attempt = _attempt_values(db, command, outcome, answered_at)
         sql = _update_unfinished_sql(names, with_attempt=True)
         try:
-            with _may_fail(db), db.cursor() as cursor:
-                cursor.execute(sql, values + attempt)
-                return cursor.fetchone()[0] > 0
+            with _may_fail(db):
+                return prepared.fetchone(db, sql, values + attempt)[0] > 0
         except DatabaseError:  # the attempt could not be kept: the outcome alone, as below
             logger.warning("command %s: attempt not kept with its outcome", command_pk)
     with db.cursor() as cursor:

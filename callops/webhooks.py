@@ -23,7 +23,6 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import NoReturn
 
-import psycopg
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
@@ -31,7 +30,7 @@ from django.utils import timezone
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
-from callops import drain
+from callops import drain, prepared
 from callops.models import WebhookEvent
 
 logger = logging.getLogger("callops.webhooks")
@@ -330,7 +329,7 @@ def store_event(event: ParsedEvent, *, handled: bool) -> tuple[str, bool, bool |
     params = insert_params(db, event, handled=handled)
     sql = _insert_sql(db.vendor)
     if db.vendor == "postgresql":
-        row = _execute_prepared(db, sql, params)
+        row = prepared.fetchone(db, sql, params)
     else:
         with db.cursor() as cursor:
             cursor.execute(sql, params)
@@ -359,24 +358,3 @@ def insert_params(db: BaseDatabaseWrapper, event: ParsedEvent, *, handled: bool)
         "priority": event.priority,
         "flag": drain.flag_id(event.shard, event.lane),
     }
-
-
-def _execute_prepared(db: BaseDatabaseWrapper, sql: str, params: dict) -> tuple:
-    """Run ``sql`` as a prepared statement on Django's connection and return its one row.
-
-    Django's cursors bind parameters on the client, so PostgreSQL would parse and plan the
-    statement on every delivery: measured, that is about half of its server CPU. A psycopg
-    cursor with server-side binding on the same connection prepares it once per connection
-    (``prepare_threshold`` in the database OPTIONS; None turns preparing off and the statement
-    still runs). Errors are wrapped as Django's, so the caller's 503 handling and Django's
-    end-of-request clean-up of a broken connection work as for any ORM query.
-    """
-    db.ensure_connection()
-    # One cursor per connection, kept on Django's wrapper: a new cursor would look up the
-    # parameters' dumpers again on every delivery (measured: ~12 us).
-    cursor = getattr(db, "_callops_webhook_cursor", None)
-    if cursor is None or cursor.closed or cursor.connection is not db.connection:
-        cursor = db._callops_webhook_cursor = psycopg.Cursor(db.connection)
-    with db.wrap_database_errors:
-        cursor.execute(sql, params, prepare=True)
-        return cursor.fetchone()
