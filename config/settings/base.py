@@ -106,11 +106,11 @@ def database(db: dict) -> dict:
     # the connection at the end of that request.
     db["CONN_HEALTH_CHECKS"] = env.bool("DATABASE_CONN_HEALTH_CHECKS", default=False)
     if db["ENGINE"].endswith("postgresql"):
-        # The webhook's INSERT runs as a prepared statement (callops.webhooks.store_event): it
-        # saves PostgreSQL parsing and planning it on every delivery, about half of the
-        # statement's server CPU. The ORM's own queries are never prepared (Django binds their
-        # parameters on the client). Behind a PgBouncer older than 1.21 in transaction mode, set
-        # DATABASE_PREPARED_STATEMENTS=false.
+        # The webhook's INSERT, and a command's claim and outcome, run as prepared statements
+        # (callops.prepared): it saves PostgreSQL parsing and planning them on every run, about
+        # half of the webhook statement's server CPU. The ORM's own queries are never prepared
+        # (Django binds their parameters on the client). Behind a PgBouncer older than 1.21 in
+        # transaction mode, set DATABASE_PREPARED_STATEMENTS=false.
         prepared = env.bool("DATABASE_PREPARED_STATEMENTS", default=True)
         db.setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5 if prepared else None)
     if db["ENGINE"].endswith("sqlite3"):
