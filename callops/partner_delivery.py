@@ -42,19 +42,25 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from functools import partial
+from typing import TYPE_CHECKING
 
-import httpx
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import Exists, F, OuterRef, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from standardwebhooks import Webhook
 
 from callops import logs, metrics, partner_events
 from callops.exceptions import CallopsError
 from callops.models import Delivery, Partner, PartnerEvent, WebhookEndpoint
 from callops.targets import UnsafeTarget, check_host, stream_url_host
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx and standardwebhooks are imported by the functions that send, not here: the web process
+# imports this module for the endpoint checks, the redelivery and the replay (admin and API),
+# never sends, and would hold both in every worker (~1.3 MiB of RSS, benchmarks/web_worker.py).
 
 logger = logging.getLogger("callops.partner_delivery")
 
@@ -134,6 +140,8 @@ def webhook_endpoint_rotate_secret(
 
 def signed_headers(endpoint: WebhookEndpoint, event_id: str, body: str, now: datetime) -> dict:
     """The Standard Webhooks headers: one ``v1,`` signature per secret that signs now."""
+    from standardwebhooks import Webhook  # see the top of the module
+
     signatures = [
         Webhook(secret).sign(msg_id=event_id, timestamp=now, data=body)
         for secret in endpoint.signing_secrets(now)
@@ -189,6 +197,8 @@ def retry_after(value: str | None, *, now: datetime | None = None) -> float | No
 
 def classify(response: httpx.Response | None, exc: BaseException | None = None) -> Outcome:
     """The one place an endpoint's answer is judged."""
+    import httpx  # see the top of the module
+
     if exc is not None:
         kind = "timed out" if isinstance(exc, httpx.TimeoutException) else type(exc).__name__
         return Outcome(False, error=f"{kind}: {exc}"[:500])
@@ -349,6 +359,8 @@ def _client() -> httpx.Client:
     one TCP and TLS handshake per connection instead of one per event, which is most of an
     attempt's time and CPU. Keyed by pid: a forked worker child builds its own. httpx's
     client is safe to share between threads."""
+    import httpx  # see the top of the module
+
     client = _clients.get(os.getpid())
     if client is None:
         # No cookie jar: a Set-Cookie from one partner's endpoint must never ride along with
@@ -365,6 +377,8 @@ def _client() -> httpx.Client:
 def attempt(endpoint: WebhookEndpoint, event: PartnerEvent) -> Outcome:
     """One signed POST. Redirects are not followed: the URL that passed the check is the one
     called."""
+    import httpx  # see the top of the module
+
     body = body_of(event)
     try:
         check_webhook_url(endpoint.url)
