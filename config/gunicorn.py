@@ -7,6 +7,17 @@ override anything here.
 
 import importlib
 import os
+import sys
+
+# Packages that some libraries import whenever they find them installed, for features the web
+# process never uses: rich (structlog's pretty tracebacks; callops' formatter renders
+# tracebacks itself, with format_exc_info), requests (DRF's RequestsClient, a test tool) and
+# pygments (the highlighting of DRF's browsable API, which callops does not serve).
+# Only the dev extras install them, so a production image never has them; marked absent here,
+# before anything is imported, a worker of a development checkout holds what a production
+# worker holds (~8 MiB of RSS less each, benchmarks/web_worker.py).
+for _absent in ("rich", "requests", "pygments"):
+    sys.modules.setdefault(_absent, None)
 
 # Read the Django settings in the master, before any worker forks: a configuration mistake then
 # stops gunicorn with its one sentence (config.settings.environment). Read only in the workers,
