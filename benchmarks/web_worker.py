@@ -22,7 +22,8 @@ with everything else running. This one runs the web tier alone, as system_load.p
 4. Prints per worker: RSS (what ``/proc/PID/status`` says, which system_load.py reports, shared
    pages included), its anonymous and file-backed shares, PSS (shared pages divided among
    their sharers) and USS (pages only this worker holds, what stopping it would free), the
-   modules it has imported, and whether the telnyx SDK is among them (it must never be).
+   modules it has imported, and whether the telnyx SDK is among them (it must never be); the
+   master too, and the PSS of all.
 5. Sends signed webhooks open loop at ``--rate`` per second for ``--duration`` s, shaped like
    system_load.py's calls (call.initiated, call.answered, streaming.started, 20
    transcriptions, call.hangup per call, 100 calls interleaved), and prints the web tier's CPU
@@ -31,12 +32,13 @@ with everything else running. This one runs the web tier alone, as system_load.p
    ``--gil``, idle time left out; the warm-up is then webhooks only, so that the profile is the
    webhook's) and prints where the workers' CPU went.
 6. Asks every worker to collect its garbage and hand the C heap's free memory back
-   (``malloc_trim``) and prints how much that freed: memory held but unused.
+   (``malloc_trim``) and prints how much that freed: memory held but unused. Exits 1 when a
+   worker's RSS is above 88 MiB (issue 12) or a worker imported the telnyx SDK.
 
 Diagnostics: ``--tracemalloc`` prints the first worker's heap by the file that allocated it;
 ``--heap-growth`` runs one traced worker and prints what the API and admin pages add to its
-heap after the webhooks; ``--preload`` runs gunicorn with ``--preload`` (the app imported once
-in the master, its pages shared by the workers: compare PSS and USS); ``--multiproc`` sets
+heap after the webhooks; ``--no-preload`` sets ``GUNICORN_PRELOAD=false`` (each worker imports
+the app itself instead of sharing the master's pages: compare PSS and USS); ``--multiproc`` sets
 ``PROMETHEUS_MULTIPROC_DIR``. Run it with a virtualenv of the production install
 (``pip install .``, as the Dockerfile does) to see what a production worker holds: the dev
 extras add packages some libraries import when they find them.
@@ -69,6 +71,7 @@ from harness import (
     add_quiet_options,
     add_scratch_options,
     print_table,
+    print_verdicts,
     scratch,
     start_process,
     stop_processes,
@@ -138,19 +141,13 @@ def setup_records(env: dict[str, str]) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def start_web(
-    env: dict[str, str],
-    port: int,
-    log: Path,
-    profile: Path | None = None,
-    preload: bool = False,
-):
+def start_web(env: dict[str, str], port: int, log: Path, profile: Path | None = None):
     """gunicorn as system_load.py starts it (docker-compose's ``web``), on 127.0.0.1:``port``;
     under py-spy (every worker, ``--gil``, idle time left out) when ``profile`` is given.
     py-spy is started around gunicorn: attaching to a running process fails on this machine."""
     gunicorn = str(Path(sys.executable).with_name("gunicorn"))
     command = [gunicorn, "-c", "config/gunicorn.py", "config.wsgi:application"]
-    command += ["--access-logfile", "-", *(["--preload"] if preload else [])]
+    command += ["--access-logfile", "-"]
     if profile is not None:
         spy = [PY_SPY, "record", "--subprocesses", "--gil", "--format", "raw"]
         command = [*spy, "--rate", "200", "-o", str(profile), "--", *command]
@@ -324,29 +321,32 @@ def survey(client: Client, pids: list[int], trim: bool = False) -> dict[int, dic
     raise RuntimeError(f"workers {sorted(set(pids) - set(seen))} never answered /bench/worker/")
 
 
-def print_memory(title: str, pids: list[int], seen: dict[int, dict]) -> list[dict]:
+TARGET_RSS_MIB = 88.0  # issue 12: a web worker's RSS stays at or below this
+
+
+def print_memory(title: str, pids: list[int], seen: dict[int, dict], master: int) -> float:
+    """Print the table; returns the largest worker RSS."""
     print(f"\n{title}")
-    rows, out = [], []
-    for pid in pids:
+    rows = []
+    for pid in [*pids, master]:
         m = memory(pid)
-        out.append(m)
         info = seen.get(pid, {})
         rows.append(
             (
-                str(pid),
+                f"{pid}" if pid != master else f"{pid} (master)",
                 f"{m['VmRSS']:.1f}",
                 f"{m['RssAnon']:.1f}",
                 f"{m['RssFile'] + m['RssShmem']:.1f}",
                 f"{m['Pss']:.1f}",
                 f"{m['USS']:.1f}",
                 str(info.get("modules", "-")),
-                "yes" if info.get("telnyx") else "no",
+                "yes" if info.get("telnyx") else "no" if info else "-",
             )
         )
-    print_table(
-        ("worker pid", "RSS MiB", "anon", "file+shm", "PSS", "USS", "modules", "telnyx"), rows
-    )
-    return out
+    print_table(("pid", "RSS MiB", "anon", "file+shm", "PSS", "USS", "modules", "telnyx"), rows)
+    total = sum(memory(pid)["Pss"] for pid in [*pids, master])
+    print(f"web tier in all (PSS of the master and the workers): {total:.1f} MiB")
+    return max(memory(pid)["VmRSS"] for pid in pids)
 
 
 # Inclusive shares: the samples with this frame anywhere in their stack ("name (file").
@@ -389,7 +389,7 @@ def summarise_profile(path: Path) -> None:
         return
     inclusive: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
-    total = imports = frameless = 0
+    total = imports = frameless = bench = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
@@ -402,6 +402,9 @@ def summarise_profile(path: Path) -> None:
         if any("importlib._bootstrap" in f for f in frames):
             imports += n  # start-up and first-use imports: not the steady state
             continue
+        if any("benchmarks/bench_urls.py" in f for f in frames):
+            bench += n  # this benchmark's own questions to the workers (/bench/worker/)
+            continue
         total += n
         for label, key in CALLEES:
             if any(key in f for f in frames):
@@ -409,7 +412,8 @@ def summarise_profile(path: Path) -> None:
         own[_package(frames[-1])] += n
     print(
         f"\npy-spy: {total} samples of the workers' Python frames holding the GIL"
-        f" ({imports} more in imports, {frameless} without a Python frame, left out)"
+        f" ({imports} more in imports, {frameless} without a Python frame and {bench} in"
+        " /bench/worker/, left out)"
     )
     print_table(
         ("part of a request (inclusive)", "share"),
@@ -428,7 +432,9 @@ def main() -> int:
         "--py-spy", action="store_true", help="profile the workers (warm-up: webhooks only)"
     )
     parser.add_argument("--multiproc", action="store_true", help="PROMETHEUS_MULTIPROC_DIR set")
-    parser.add_argument("--preload", action="store_true", help="gunicorn --preload")
+    parser.add_argument(
+        "--no-preload", action="store_true", help="GUNICORN_PRELOAD=false: each worker imports"
+    )
     parser.add_argument(
         "--tracemalloc", action="store_true", help="trace the workers' heap and print its top"
     )
@@ -447,6 +453,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="web-worker-"))
     profile = work / "py-spy.txt" if args.py_spy else None
     procs = []
+    passed = False
     try:
         with scratch(args.database, redis_db=args.redis_db, pg=args.pg) as run:
             (work / "static").mkdir()
@@ -469,7 +476,9 @@ def main() -> int:
                 web_env["PYTHONTRACEMALLOC"] = "1"
             if args.heap_growth:
                 web_env["WEB_CONCURRENCY"] = "1"
-            web = start_web(web_env, port, work / "gunicorn.log", profile, args.preload)
+            if args.no_preload:
+                web_env["GUNICORN_PRELOAD"] = "false"
+            web = start_web(web_env, port, work / "gunicorn.log", profile)
             procs.append(web)
             procs.append(start_worker(env, work / "worker.log"))
             wait_until_serving(port, web)
@@ -494,7 +503,7 @@ def main() -> int:
                 )
             before = survey(client, pids)
             title = "webhooks only, under py-spy" if args.py_spy else "webhooks, API, admin"
-            print_memory(f"after the warm-up ({title})", pids, before)
+            largest = print_memory(f"after the warm-up ({title})", pids, before, master)
             telnyx = [pid for pid, info in before.items() if info["telnyx"]]
             if telnyx:
                 print(f"telnyx SDK imported by workers {telnyx}: {before[telnyx[0]]['telnyx']}")
@@ -539,24 +548,35 @@ def main() -> int:
                     ("latency p99, ms", f"{lat[int(len(lat) * 0.99)] * 1e3:.1f}"),
                 ],
             )
-            print_memory("after the load", pids, after)
-            trimmed = survey(client, pids, trim=True)
-            print(
-                "\nfree memory the C heap held (returned by malloc_trim, MiB): "
-                + ", ".join(f"{trimmed[p]['trimmed_mib']:.1f}" for p in pids)
-            )
+            largest = max(largest, print_memory("after the load", pids, after, master))
+            if profile is None:  # a collection in every worker: not in the profile
+                trimmed = survey(client, pids, trim=True)
+                print(
+                    "\nfree memory the C heap held (returned by malloc_trim, MiB): "
+                    + ", ".join(f"{trimmed[p]['trimmed_mib']:.1f}" for p in pids)
+                )
             if profile is not None:
                 # gunicorn first: py-spy writes its profile when the program it runs exits.
                 os.kill(master, signal.SIGTERM)
                 web.wait(60)
                 summarise_profile(profile)
+            print()
+            passed = print_verdicts(
+                [
+                    (
+                        largest <= TARGET_RSS_MIB,
+                        f"every worker's RSS <= {TARGET_RSS_MIB:g} MiB (largest {largest:.1f})",
+                    ),
+                    (not telnyx, "no worker imported the telnyx SDK"),
+                ]
+            )
     finally:
         stop_processes(procs)
         if args.keep_logs:
             print(f"logs in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":
