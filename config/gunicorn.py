@@ -5,6 +5,8 @@ keep a buffering proxy (or the load balancer) in front for slow clients. Command
 override anything here.
 """
 
+import contextlib
+import ctypes
 import gc
 import importlib
 import os
@@ -52,12 +54,16 @@ forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 
 
 def when_ready(server) -> None:
-    """With ``--preload`` (the app imported once, in the master), the objects it made are moved
-    out of the garbage collector's sight before the workers fork: a collection in a worker
+    """With ``preload_app`` (the app imported once, in the master), the objects it made are
+    moved out of the garbage collector's sight before the workers fork: a collection in a worker
     would otherwise write to every one of them and copy each page it shares with the master."""
     if server.cfg.preload_app:
         gc.collect()
         gc.freeze()
+        # What the imports freed is still resident in the C heap, and every worker would map
+        # it from the fork on: handed back to the system first (glibc; elsewhere nothing).
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(None).malloc_trim(0)
 
 
 def post_worker_init(worker) -> None:
