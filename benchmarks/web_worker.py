@@ -171,10 +171,16 @@ def children(pid: int) -> list[int]:
         return sorted(int(child) for child in f.read().split())
 
 
-def workers_of(web: int, profiled: bool) -> tuple[int, list[int]]:
-    """(gunicorn's master, its workers); under py-spy, the master is py-spy's child."""
-    master = children(web)[0] if profiled else web
-    return master, children(master)
+def workers_of(web: int, profiled: bool, expected: int) -> tuple[int, list[int]]:
+    """(gunicorn's master, its ``expected`` workers, once all are up); under py-spy, the master
+    is py-spy's child."""
+    deadline = time.monotonic() + 60
+    while True:
+        master = children(web)[0] if profiled else web
+        workers = children(master)
+        if len(workers) >= expected or time.monotonic() > deadline:
+            return master, workers
+        time.sleep(0.2)
 
 
 def memory(pid: int) -> dict[str, float]:
@@ -482,7 +488,8 @@ def main() -> int:
             procs.append(web)
             procs.append(start_worker(env, work / "worker.log"))
             wait_until_serving(port, web)
-            master, pids = workers_of(web.pid, profiled=profile is not None)
+            expected = int(web_env.get("WEB_CONCURRENCY") or 2 * (os.cpu_count() or 1))
+            master, pids = workers_of(web.pid, profiled=profile is not None, expected=expected)
             print(f"gunicorn on 127.0.0.1:{port}, {len(pids)} sync workers; warming up")
             client = Client(port, api_key)
             warm_up(
