@@ -6,7 +6,10 @@
    earlier one of the same call to the same endpoint is unfinished (pending, being sent, or
    failed and due again), and each delivery that finishes (succeeded or dead) publishes the
    next. A partner can rely on ``call.answered`` arriving before ``call.ended``; the price is
-   one request in flight per call and endpoint, which a call's event rate never fills.
+   one request in flight per call and endpoint, which a call's event rate never fills. A
+   success whose successor is already due hands it its slot in the transaction that records
+   it, and the same run sends it (up to ``CHAIN_LIMIT`` in a row): a call's burst, or a
+   backlog, costs no task message, claim or wake-up per event.
 2. **The circuit breaker.** After ``CALLOPS_WEBHOOK_BREAKER_THRESHOLD`` failed attempts in a
    row an endpoint is parked for ``CALLOPS_WEBHOOK_BREAKER_COOLDOWN``: its deliveries wait
    instead of trying, so a dead endpoint costs one timed-out request per cooldown, not one per
@@ -46,8 +49,9 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef, Value
+from django.db.models import Count, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
+from django.db.models.lookups import LessThan
 from django.utils import timezone
 
 from callops import logs, metrics, partner_events
@@ -217,38 +221,56 @@ def classify(response: httpx.Response | None, exc: BaseException | None = None) 
 class Step:
     status: str  # what this run did: succeeded, failed, dead, waiting, skipped
     delay: float | None = None  # publish the delivery again after this many seconds
+    # The delivery ``status`` and ``delay`` are about: the last one of the run (a run that
+    # holds a slot goes on to its call's next due deliveries, see ``delivery_process``).
+    delivery_pk: int | None = None
+    # Set by ``delivery_record(chain=True)``: the call's next delivery, claimed in the same
+    # transaction into the slot this one released.
+    follower: Delivery | None = None
+
+
+# Deliveries one run sends in a row holding one slot (a call's due events), before the slot
+# goes back to the endpoint's queue: a long backlog of one call does not keep a slot forever.
+CHAIN_LIMIT = 50
+
+
+def _earlier(delivery: Delivery):
+    """The unfinished deliveries of ``delivery``'s call to its endpoint that come before it."""
+    return Delivery.objects.filter(
+        endpoint_id=delivery.endpoint_id,
+        call_id=delivery.call_id,
+        sequence__lt=delivery.sequence,
+        status__in=Delivery.UNFINISHED,
+    ).exclude(pk=delivery.pk)
 
 
 def _earlier_unfinished(delivery: Delivery) -> bool:
     if delivery.call_id is None or delivery.sequence is None:
         return False
-    return (
-        Delivery.objects.filter(
-            endpoint_id=delivery.endpoint_id,
-            call_id=delivery.call_id,
-            sequence__lt=delivery.sequence,
-            status__in=Delivery.UNFINISHED,
-        )
-        .exclude(pk=delivery.pk)
-        .exists()
-    )
+    return _earlier(delivery).exists()
 
 
 def delivery_process(*, delivery_pk: int) -> Step:
-    """Attempt one delivery if it is due, in order, its endpoint not parked and not full."""
+    """Attempt one delivery if it is due, in order, its endpoint not parked and not full; then,
+    while each succeeds, the next deliveries of its call to the endpoint that are due, in the
+    same slot (up to ``CHAIN_LIMIT``): each is claimed in the transaction that records its
+    predecessor, so a call's burst costs one task message, one claim and one wake-up, and the
+    slot is never given back and taken again between two of its events. Returns the last
+    delivery's step."""
     now = timezone.now()
     delivery = (
         Delivery.objects.select_related("endpoint__partner", "event").filter(pk=delivery_pk).first()
     )
     if delivery is None:
-        return Step("skipped")
+        return Step("skipped", delivery_pk=delivery_pk)
     due = delivery.status in (Delivery.Status.PENDING, Delivery.Status.FAILED) or (
         delivery.status == Delivery.Status.DELIVERING and delivery.next_attempt_at < now
     )
     if not due:
-        return Step("skipped")
+        return Step("skipped", delivery_pk=delivery_pk)
     if delivery.next_attempt_at > now + timedelta(seconds=1):
-        return Step("skipped")  # an early message (a redelivery, a waiter's): its own is queued
+        # an early message (a redelivery, a waiter's): its own is queued
+        return Step("skipped", delivery_pk=delivery_pk)
     logs.bind(
         partner=delivery.endpoint.partner_id,
         endpoint=delivery.endpoint_id,
@@ -259,22 +281,27 @@ def delivery_process(*, delivery_pk: int) -> Step:
     if inactive or now > delivery.expires_at:
         why = "endpoint inactive" if inactive else "too old"
         _give_up(delivery, why, now)
-        return Step("dead")
+        return Step("dead", delivery_pk=delivery_pk)
     endpoint = _claim(delivery, now)
     if not isinstance(endpoint, WebhookEndpoint):
-        return Step(endpoint)
+        return Step(endpoint, delivery_pk=delivery_pk)
     delivery.attempts += 1
-    outcome = attempt(endpoint, delivery.event)
-    step = delivery_record(delivery=delivery, outcome=outcome)
-    metrics.PARTNER_DELIVERIES.labels(step.status).inc()
-    logger.info(
-        "delivery %s attempt %d: %s (HTTP %s)",
-        delivery.pk,
-        delivery.attempts,
-        step.status,
-        outcome.status_code or "-",
-    )
-    return step
+    for sent in range(1, CHAIN_LIMIT + 1):
+        outcome = attempt(endpoint, delivery.event)
+        step = delivery_record(delivery=delivery, outcome=outcome, chain=sent < CHAIN_LIMIT)
+        metrics.PARTNER_DELIVERIES.labels(step.status).inc()
+        logger.info(
+            "delivery %s attempt %d: %s (HTTP %s)",
+            delivery.pk,
+            delivery.attempts,
+            step.status,
+            outcome.status_code or "-",
+        )
+        if step.follower is None:
+            return step
+        delivery, endpoint = step.follower, step.follower.endpoint
+        logs.bind(delivery_id=delivery.pk, partner_event_id=delivery.event.event_id)
+    raise AssertionError("unreachable: the last of a chain is recorded with chain=False")
 
 
 def _locked_endpoint(endpoint_pk: int) -> WebhookEndpoint:
@@ -282,16 +309,36 @@ def _locked_endpoint(endpoint_pk: int) -> WebhookEndpoint:
     and every release takes it, so a delivery that finds the endpoint full is queued before
     the next release looks for whom to wake. ``no_key``: the drains' inserts of deliveries
     (which share-lock the row they refer to) need not wait for it."""
-    return WebhookEndpoint.objects.select_for_update(no_key=True).get(pk=endpoint_pk)
+    return (
+        WebhookEndpoint.objects.select_for_update(no_key=True, of=("self",))
+        .select_related("partner")
+        .get(pk=endpoint_pk)
+    )
+
+
+def _in_flight_deliveries(endpoint_pk: int, now: datetime):
+    return Delivery.objects.filter(
+        endpoint_id=endpoint_pk, status=Delivery.Status.DELIVERING, next_attempt_at__gt=now
+    )
 
 
 def _in_flight(endpoint_pk: int, now: datetime) -> int:
     """Requests being sent to the endpoint: claims whose lease has not lapsed (a worker that
     died mid-send stops counting when its lease does). Read after the lock is taken, in a
     statement of its own, so it sees every release committed before."""
-    return Delivery.objects.filter(
-        endpoint_id=endpoint_pk, status=Delivery.Status.DELIVERING, next_attempt_at__gt=now
-    ).count()
+    return _in_flight_deliveries(endpoint_pk, now).count()
+
+
+def _in_flight_count(endpoint_pk: int, now: datetime) -> Coalesce:
+    """``_in_flight`` as a subquery, for the claim's own statement."""
+    counted = (
+        _in_flight_deliveries(endpoint_pk, now)
+        .order_by()
+        .values("endpoint_id")
+        .annotate(n=Count("pk"))
+        .values("n")
+    )
+    return Coalesce(Subquery(counted), Value(0))
 
 
 def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
@@ -305,14 +352,9 @@ def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
     when it waits (keeping that place if it waited before) and the next release wakes the
     oldest waiter. Its ``next_attempt_at`` is the fallback should that wake-up be lost (a
     broker outage): by then every slot taken before has been released or has lapsed."""
+    limit = max(settings.CALLOPS_WEBHOOK_CONCURRENCY, 1)
     with transaction.atomic():
         endpoint = _locked_endpoint(delivery.endpoint_id)
-        # Under the lock, as every release is: the earlier delivery either finished before
-        # (and this one goes on), or its release, after this, sees this one and publishes it.
-        # Checked before taking the lock, its release could commit between the check and
-        # this delivery's wait, and nobody would publish it until the sweeper.
-        if _earlier_unfinished(delivery):
-            return "waiting"
         mine = Delivery.objects.filter(
             pk=delivery.pk, status=delivery.status, attempts=delivery.attempts
         ).filter(next_attempt_at__lte=delivery.next_attempt_at)
@@ -320,23 +362,38 @@ def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
         # not stay ``delivering``, or it would count as a slot taken and no release would wake it.
         waits = {"status": Delivery.Status.FAILED} if delivery.status == "delivering" else {}
         if endpoint.parked_until is not None and endpoint.parked_until > now:
+            if _earlier_unfinished(delivery):
+                return "waiting"
             mine.update(next_attempt_at=endpoint.parked_until, **waits)
             return "waiting"  # the probe's success or the sweeper publishes it
-        if _in_flight(endpoint.pk, now) >= max(settings.CALLOPS_WEBHOOK_CONCURRENCY, 1):
-            mine.update(
-                waiting_since=Coalesce(F("waiting_since"), Value(now)),
-                next_attempt_at=now + timedelta(seconds=lease_seconds()),
-                **waits,
-            )
-            return "waiting"
-        claimed = mine.update(
+        # The usual case in one statement: in order, a slot free, still the row we read. Under
+        # the lock, as every release is: the earlier delivery either finished before (and this
+        # one goes on), or its release, after this, sees this one and publishes it. Checked
+        # before taking the lock, its release could commit between the check and this
+        # delivery's wait, and nobody would publish it until the sweeper. The slot count is
+        # read in a statement after the lock's, so it sees every release committed before.
+        ordered = (
+            mine.filter(~Exists(_earlier(delivery)))
+            if delivery.call_id is not None and delivery.sequence is not None
+            else mine
+        )
+        claimed = ordered.filter(LessThan(_in_flight_count(endpoint.pk, now), limit)).update(
             status=Delivery.Status.DELIVERING,
             attempts=F("attempts") + 1,
             next_attempt_at=now + timedelta(seconds=lease_seconds()),
             last_attempt_at=now,
             waiting_since=None,
         )
-        if not claimed:
+        if not claimed:  # why not: out of order, full, or another worker has it
+            if _earlier_unfinished(delivery):
+                return "waiting"
+            if _in_flight(endpoint.pk, now) >= limit:
+                mine.update(
+                    waiting_since=Coalesce(F("waiting_since"), Value(now)),
+                    next_attempt_at=now + timedelta(seconds=lease_seconds()),
+                    **waits,
+                )
+                return "waiting"
             return "skipped"
         if endpoint.parked_until is not None:  # the cooldown is over: this one is the probe
             endpoint.parked_until = now + timedelta(
@@ -401,9 +458,13 @@ def attempt(endpoint: WebhookEndpoint, event: PartnerEvent) -> Outcome:
     return classify(response)
 
 
-def delivery_record(*, delivery: Delivery, outcome: Outcome) -> Step:
+def delivery_record(*, delivery: Delivery, outcome: Outcome, chain: bool = False) -> Step:
     """Store an attempt's outcome, move the breaker, release the slot (waking the endpoint's
-    oldest waiter) and say what comes next. All under the endpoint's lock (``_claim``)."""
+    oldest waiter) and say what comes next. All under the endpoint's lock (``_claim``).
+
+    ``chain``: after a success, if the call's next delivery to the endpoint is due, claim it
+    into this slot instead of releasing it (``Step.follower``; the caller sends it): the slot
+    count does not change, so nobody waiting for a slot is owed a wake-up."""
     now = timezone.now()
     common = {"last_status_code": outcome.status_code, "last_error": outcome.error[:500]}
     delivering = Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING)
@@ -412,8 +473,14 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome) -> Step:
         if outcome.succeeded:
             delivering.update(status=Delivery.Status.SUCCEEDED, delivered_at=now, **common)
             _close_breaker(endpoint, now)
-            _publish_next(delivery)
-            step = Step("succeeded")
+            step = Step("succeeded", delivery_pk=delivery.pk)
+            following = _next_of_call(delivery)
+            if chain and following is not None and _claim_follower(following, endpoint, now):
+                step.follower = following
+                return step  # the slot passes on: no release, no wake-up
+            if following is not None:
+                pk = following.pk
+                transaction.on_commit(lambda: partner_events.deliveries_enqueue(delivery_pks=[pk]))
         else:
             _trip(endpoint, now)
             delay = outcome.wait if outcome.wait is not None else backoff(delivery.attempts)
@@ -423,13 +490,58 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome) -> Step:
                 or retry_at > delivery.expires_at
             ):
                 _give_up(delivery, outcome.error[:480], now, last_status_code=outcome.status_code)
-                step = Step("dead")
+                step = Step("dead", delivery_pk=delivery.pk)
             else:
                 delivering.update(status=Delivery.Status.FAILED, next_attempt_at=retry_at, **common)
                 logger.info("delivery %s: %s, retry in %.2f s", delivery.pk, outcome.error, delay)
-                step = Step("failed", delay=delay)
+                step = Step("failed", delay=delay, delivery_pk=delivery.pk)
         _wake_next_waiter(endpoint.pk, now)
     return step
+
+
+def _claim_follower(following: Delivery, endpoint: WebhookEndpoint, now: datetime) -> bool:
+    """Claim the call's next delivery into the slot its predecessor (just recorded, under the
+    endpoint's lock) held: if it is due now, and the endpoint, read under the lock, is active,
+    its partner too, and not parked (a failure elsewhere may have parked it meanwhile). Order
+    holds by construction: it is the call's first unfinished delivery to the endpoint."""
+    due = following.status in (Delivery.Status.PENDING, Delivery.Status.FAILED) and (
+        following.next_attempt_at <= now < following.expires_at
+    )
+    if not due or not (endpoint.active and endpoint.partner.active):
+        return False
+    if endpoint.parked_until is not None:
+        return False
+    claimed = Delivery.objects.filter(
+        pk=following.pk, status=following.status, attempts=following.attempts
+    ).update(
+        status=Delivery.Status.DELIVERING,
+        attempts=F("attempts") + 1,
+        next_attempt_at=now + timedelta(seconds=lease_seconds()),
+        last_attempt_at=now,
+        waiting_since=None,
+    )
+    if claimed:
+        following.status = Delivery.Status.DELIVERING
+        following.attempts += 1
+        following.endpoint = endpoint
+    return bool(claimed)
+
+
+def _next_of_call(delivery: Delivery) -> Delivery | None:
+    """The call's first unfinished delivery to the endpoint (``delivery`` is finished by now),
+    with its event, which a follower is sent with."""
+    if delivery.call_id is None:
+        return None
+    return (
+        Delivery.objects.filter(
+            endpoint_id=delivery.endpoint_id,
+            call_id=delivery.call_id,
+            status__in=Delivery.UNFINISHED,
+        )
+        .select_related("event")
+        .order_by("sequence")
+        .first()
+    )
 
 
 def _wake_next_waiter(endpoint_pk: int, now: datetime) -> None:
@@ -496,20 +608,10 @@ def _give_up(delivery: Delivery, why: str, now: datetime, **fields) -> None:
 
 def _publish_next(delivery: Delivery) -> None:
     """The call's next unfinished delivery to this endpoint, now that this one is done."""
-    if delivery.call_id is None:
-        return
-    following = (
-        Delivery.objects.filter(
-            endpoint_id=delivery.endpoint_id,
-            call_id=delivery.call_id,
-            status__in=Delivery.UNFINISHED,
-        )
-        .order_by("sequence")
-        .values_list("pk", flat=True)
-        .first()
-    )
+    following = _next_of_call(delivery)
     if following is not None:
-        transaction.on_commit(lambda: partner_events.deliveries_enqueue(delivery_pks=[following]))
+        pk = following.pk
+        transaction.on_commit(lambda: partner_events.deliveries_enqueue(delivery_pks=[pk]))
 
 
 # --- Operators, partners and the sweeper ----------------------------------------------------

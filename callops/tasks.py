@@ -130,12 +130,15 @@ def send_commands(command_pks: list[int]) -> int:
     name=queue.DELIVER_PARTNER_EVENT, ignore_result=True, acks_late=True, reject_on_worker_lost=True
 )
 def deliver_partner_event(delivery_pk: int) -> str:
-    """Send one partner event to one endpoint. A worker killed mid-send leaves the message to
-    be delivered again; the claim decides who sends (the partner dedupes by webhook-id)."""
+    """Send one partner event to one endpoint (and, holding its slot, its call's next ones that
+    are due). A worker killed mid-send leaves the message to be delivered again; the claim
+    decides who sends (the partner dedupes by webhook-id)."""
     logs.bind(delivery_id=delivery_pk)
     step = partner_delivery.delivery_process(delivery_pk=delivery_pk)
     if step.delay is not None:
-        partner_events.deliveries_enqueue(delivery_pks=[delivery_pk], countdown=step.delay)
+        partner_events.deliveries_enqueue(
+            delivery_pks=[step.delivery_pk or delivery_pk], countdown=step.delay
+        )
     return step.status
 
 
