@@ -48,7 +48,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, Exists, F, OuterRef, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.db.models.lookups import LessThan
@@ -367,34 +367,44 @@ def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
             mine.update(next_attempt_at=endpoint.parked_until, **waits)
             return "waiting"  # the probe's success or the sweeper publishes it
         # The usual case in one statement: in order, a slot free, still the row we read. Under
-        # the lock, as every release is: the earlier delivery either finished before (and this
-        # one goes on), or its release, after this, sees this one and publishes it. Checked
-        # before taking the lock, its release could commit between the check and this
-        # delivery's wait, and nobody would publish it until the sweeper. The slot count is
-        # read in a statement after the lock's, so it sees every release committed before.
+        # the lock, as every release that wakes is: the earlier delivery either finished
+        # before (and this one goes on), or its release, after this, sees this one and
+        # publishes it. Checked before taking the lock, its release could commit between the
+        # check and this delivery's wait, and nobody would publish it until the sweeper. The
+        # slot count is read in a statement after the lock's, so it sees every release
+        # committed before.
         ordered = (
             mine.filter(~Exists(_earlier(delivery)))
             if delivery.call_id is not None and delivery.sequence is not None
             else mine
         )
-        claimed = ordered.filter(LessThan(_in_flight_count(endpoint.pk, now), limit)).update(
-            status=Delivery.Status.DELIVERING,
-            attempts=F("attempts") + 1,
-            next_attempt_at=now + timedelta(seconds=lease_seconds()),
-            last_attempt_at=now,
-            waiting_since=None,
-        )
-        if not claimed:  # why not: out of order, full, or another worker has it
+        for _ in range(3):
+            claimed = ordered.filter(LessThan(_in_flight_count(endpoint.pk, now), limit)).update(
+                status=Delivery.Status.DELIVERING,
+                attempts=F("attempts") + 1,
+                next_attempt_at=now + timedelta(seconds=lease_seconds()),
+                last_attempt_at=now,
+                waiting_since=None,
+            )
+            if claimed:
+                break
+            # Why not: out of order, full, or another worker has it. Each read anew: a success
+            # that passes its slot on to nobody releases it without this lock (it wakes a
+            # waiter under it afterwards), so a slot may have freed since the claim's count.
             if _earlier_unfinished(delivery):
                 return "waiting"
-            if _in_flight(endpoint.pk, now) >= limit:
-                mine.update(
-                    waiting_since=Coalesce(F("waiting_since"), Value(now)),
-                    next_attempt_at=now + timedelta(seconds=lease_seconds()),
-                    **waits,
-                )
-                return "waiting"
-            return "skipped"
+            if _in_flight(endpoint.pk, now) < limit:
+                if mine.exists():
+                    continue  # a slot freed between the two statements: claim it
+                return "skipped"
+            break
+        if not claimed:
+            mine.update(
+                waiting_since=Coalesce(F("waiting_since"), Value(now)),
+                next_attempt_at=now + timedelta(seconds=lease_seconds()),
+                **waits,
+            )
+            return "waiting"
         if endpoint.parked_until is not None:  # the cooldown is over: this one is the probe
             endpoint.parked_until = now + timedelta(
                 seconds=settings.CALLOPS_WEBHOOK_BREAKER_COOLDOWN
@@ -468,10 +478,16 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, chain: bool = False
     now = timezone.now()
     common = {"last_status_code": outcome.status_code, "last_error": outcome.error[:500]}
     delivering = Delivery.objects.filter(pk=delivery.pk, status=Delivery.Status.DELIVERING)
+    recorded = False
+    if outcome.succeeded and connection.vendor == "postgresql":
+        recorded, follower = _succeed_and_pass_on(delivery, outcome, now, chain=chain)
+        if follower is not None:
+            return Step("succeeded", delivery_pk=delivery.pk, follower=follower)
     with transaction.atomic():
         endpoint = _locked_endpoint(delivery.endpoint_id)
         if outcome.succeeded:
-            delivering.update(status=Delivery.Status.SUCCEEDED, delivered_at=now, **common)
+            if not recorded:
+                delivering.update(status=Delivery.Status.SUCCEEDED, delivered_at=now, **common)
             _close_breaker(endpoint, now)
             step = Step("succeeded", delivery_pk=delivery.pk)
             following = _next_of_call(delivery)
@@ -497,6 +513,93 @@ def delivery_record(*, delivery: Delivery, outcome: Outcome, chain: bool = False
                 step = Step("failed", delay=delay, delivery_pk=delivery.pk)
         _wake_next_waiter(endpoint.pk, now)
     return step
+
+
+def _succeed_and_pass_on(
+    delivery: Delivery, outcome: Outcome, now: datetime, *, chain: bool
+) -> tuple[bool, Delivery | None]:
+    """A success in one statement, without the endpoint's lock: record it and, with ``chain``,
+    claim the call's next delivery into its slot if it is due and the endpoint (active, its
+    partner too, neither parked nor failing: read as committed now) may take it. Returns
+    (recorded, the follower claimed or None). With no follower the slot is released: the
+    caller then wakes a waiter under the lock. That is safe after the fact: a claimer that
+    found the endpoint full counted under the lock before this release committed, so it has
+    queued itself by the time the caller gets the lock. With a follower the slot count does not
+    change (one statement frees and takes it), so nobody is owed a wake-up."""
+    table = {m: connection.ops.quote_name(m._meta.db_table) for m in (Delivery, PartnerEvent)}
+    endpoints = connection.ops.quote_name(WebhookEndpoint._meta.db_table)
+    partners = connection.ops.quote_name(Partner._meta.db_table)
+    # Table names from the models; every value is a parameter.
+    sql = f"""
+        WITH done AS (
+            UPDATE {table[Delivery]} SET status = %(succeeded)s, delivered_at = %(now)s,
+                last_status_code = %(code)s, last_error = ''
+            WHERE id = %(pk)s AND status = %(delivering)s
+            RETURNING id
+        ), following AS (
+            SELECT d.id FROM {table[Delivery]} d
+            WHERE %(chain)s AND d.endpoint_id = %(endpoint)s AND d.call_id = %(call)s
+                AND d.id <> %(pk)s AND d.status IN (%(pending)s, %(delivering)s, %(failed)s)
+            ORDER BY d.sequence LIMIT 1
+        ), follower AS (
+            UPDATE {table[Delivery]} d SET status = %(delivering)s, attempts = d.attempts + 1,
+                next_attempt_at = %(lease)s, last_attempt_at = %(now)s, waiting_since = NULL
+            FROM following, {endpoints} e, {partners} p, {table[PartnerEvent]} ev
+            WHERE EXISTS (SELECT 1 FROM done) AND d.id = following.id
+                AND d.status IN (%(pending)s, %(failed)s) AND d.next_attempt_at <= %(now)s
+                AND d.expires_at > %(now)s AND e.id = d.endpoint_id AND e.active
+                AND e.parked_until IS NULL AND e.consecutive_failures = 0
+                AND p.id = e.partner_id AND p.active AND ev.id = d.event_id
+            RETURNING d.id, d.status, d.attempts, d.call_id, d.sequence, d.next_attempt_at,
+                d.expires_at, d.created_at, ev.id, ev.event_id, ev.payload::text, e.url,
+                e.secret, e.previous_secret, e.previous_expires_at, e.partner_id
+        )
+        SELECT (SELECT count(*) FROM done), follower.* FROM (SELECT 1) one
+        LEFT JOIN follower ON true
+    """  # noqa: S608
+    params = {
+        "succeeded": Delivery.Status.SUCCEEDED,
+        "delivering": Delivery.Status.DELIVERING,
+        "pending": Delivery.Status.PENDING,
+        "failed": Delivery.Status.FAILED,
+        "now": now,
+        "lease": now + timedelta(seconds=lease_seconds()),
+        "code": outcome.status_code,
+        "pk": delivery.pk,
+        "chain": bool(chain and delivery.call_id is not None),
+        "endpoint": delivery.endpoint_id,
+        "call": delivery.call_id,
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        done, *row = cursor.fetchone()
+    if row[0] is None:
+        return bool(done), None
+    (pk, status, attempts, call_id, sequence, next_at, expires_at, created_at) = row[:8]
+    event_pk, event_id, payload, url, secret, previous, previous_expires, partner_id = row[8:]
+    endpoint = WebhookEndpoint(
+        pk=delivery.endpoint_id,
+        partner_id=partner_id,
+        url=url,
+        secret=secret,
+        previous_secret=previous,
+        previous_expires_at=previous_expires,
+        active=True,
+    )
+    event = PartnerEvent(pk=event_pk, event_id=event_id, payload=json.loads(payload))
+    follower = Delivery(
+        pk=pk,
+        event=event,
+        endpoint=endpoint,
+        call_id=call_id,
+        sequence=sequence,
+        status=status,
+        attempts=attempts,
+        next_attempt_at=next_at,
+        expires_at=expires_at,
+        created_at=created_at,
+    )
+    return True, follower
 
 
 def _claim_follower(following: Delivery, endpoint: WebhookEndpoint, now: datetime) -> bool:
@@ -682,7 +785,11 @@ def partner_event_replay(
 def deliveries_sweep(*, limit: int = 500) -> int:
     """Publish deliveries that are due and first in their call's order: those whose endpoint's
     cooldown ended, whose message was lost (a broker outage) or whose worker died mid-send.
-    Returns how many were published."""
+    An endpoint gets at most as many as it has free slots, its oldest waiters first; the rest
+    join its queue (``waiting_since``) for its releases to wake, as a delivery that found it
+    full would have: under a backlog a sweep publishes a message per free slot, not one per
+    delivery due, each of which would only find the endpoint full. Returns how many were
+    published."""
     now = timezone.now()
     earlier = Delivery.objects.filter(
         endpoint_id=OuterRef("endpoint_id"),
@@ -695,6 +802,33 @@ def deliveries_sweep(*, limit: int = 500) -> int:
         .exclude(endpoint__parked_until__gt=now)
         .filter(~Exists(earlier))
     )
-    pks = list(due.order_by("next_attempt_at").values_list("pk", flat=True)[:limit])
-    partner_events.deliveries_enqueue(delivery_pks=pks)
-    return len(pks)
+    by_endpoint: dict[int, list[int]] = {}
+    for pk, endpoint_pk in due.order_by("next_attempt_at").values_list("pk", "endpoint_id")[:limit]:
+        by_endpoint.setdefault(endpoint_pk, []).append(pk)
+    published = []
+    for endpoint_pk, pks in by_endpoint.items():
+        with transaction.atomic():
+            _locked_endpoint(endpoint_pk)  # as a claim that finds the endpoint full queues
+            free = max(settings.CALLOPS_WEBHOOK_CONCURRENCY, 1) - _in_flight(endpoint_pk, now)
+            ordered = list(
+                Delivery.objects.filter(pk__in=pks)
+                .order_by(F("waiting_since").asc(nulls_last=True), "next_attempt_at", "pk")
+                .values_list("pk", flat=True)
+            )
+            go, queued = ordered[: max(free, 0)], ordered[max(free, 0) :]
+            if queued:
+                asleep = {
+                    "waiting_since": Coalesce(F("waiting_since"), F("next_attempt_at")),
+                    "next_attempt_at": now + timedelta(seconds=lease_seconds()),
+                }
+                rows = Delivery.objects.filter(pk__in=queued, next_attempt_at__lte=now)
+                rows.filter(status__in=[Delivery.Status.PENDING, Delivery.Status.FAILED]).update(
+                    **asleep
+                )
+                # A dead sender's (its lease lapsed): waiting, it must not count as a slot.
+                rows.filter(status=Delivery.Status.DELIVERING).update(
+                    status=Delivery.Status.FAILED, **asleep
+                )
+        published += go
+    partner_events.deliveries_enqueue(delivery_pks=published)
+    return len(published)
