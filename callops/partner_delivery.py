@@ -20,8 +20,10 @@
    under the endpoint's row lock: a slot is a delivery being sent, so a dead worker's slot frees
    when its claim's lease lapses, and no second store (Redis) can disagree with the claims. A
    delivery that finds its endpoint full does not hold a worker: it queues (``waiting_since``)
-   and each release wakes the oldest waiter at once, so a slow endpoint holds at most that many
-   workers and the others keep the rest.
+   and each release wakes the oldest waiter at once (under the lock, after the release: see
+   ``_succeed_and_pass_on``), so a slow endpoint holds at most that many workers and the others
+   keep the rest. The sweeper publishes no more than an endpoint's free slots and queues the
+   rest the same way.
 4. **The attempt.** Claimed with a conditional UPDATE (``next_attempt_at`` is then the lease: a
    worker that dies mid-send leaves it to lapse and the sweeper to publish it again), the URL
    checked again (a name may resolve elsewhere by now), then one POST signed with
