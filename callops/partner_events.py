@@ -141,8 +141,30 @@ def _record(pairs: list[tuple[Call, Fact]]) -> list[PartnerEvent]:
     # Not those of a parked endpoint: the probe's success or the sweeper publishes them, so a
     # dead endpoint's events cost no task each while it is parked.
     pks = [d.pk for d in firsts.values() if d.next_attempt_at <= now]
-    logs.on_commit(lambda: deliveries_enqueue(delivery_pks=pks))
+    logs.on_commit(lambda: deliveries_enqueue(delivery_pks=first_in_line(delivery_pks=pks)))
     return rows
+
+
+def first_in_line(*, delivery_pks: list[int]) -> list[int]:
+    """Of committed new deliveries, those with no earlier unfinished delivery of their call to
+    their endpoint: the others are published (or sent in its slot) by that earlier one when it
+    finishes, and a message of their own would only find it unfinished. Run after the commit,
+    with the earlier ones locked ``FOR SHARE``: one whose finish is being written is waited for
+    and read as it commits, and a finish that commits later looks for its call's next delivery
+    in a statement of its own, which sees these (``partner_delivery``). PostgreSQL only
+    (elsewhere all are published, as before)."""
+    if not delivery_pks or connection.vendor != "postgresql":
+        return delivery_pks
+    table = connection.ops.quote_name(Delivery._meta.db_table)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT d.id FROM {table} d JOIN {table} x ON x.endpoint_id = d.endpoint_id"  # noqa: S608
+            " AND x.call_id = d.call_id AND x.sequence < d.sequence AND x.status IN (%s, %s, %s)"
+            " WHERE d.id = ANY(%s) FOR SHARE OF x",
+            [*Delivery.UNFINISHED, list(delivery_pks)],
+        )
+        behind = {pk for (pk,) in cursor.fetchall()}
+    return [pk for pk in delivery_pks if pk not in behind]
 
 
 def _take_sequences(call: Call, count: int) -> int:
