@@ -10,8 +10,9 @@ callops learned the facts.
 
 An event is created only for a partner with an active endpoint that wants it, and with one
 ``Delivery`` per such endpoint; a partner without endpoints costs one query per batch. After
-commit the first new delivery of each (call, endpoint) is published; the ones after it follow
-as each finishes (``callops.partner_delivery``), which keeps a call's events in order.
+commit the first new delivery of each (call, endpoint) is published, unless an earlier one of
+the call is still on its way to that endpoint (``first_in_line``); the ones after it follow as
+each finishes (``callops.partner_delivery``), which keeps a call's events in order.
 """
 
 from __future__ import annotations
