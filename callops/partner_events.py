@@ -149,11 +149,13 @@ def _record(pairs: list[tuple[Call, Fact]]) -> list[PartnerEvent]:
 def first_in_line(*, delivery_pks: list[int]) -> list[int]:
     """Of committed new deliveries, those with no earlier unfinished delivery of their call to
     their endpoint: the others are published (or sent in its slot) by that earlier one when it
-    finishes, and a message of their own would only find it unfinished. Run after the commit,
-    with the earlier ones locked ``FOR SHARE``: one whose finish is being written is waited for
-    and read as it commits, and a finish that commits later looks for its call's next delivery
-    in a statement of its own, which sees these (``partner_delivery``). PostgreSQL only
-    (elsewhere all are published, as before)."""
+    finishes, and a message of their own would only find it unfinished. Run after the commit:
+    an earlier one read unfinished and not locked has no finish under way, and its finish will
+    look for its call's next delivery in a statement after the one that writes it, which sees
+    these (``partner_delivery``). One whose finish is being written right now (locked) is
+    skipped, not waited for: waiting for several rows that a finish and its follower's claim
+    write in their own order could deadlock, and skipping only publishes a message that may
+    find it unfinished. PostgreSQL only (elsewhere all are published, as before)."""
     if not delivery_pks or connection.vendor != "postgresql":
         return delivery_pks
     table = connection.ops.quote_name(Delivery._meta.db_table)
@@ -161,7 +163,7 @@ def first_in_line(*, delivery_pks: list[int]) -> list[int]:
         cursor.execute(
             f"SELECT d.id FROM {table} d JOIN {table} x ON x.endpoint_id = d.endpoint_id"  # noqa: S608
             " AND x.call_id = d.call_id AND x.sequence < d.sequence AND x.status IN (%s, %s, %s)"
-            " WHERE d.id = ANY(%s) FOR SHARE OF x",
+            " WHERE d.id = ANY(%s) FOR SHARE OF x SKIP LOCKED",
             [*Delivery.UNFINISHED, list(delivery_pks)],
         )
         behind = {pk for (pk,) in cursor.fetchall()}
