@@ -841,6 +841,65 @@ def test_the_next_of_a_call_is_checked_under_the_lock_its_predecessor_releases_u
     releasing.join()
 
 
+@pytest.mark.django_db
+def test_a_success_hands_its_slot_to_the_calls_next_due_delivery_without_a_message(
+    acme, receiver, local_targets, monkeypatch, django_capture_on_commit_callbacks
+):
+    endpoint_for(acme, receiver)
+    for event in call_life()[:3]:
+        deliver(event)
+    published = []
+    monkeypatch.setattr(queue, "publish", lambda name, *args, **_: published.append(args[0]))
+    first = Delivery.objects.order_by("sequence").first()
+    with django_capture_on_commit_callbacks(execute=True):
+        assert partner_delivery.delivery_process(delivery_pk=first.pk).status == "succeeded"
+    assert [json.loads(r["body"])["sequence"] for r in receiver.requests] == [1, 2, 3]
+    assert set(Delivery.objects.values_list("status", "attempts")) == {("succeeded", 1)}
+    assert published == []
+
+
+@pytest.mark.django_db
+def test_a_new_delivery_behind_an_unfinished_one_of_its_call_gets_no_message_of_its_own(
+    acme, receiver, local_targets, monkeypatch, django_capture_on_commit_callbacks
+):
+    endpoint_for(acme, receiver)
+    published = []
+    monkeypatch.setattr(queue, "publish", lambda name, *args, **_: published.append(args[0]))
+    with django_capture_on_commit_callbacks(execute=True):
+        deliver(call_life()[0])
+        deliver(call_life()[1])
+    first, second = Delivery.objects.order_by("sequence")
+    assert published == [first.pk]  # the second goes when the first is done
+    assert partner_delivery.delivery_process(delivery_pk=first.pk).status == "succeeded"
+    second.refresh_from_db()
+    assert second.status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_the_sweeper_publishes_no_more_than_an_endpoints_free_slots_and_queues_the_rest(
+    acme, receiver, local_targets, settings, monkeypatch
+):
+    settings.CALLOPS_WEBHOOK_CONCURRENCY = 2
+    endpoint_for(acme, receiver)
+    calls_begin(5, events_each=1)  # five calls' first deliveries, due, their messages lost
+    sending, *due = Delivery.objects.order_by("pk")
+    lease = timezone.now() + timedelta(seconds=30)
+    Delivery.objects.filter(pk=sending.pk).update(status="delivering", next_attempt_at=lease)
+    published = []
+    monkeypatch.setattr(queue, "publish", lambda name, *args, **_: published.append(args[0]))
+
+    assert partner_delivery.deliveries_sweep() == 1  # one slot of two is free
+    assert published == [due[0].pk]
+    queued = Delivery.objects.filter(pk__in=[d.pk for d in due[1:]])
+    assert all(d.waiting_since and d.next_attempt_at > timezone.now() for d in queued)
+    # They wait their turn: each release wakes the oldest.
+    sending.refresh_from_db()
+    sending.attempts = 1
+    partner_delivery.delivery_record(delivery=sending, outcome=partner_delivery.Outcome(True, 200))
+    woken = [d.pk for d in queued.all() if d.next_attempt_at <= timezone.now()]
+    assert woken == [due[1].pk]
+
+
 @pytest.mark.slow
 def test_workers_never_send_an_endpoint_more_than_its_slots_and_another_is_unaffected(
     transactional_db, local_targets, settings
