@@ -382,11 +382,7 @@ def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
         )
         for _ in range(3):
             claimed = ordered.filter(LessThan(_in_flight_count(endpoint.pk, now), limit)).update(
-                status=Delivery.Status.DELIVERING,
-                attempts=F("attempts") + 1,
-                next_attempt_at=now + timedelta(seconds=lease_seconds()),
-                last_attempt_at=now,
-                waiting_since=None,
+                **_claim_fields(now)
             )
             if claimed:
                 break
@@ -417,6 +413,18 @@ def _claim(delivery: Delivery, now: datetime) -> WebhookEndpoint | str:
 
 def lease_seconds() -> float:
     return settings.CALLOPS_WEBHOOK_TIMEOUT + LEASE_MARGIN
+
+
+def _claim_fields(now: datetime) -> dict:
+    """What claiming a delivery writes: sending, one more attempt, leased until the send's
+    timeout has surely passed."""
+    return {
+        "status": Delivery.Status.DELIVERING,
+        "attempts": F("attempts") + 1,
+        "next_attempt_at": now + timedelta(seconds=lease_seconds()),
+        "last_attempt_at": now,
+        "waiting_since": None,
+    }
 
 
 _clients: dict[int, httpx.Client] = {}
@@ -618,13 +626,7 @@ def _claim_follower(following: Delivery, endpoint: WebhookEndpoint, now: datetim
         return False
     claimed = Delivery.objects.filter(
         pk=following.pk, status=following.status, attempts=following.attempts
-    ).update(
-        status=Delivery.Status.DELIVERING,
-        attempts=F("attempts") + 1,
-        next_attempt_at=now + timedelta(seconds=lease_seconds()),
-        last_attempt_at=now,
-        waiting_since=None,
-    )
+    ).update(**_claim_fields(now))
     if claimed:
         following.status = Delivery.Status.DELIVERING
         following.attempts += 1
