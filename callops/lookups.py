@@ -43,6 +43,15 @@ class Remembered(Generic[T]):
         self._values[key] = (now + ttl, value)
         return value
 
+    def in_batch(self, memo: dict[str, T] | None, key: str, load: Callable[[], T]) -> T:
+        """What a lookup answers: ``load()`` outside a drain (no batch ``memo``); inside one,
+        read once per batch, from what this process remembers across batches."""
+        if memo is None:
+            return load()
+        if key not in memo:
+            memo[key] = self.get(key, load)
+        return memo[key]
+
     def forget(self) -> None:
         self._values.clear()
 

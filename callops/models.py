@@ -591,14 +591,9 @@ class StreamingProfile(models.Model):
     def for_connection(cls, connection_id: str) -> StreamingProfile | None:
         if not connection_id:
             return None
-        memo = _PROFILES.get()
-        if memo is None:
-            return cls._look_up(connection_id)
-        if connection_id not in memo:  # a drain: remembered across its batches for a while
-            memo[connection_id] = lookups.PROFILES.get(
-                connection_id, lambda: cls._look_up(connection_id)
-            )
-        return memo[connection_id]
+        return lookups.PROFILES.in_batch(
+            _PROFILES.get(), connection_id, lambda: cls._look_up(connection_id)
+        )
 
     @classmethod
     def _look_up(cls, connection_id: str) -> StreamingProfile | None:

@@ -58,12 +58,9 @@ def endpoints_for(connection_id: str) -> list[WebhookEndpoint]:
     """The active endpoints of the active partner that owns ``connection_id``."""
     if not connection_id:
         return []
-    memo = _ENDPOINTS.get()
-    if memo is None:
-        return _look_up(connection_id)
-    if connection_id not in memo:  # a drain: remembered across its batches for a while
-        memo[connection_id] = lookups.ENDPOINTS.get(connection_id, lambda: _look_up(connection_id))
-    return memo[connection_id]
+    return lookups.ENDPOINTS.in_batch(
+        _ENDPOINTS.get(), connection_id, lambda: _look_up(connection_id)
+    )
 
 
 def _look_up(connection_id: str) -> list[WebhookEndpoint]:
